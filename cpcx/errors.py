@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints the message as one clear line (no traceback) and exits with ``code``."""
+from __future__ import annotations
+
+
+class CpcxError(Exception):
+    """An error the user can fix. The message names the file/field/thing and says how to fix it."""
+
+    code = 1
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code

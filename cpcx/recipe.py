@@ -1,0 +1,301 @@
+"""The recipe: one YAML file, validated once at the edge into typed objects.
+
+Every model forbids unknown keys, every field has a type, a default where the paper gives one, and a
+one-line description (``cpcx show`` prints the resolved recipe; the descriptions are the reference).
+Loading (``load_recipe``) does, in order: ``yaml.safe_load`` → ``${VAR}``/``${VAR:-default}`` interpolation
+→ ``key=value`` overrides → pydantic validation, where relative paths are resolved against the recipe's
+folder. Every problem becomes one line ``<file>: <dotted.field>: <what is wrong and the fix>``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+#: The editable prompt templates that ship with cpcx (top-level ``prompts/`` of the project).
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths are relative to the recipe file's folder (given in the validation context)."""
+    value = Path(value).expanduser()
+    if value.is_absolute():
+        return value
+    base = Path((info.context or {}).get("base_dir", "."))
+    return (base / value).resolve()
+
+
+def _must_be_dir(value: Path) -> Path:
+    if not value.is_dir():
+        raise ValueError(f"folder {value} does not exist; fix the path (or the environment variable it comes from)")
+    return value
+
+
+def _must_be_file(value: Path) -> Path:
+    if not value.is_file():
+        raise ValueError(f"file {value} does not exist; fix the path")
+    return value
+
+
+def _must_be_weights(value: Path) -> Path:
+    if not value.is_file():
+        raise ValueError(
+            f"weights file {value} does not exist; fix the path, or build it offline with "
+            "`cpcx weights import dinov2-vits14|efficientnet-lite0 --out <file>` (or `make weights`)"
+        )
+    return value
+
+
+RecipePath = Annotated[Path, AfterValidator(_resolve_path)]
+WeightsFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_be_weights)]
+ExistingDir = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_be_dir)]
+ExistingFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_be_file)]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------- dataset
+class _DatasetBase(Section):
+    root: ExistingDir = Field(description="Data set root folder (must exist).")
+    limit: Optional[int] = Field(None, ge=1, description="Use only the first N images of each split (smoke tests).")
+
+
+class VOCDatasetConfig(_DatasetBase):
+    kind: Literal["voc"] = Field("voc", description="PASCAL VOC in the VOCdevkit layout.")
+    train_split: str = Field("train", description="Split list ImageSets/Segmentation/<name>.txt (or train_aug).")
+    val_split: str = Field("val", description="Split list used for evaluation of the segmentation network.")
+
+
+class COCODatasetConfig(_DatasetBase):
+    kind: Literal["coco"] = Field("coco", description="MS COCO with instances JSON annotations.")
+    train_images: str = Field("train2017", description="Folder of training images, relative to root.")
+    val_images: str = Field("val2017", description="Folder of validation images, relative to root.")
+    train_annotations: str = Field("annotations/instances_train2017.json", description="Training instances JSON.")
+    val_annotations: str = Field("annotations/instances_val2017.json", description="Validation instances JSON.")
+
+
+class FolderDatasetConfig(_DatasetBase):
+    kind: Literal["folder"] = Field("folder", description="Plain folder: images/ + labels.csv (+ optional masks/).")
+    images: str = Field("images", description="Image folder, relative to root.")
+    labels: str = Field("labels.csv", description="CSV with columns image,labels[,split]; labels separated by ';'.")
+    masks: Optional[str] = Field(None, description="Optional folder of PNG class-index masks named like the images.")
+    classes: Optional[list[str]] = Field(None, description="Foreground class names in order (default: sorted from CSV).")
+
+
+DatasetConfig = Annotated[
+    Union[VOCDatasetConfig, COCODatasetConfig, FolderDatasetConfig], Field(discriminator="kind")
+]
+
+
+# ------------------------------------------------------------------------------------------------- llm
+CacheMode = Literal["use", "refresh", "readonly", "off"]
+
+
+class _LLMBase(Section):
+    model: str = Field(description="Model name as the provider knows it.")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature (the paper uses T=0).")
+    seed: int = Field(0, description="Sampling seed sent to the provider where it accepts one.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds before one HTTP request is abandoned.")
+    max_retries: int = Field(3, ge=0, description="Retries with exponential back-off on transport errors.")
+    max_tokens: int = Field(2048, ge=16, description="Cap on the answer length, in tokens.")
+    cache_dir: RecipePath = Field(Path("~/.cache/cpcx"), description="Folder of the SQLite answer cache.")
+    cache_mode: CacheMode = Field("use", description="use | refresh | readonly (a miss is an error) | off.")
+
+
+class OpenAIConfig(_LLMBase):
+    provider: Literal["openai"] = Field("openai", description="OpenAI or any OpenAI-compatible server.")
+    model: str = Field("gpt-4o", description="Model name, e.g. gpt-4o.")
+    base_url: Optional[str] = Field(None, description="Server URL for OpenAI-compatible servers (vLLM, llama.cpp).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key.")
+    json_schema: bool = Field(True, description="Constrain answers with response_format json_schema.")
+
+
+class OllamaConfig(_LLMBase):
+    provider: Literal["ollama"] = Field("ollama", description="A local model served by Ollama.")
+    model: str = Field("qwen2.5:7b-instruct", description="Model tag, as `ollama pull` knows it.")
+    base_url: str = Field("http://127.0.0.1:11434", description="Ollama server URL.")
+    json_schema: bool = Field(True, description="Constrain answers with format=<JSON schema>.")
+
+
+class StaticConfig(Section):
+    provider: Literal["static"] = Field("static", description="Clusters written in the recipe; no LLM call.")
+    clusters: dict[str, list[str]] = Field(description="Cluster name → member class names (each class once).")
+
+
+LLMConfig = Annotated[Union[OpenAIConfig, OllamaConfig, StaticConfig], Field(discriminator="provider")]
+
+
+# --------------------------------------------------------------------------------------------- prompts
+def _confine_prompt(value: Path, info: ValidationInfo) -> Path:
+    """Prompt templates may live in the recipe's folder or the project's prompts/ folder, nowhere else."""
+    base = Path((info.context or {}).get("base_dir", ".")).resolve()
+    allowed = (base, PROMPTS_DIR)
+    if not any(value.resolve().is_relative_to(root) for root in allowed):
+        raise ValueError(f"prompt {value} is outside the recipe folder and {PROMPTS_DIR}; move it into one of them")
+    return value
+
+
+PromptPath = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_confine_prompt), AfterValidator(_must_be_file)]
+
+
+class PromptsConfig(Section):
+    generate: PromptPath = Field(PROMPTS_DIR / "cluster_generate.md", description="p_gen template (Algorithm 1).")
+    refine: PromptPath = Field(PROMPTS_DIR / "cluster_refine.md", description="p_refine template (Algorithm 1).")
+
+
+class ClusteringConfig(Section):
+    queries: int = Field(10, ge=1, description="R, independent LLM queries that vote for z0 (paper: 10).")
+    refine: bool = Field(True, description="Run the self-refine loop after the vote (Table 4 ablation).")
+    max_refine_iters: int = Field(10, ge=1, description="Stop refining after this many iterations.")
+    max_retries: int = Field(2, ge=0, description="Re-asks with the validation error when an answer is invalid.")
+    answer_shape: Literal["mapping", "list"] = Field(
+        "mapping", description="mapping: {class: cluster}; list: [{name, members}]."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    backbone: str = Field("vit_base_patch16_384", description="timm ViT name (paper: vit_base_patch16_384).")
+    pretrained: bool = Field(True, description="Download timm's pretrained weights (needs internet).")
+    weights: Optional[WeightsFile] = Field(None, description="Local backbone weights (safetensors or state dict).")
+    img_size: int = Field(384, ge=32, description="Training input size (square), paper: 384.")
+    cluster_token: bool = Field(True, description="Concatenate the cluster token F_c = u^T G (eq. 1).")
+    cluster_dim: int = Field(128, ge=1, description="H, the width of the cluster token.")
+    hv_bilstm: bool = Field(True, description="Refine tokens with the HV-BiLSTM of ViT-PCM.")
+    lstm_hidden: Optional[int] = Field(None, ge=1, description="Hidden size per direction (default (e+H)/4).")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before the HV-BiLSTM (ViT-PCM: 0.2).")
+    topk: int = Field(6, ge=1, description="k of top-k pooling (eq. 3), paper: 6.")
+
+
+class LossConfig(Section):
+    pce_weight: float = Field(0.01, ge=0.0, description="λ_PCE of eq. 8 (0 disables the contrastive loss).")
+    pce_threshold: float = Field(0.85, gt=0.5, lt=1.0, description="ε of eq. 6: high > ε, low < 1-ε.")
+
+
+Device = str  # "auto", "cpu", "cuda", "cuda:1" — checked where the device is opened, with a clear message.
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+class AugmentConfig(Section):
+    scale_min: float = Field(0.9, gt=0, description="Random resized-crop minimum area fraction.")
+    hflip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip.")
+    vflip: float = Field(0.0, ge=0, le=1, description="Probability of a vertical flip.")
+    transpose: float = Field(0.0, ge=0, le=1, description="Probability of a transpose (ViT-PCM).")
+    color_jitter: float = Field(0.3, ge=0, description="Strength of brightness/contrast/saturation jitter.")
+    grayscale: float = Field(0.1, ge=0, le=1, description="Probability of converting to grayscale.")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(50, ge=1, description="Training epochs (paper: 50).")
+    batch_size: int = Field(16, ge=1, description="Images per step, over all devices (paper: 16).")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate during the warm-up (paper: 1e-3).")
+    lr_after_warmup: float = Field(1e-4, gt=0, description="Adam learning rate after the warm-up (paper: 1e-4).")
+    warmup_epochs: int = Field(2, ge=0, description="Epochs with the backbone frozen at the higher rate.")
+    unfreeze_blocks: int = Field(4, ge=0, description="Last ViT blocks trained after the warm-up (0: frozen).")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    precision: Precision = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
+    workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    feature_cache: bool = Field(True, description="Cache frozen-backbone patch tokens on disk (fp16, mmap).")
+    views: list[Literal["orig", "hflip", "vflip", "transpose"]] = Field(
+        ["orig", "hflip"], description="Geometric views cached per image when the backbone is frozen."
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentations (uncached mode).")
+    log_every: int = Field(10, ge=1, description="Steps between log lines when not on a terminal.")
+
+
+class PseudoConfig(Section):
+    img_size: int = Field(960, ge=32, description="Inference input size (paper: 960).")
+    split: Literal["train", "val"] = Field("train", description="Which split gets pseudo-labels.")
+    flip: bool = Field(True, description="Average the probabilities of the image and its horizontal flip.")
+    class_max_norm: bool = Field(True, description="Divide each class map by its maximum (ViT-PCM).")
+    batch_size: int = Field(4, ge=1, description="Images per forward pass.")
+    workers: int = Field(2, ge=1, description="CRF worker processes (one thread each).")
+    figures: int = Field(8, ge=0, description="Images drawn as heat maps and overlays.")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    precision: Precision = Field("auto", description="auto | bf16 | fp32.")
+
+
+class CRFConfig(Section):
+    enabled: bool = Field(True, description="Refine pseudo-labels with a dense CRF.")
+    iterations: int = Field(10, ge=1, description="Mean-field iterations (ViT-PCM: 10).")
+    pos_xy: float = Field(1.0, gt=0, description="Gaussian kernel spatial std (ViT-PCM: 1).")
+    pos_w: float = Field(3.0, ge=0, description="Gaussian kernel weight (ViT-PCM: 3).")
+    bi_xy: float = Field(67.0, gt=0, description="Bilateral kernel spatial std (ViT-PCM: 67).")
+    bi_rgb: float = Field(3.0, gt=0, description="Bilateral kernel colour std (ViT-PCM: 3).")
+    bi_w: float = Field(4.0, ge=0, description="Bilateral kernel weight (ViT-PCM: 4).")
+    unary_temperature: float = Field(1.0, gt=0, description="Probabilities p^(1/T), renormalised, before the unary.")
+
+
+class SegmentConfig(Section):
+    arch: Literal["deeplabv2", "deeplabv3", "deeplabv3plus"] = Field("deeplabv2", description="Segmentation network.")
+    encoder: str = Field("resnet101", description="smp encoder name (or tu-<timm name>).")
+    encoder_weights: Optional[Literal["imagenet"]] = Field("imagenet", description="imagenet (download) or null.")
+    encoder_file: Optional[WeightsFile] = Field(None, description="Local encoder weights (offline).")
+    epochs: int = Field(30, ge=1, description="Training epochs on the pseudo-labels.")
+    batch_size: int = Field(16, ge=1, description="Images per step, over all devices.")
+    lr: float = Field(0.01, gt=0, description="SGD initial learning rate (poly decay, power 0.9).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay.")
+    crop_size: int = Field(321, ge=16, description="Random crop size for training.")
+    scale_range: tuple[float, float] = Field((0.5, 1.5), description="Random rescale range for training.")
+    eval_every: int = Field(1, ge=1, description="Epochs between validation mIoU measurements.")
+    scales: list[float] = Field([0.5, 0.75, 1.0, 1.25, 1.5], description="Test-time scales.")
+    flip: bool = Field(True, description="Test-time horizontal flip.")
+    crf: bool = Field(False, description="Dense CRF on the predictions.")
+    workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    precision: Precision = Field("auto", description="auto | bf16 | fp32.")
+
+    @field_validator("crop_size")
+    @classmethod
+    def _multiple_of_16(cls, value: int) -> int:
+        if value % 16 and value % 16 != 1:  # 321 = 16*20+1 is DeepLab's classic size
+            raise ValueError(f"must be a multiple of 16 (or 16n+1), e.g. {value // 16 * 16}")
+        return value
+
+    @field_validator("scale_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return value
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+class Recipe(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: runs/<name>/<stage>/.")
+    seed: int = Field(0, description="Seed for python, numpy and torch.")
+    runs_dir: Path = Field(Path("runs"), description="Where run folders go (relative to the working directory).")
+    dataset: DatasetConfig = Field(description="The data set (kind: voc | coco | folder).")
+    llm: LLMConfig = Field(description="The LLM that clusters the class names (provider: openai | ollama | static).")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Prompt template files.")
+    clustering: ClusteringConfig = Field(default_factory=ClusteringConfig, description="Algorithm 1 settings.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The CPC network.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="MCE + λ·PCE.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training of the CPC network.")
+    pseudo: PseudoConfig = Field(default_factory=PseudoConfig, description="Pseudo-label inference.")
+    crf: CRFConfig = Field(default_factory=CRFConfig, description="Dense CRF on the pseudo-labels.")
+    segment: SegmentConfig = Field(default_factory=SegmentConfig, description="DeepLab trained on the pseudo-labels.")
+
+    # ------------------------------------------------------------------ helpers used by every stage
+    def run_dir(self, stage: str | None = None) -> Path:
+        """``runs/<name>`` or ``runs/<name>/<stage>``."""
+        root = Path(self.runs_dir) / self.name
+        return root / stage if stage else root
+
+    def section_hash(self, *sections: str) -> str:
+        """Content hash of some recipe sections: a stage is stale when the sections it reads change."""
+        payload = {s: self.model_dump(mode="json")[s] for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Loading lives in recipe_io so that this file stays the schema; re-exported for convenience.
+from cpcx.recipe_io import RecipeError, dump_recipe, load_recipe  # noqa: E402,F401
