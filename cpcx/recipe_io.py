@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from cpcx.errors import CpcxError
 
+_UNION_BRANCH = re.compile(r"^(int|float|str|bool|none|bytes)$|\[")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -30,16 +31,20 @@ class RecipeError(CpcxError):
 
 
 # ------------------------------------------------------------------------------------ interpolation
-def _interpolate(node: Any, where: str, errors: list[str], env: dict[str, str]) -> Any:
+def _interpolate(node: Any, where: str, errors: list[str], env: dict[str, str], sources: dict[str, list[str]]) -> Any:
+    """Replace ``${VAR}``/``${VAR:-default}``; ``sources`` records which variables fed which field."""
     if isinstance(node, dict):
-        return {k: _interpolate(v, f"{where}.{k}" if where else str(k), errors, env) for k, v in node.items()}
+        return {
+            k: _interpolate(v, f"{where}.{k}" if where else str(k), errors, env, sources) for k, v in node.items()
+        }
     if isinstance(node, list):
-        return [_interpolate(v, f"{where}.{i}", errors, env) for i, v in enumerate(node)]
+        return [_interpolate(v, f"{where}.{i}", errors, env, sources) for i, v in enumerate(node)]
     if not isinstance(node, str) or "${" not in node:
         return node
 
     def substitute(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
+        sources.setdefault(where, []).append(name)
         if name in env and env[name] != "":
             return env[name]
         if default is not None:
@@ -137,10 +142,20 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def format_validation_error(error: ValidationError, root_model: type[BaseModel], source: str) -> list[str]:
+def format_validation_error(
+    error: ValidationError, root_model: type[BaseModel], source: str, env_sources: dict[str, list[str]] | None = None
+) -> list[str]:
     lines: list[str] = []
+    env_sources = env_sources or {}
+    seen: set[str] = set()
     for item in error.errors():
-        loc, kind, msg = item["loc"], item["type"], item["msg"]
+        # pydantic names the branch of a plain union in loc ('topk', 'int'): drop it, report the field once
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and _UNION_BRANCH.search(p)))
+        kind, msg = item["type"], item["msg"]
+        key = ".".join(map(str, loc))
+        if key in seen:
+            continue
+        seen.add(key)
         holder, path = _model_at(root_model, loc) if loc else (root_model, [])
         dotted = ".".join(path) or "(top level)"
         if kind == "extra_forbidden":
@@ -152,12 +167,18 @@ def format_validation_error(error: ValidationError, root_model: type[BaseModel],
             lines.append(f"{source}: {dotted}: required field is missing; add it to the recipe")
         elif kind in ("union_tag_not_found", "union_tag_invalid"):
             ctx = item.get("ctx", {})
-            expected = ctx.get("expected_tags", "")
             tag = ctx.get("discriminator", "").strip("'")
+            field = holder.model_fields.get(str(loc[-1])) if holder else None
+            tags = [_tag_of(m) for m in _flatten(field.annotation) if isinstance(m, type)] if field else []
+            expected = ", ".join(repr(t) for t in tags if t is not None) or ctx.get("expected_tags", "")
             got = f" (got {_describe(ctx.get('tag'))})" if kind == "union_tag_invalid" else ""
             lines.append(f"{source}: {dotted}.{tag}: must be one of {expected}{got}")
         elif kind == "value_error":
-            lines.append(f"{source}: {dotted}: {msg.removeprefix('Value error, ')}")
+            text = msg.removeprefix("Value error, ")
+            names = env_sources.get(dotted)
+            if names:  # say which environment variable produced the bad value
+                text += f" or set ${names[0]}"
+            lines.append(f"{source}: {dotted}: {text}")
         else:
             got = f" (got {_describe(item['input'])})" if "input" in item and not isinstance(item["input"], dict) else ""
             lines.append(f"{source}: {dotted}: {msg[0].lower() + msg[1:]}{got}")
@@ -193,14 +214,15 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = (), env: dict[str, 
     parsed_overrides = parse_overrides(overrides)
     data = read_yaml(path)
     errors: list[str] = []
-    data = _interpolate(data, "", errors, dict(os.environ if env is None else env))
+    sources: dict[str, list[str]] = {}
+    data = _interpolate(data, "", errors, dict(os.environ if env is None else env), sources)
     if errors:
         raise RecipeError([f"{path}: {line}" for line in errors])
     data = apply_overrides(data, parsed_overrides)
     try:
         return Recipe.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, Recipe, str(path))) from None
+        raise RecipeError(format_validation_error(exc, Recipe, str(path), sources)) from None
 
 
 def dump_recipe(recipe) -> str:

