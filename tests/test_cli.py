@@ -1,0 +1,85 @@
+"""The command line as a user meets it: exit codes, one line per problem, no tracebacks, no secrets."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BAD = Path(__file__).resolve().parent / "recipes_bad"
+
+
+def cpcx(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "cpcx", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or REPO, timeout=120)
+
+
+@pytest.fixture
+def good_recipe(tmp_path, voc_root) -> Path:
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "good", "dataset": {"kind": "voc", "root": str(voc_root)},
+        "llm": {"provider": "static", "clusters": {"animal": ["cat", "dog"]}},
+    }))
+    return path
+
+
+def test_validate_ok(good_recipe):
+    result = cpcx("validate", "-r", str(good_recipe), "model.topk=4")
+    assert result.returncode == 0, result.stderr
+    assert "valid recipe 'good'" in result.stdout
+
+
+def test_validate_bad_recipe_exits_2_with_lines_and_no_traceback():
+    path = BAD / "35_several_problems.yaml"
+    result = cpcx("validate", "-r", str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 3 and all(str(path) in line for line in lines)
+    assert "did you mean 'img_size'?" in result.stderr
+
+
+def test_missing_recipe_file():
+    result = cpcx("show", "-r", "nope.yaml")
+    assert result.returncode == 2
+    assert "nope.yaml: file not found" in result.stderr
+
+
+def test_show_prints_resolved_yaml_with_overrides(good_recipe):
+    result = cpcx("show", "-r", str(good_recipe), "train.epochs=3", "crf.enabled=false")
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["train"]["epochs"] == 3 and shown["crf"]["enabled"] is False
+    assert shown["model"]["topk"] == 6 and shown["pseudo"]["img_size"] == 960
+
+
+def test_bad_override_is_a_clear_error(good_recipe):
+    result = cpcx("validate", "-r", str(good_recipe), "train.epochs=lots")
+    assert result.returncode == 2
+    assert "train.epochs: input should be a valid integer" in result.stderr
+
+
+def test_doctor_reports_each_check(good_recipe):
+    result = cpcx("doctor", "-r", str(good_recipe))
+    out = result.stdout
+    assert "dense CRF" in out and "torch" in out and "data (train): 311 images" in out
+    assert "static clusters" in out
+    assert result.returncode == 0, out
+
+
+def test_doctor_names_unreachable_llm_server(tmp_path, voc_root):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "x", "dataset": {"kind": "voc", "root": str(voc_root)},
+        "llm": {"provider": "ollama", "base_url": "http://127.0.0.1:9", "timeout_s": 1},
+    }))
+    result = cpcx("doctor", "-r", str(path))
+    assert result.returncode == 1
+    assert "✘ LLM (ollama)" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
