@@ -87,3 +87,10 @@ def test_changed_recipe_drops_stale_pseudo_labels(recipe_path):
     assert (folder / "labels" / "a.png").exists()
     prepare_stage_dir(load_recipe(recipe_path, ["crf.enabled=false"]), "pseudo")
     assert not (folder / "labels").exists()
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    path = atomic.write_text(tmp_path / "p.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
