@@ -115,6 +115,10 @@ class OpenAIConfig(_LLMBase):
     base_url: Optional[str] = Field(None, description="Server URL for OpenAI-compatible servers (vLLM, llama.cpp).")
     api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key.")
     json_schema: bool = Field(True, description="Constrain answers with response_format json_schema.")
+    schema_style: Literal["json_schema", "json_object"] = Field(
+        "json_schema", description="How the schema is sent: json_schema (OpenAI, vLLM) or json_object+schema "
+        "(llama-cpp-python's server)."
+    )
 
 
 class OllamaConfig(_LLMBase):
