@@ -79,8 +79,12 @@ def run_pipeline(recipe: Recipe, console: Console | None = None) -> dict:
             console.rule(f"[bold]{stage}[/]{note}")
         else:
             console.rule(f"[bold]{stage}[/] (resuming)")
+        # train/segment resume from weights/last.pt; killed before the first epoch ended, there is none
+        resume = action == "resume" and (
+            stage not in ("train", "segment") or (recipe.run_dir(stage) / "weights" / "last.pt").is_file()
+        )
         start = time.perf_counter()
-        functions[stage](recipe, action == "resume", console)
+        functions[stage](recipe, resume, console)
         times[stage] = round(time.perf_counter() - start, 1)
         mark_stage_done(recipe, stage, seconds=times[stage])
     summary = _summary(recipe, times)
