@@ -38,6 +38,11 @@ demo: $(STAMP) $(WEIGHTS)
 test: $(STAMP) $(WEIGHTS)
 	$(BIN)/python -m pytest -q
 
+# cpcx clusters against a real local LLM (base Gemma-3-270M served by llama-cpp-python, OpenAI-compatible).
+# The first run builds llama-cpp-python from source into .cache/llm/venv (~8 min on 2 cores).
+test-llm: $(STAMP)
+	tests/llm/serve_gemma.sh run
+
 bench: $(STAMP) $(WEIGHTS)
 	$(BIN)/python benchmarks/run_all.py
 

@@ -174,7 +174,7 @@ class ModelConfig(Section):
     cluster_dim: int = Field(128, ge=1, description="H, the width of the cluster token.")
     hv_bilstm: bool = Field(True, description="Refine tokens with the HV-BiLSTM of ViT-PCM.")
     lstm_hidden: Optional[int] = Field(None, ge=1, description="Hidden size per direction (default (e+H)/4).")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before the HV-BiLSTM (ViT-PCM: 0.2).")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before the HV-BiLSTM and the classifier (ViT-PCM: 0.2).")
     topk: Union[int, float] = Field(
         6, description="k of top-k pooling (eq. 3): a count (paper: 6) or a fraction of the patches, e.g. 0.01."
     )

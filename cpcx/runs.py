@@ -39,7 +39,7 @@ _NEUTRAL_KEYS = {"workers", "device", "log_every", "figures", "cache_mode", "cac
 #: would otherwise be "skipped as finished" although they came from an older recipe).
 STALE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "clusters": ("clusters.json",),
-    "pseudo": ("labels", "figures", "metrics.json", "confusion.csv"),
+    "pseudo": ("labels", "figures", "metrics.json", "confusion.csv", "no_crf.json"),
     "segment": ("predictions", "metrics.json", "confusion.csv"),
 }
 
@@ -70,14 +70,11 @@ def environment(device: str | None = None) -> dict:
         "device": device,
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")  # report CUDA only where torch is loaded anyway (importing it costs ~2 s)
+    if torch is not None:
         info["cuda"] = {"available": torch.cuda.is_available(), "count": torch.cuda.device_count()}
         if torch.cuda.is_available():
             info["cuda"]["names"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except ImportError:  # torch is a dependency; this only guards a broken install
-        pass
     return info
 
 
