@@ -1,0 +1,350 @@
+"""``cpcx pseudo``: pseudo-labels from a trained CPC network (paper §3.5 and §4.1), then their mIoU.
+
+For each image of ``pseudo.split``: the network sees it resized to ``pseudo.img_size`` square (and its
+horizontal flip, ``pseudo.flip``), the patch softmax Z is conditioned on the image's labels (see
+``condition_on_labels``), upsampled bilinearly to the image's own size, and the dense CRF (``crf``)
+turns it into ``labels/<id>.png``. The network runs in this process while a pool of ``pseudo.workers``
+single-threaded processes runs the CRFs of the previous batches; a bounded number of images in flight caps
+memory. Each PNG is written atomically by the worker that made it, so a killed run resumes where it stopped
+(finished images are skipped) and loses nothing.
+
+The mIoU without CRF (argmax of the upsampled Z) is scored in the same pass from the probabilities already
+in memory, because the CRF can hurt (over-confident Z) and one should see by how much. Its confusion matrix
+is kept in ``no_crf.json`` (with the ids it covers) so that a resumed run still reports it over all images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from rich.console import Console
+
+from cpcx import atomic
+from cpcx.crf import CRFParams, CRFTask, init_worker, run_task, warm_up
+from cpcx.errors import CpcxError
+from cpcx.metrics import ConfusionMatrix, scores_from_confusion
+from cpcx.pseudo_infer import PatchPredictor, channel_argmax, open_token_cache, upsample
+
+#: Seconds between saves of the no-CRF confusion matrix (its loss on a kill only shortens that report).
+_SAVE_EVERY_S = 30.0
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+class NoCRFScores:
+    """Confusion matrix of the no-CRF argmax, per id at most once, persisted across resumed runs."""
+
+    def __init__(self, path: Path, num_classes: int):
+        self.path = path
+        self.confusion = ConfusionMatrix(num_classes)
+        self.ids: set[str] = set()
+        self._saved_at = time.monotonic()
+        try:
+            state = json.loads(path.read_text())
+            matrix = np.asarray(state["matrix"], dtype=np.int64)
+            if matrix.shape == self.confusion.matrix.shape:
+                self.confusion.matrix, self.ids = matrix, set(state["ids"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no file yet, or a file from another data set: start afresh
+
+    def add(self, image_id: str, mask: np.ndarray, prediction: np.ndarray) -> None:
+        if image_id not in self.ids:
+            self.confusion.update(mask, prediction)
+            self.ids.add(image_id)
+        if time.monotonic() - self._saved_at > _SAVE_EVERY_S:
+            self.save()
+
+    def save(self) -> None:
+        atomic.write_json(self.path, {"ids": sorted(self.ids), "matrix": self.confusion.matrix.tolist()}, indent=None)
+        self._saved_at = time.monotonic()
+
+
+# --------------------------------------------------------------------------------------------- the loop
+def _prefetch(dataset, indices: Sequence[int], batch_size: int, masks: bool, cache=None) -> Iterator[tuple]:
+    """Batches of (indices, images, masks, cached tokens or None), the next one read in a thread meanwhile."""
+    def load(chunk: list[int]):
+        tokens = None if cache is None else np.asarray(cache[0][chunk])[:, cache[1]]
+        return (chunk, [dataset.load_image(i) for i in chunk],
+                [dataset.load_mask(i) if masks else None for i in chunk], tokens)
+
+    chunks = [list(indices[k:k + batch_size]) for k in range(0, len(indices), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        future = reader.submit(load, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            batch = future.result()
+            future = reader.submit(load, chunks[k + 1]) if k + 1 < len(chunks) else None
+            yield batch
+
+
+def label_images(
+    predictor: PatchPredictor,
+    dataset,
+    indices: Sequence[int],
+    u: np.ndarray | None,
+    labels_dir: Path,
+    crf: CRFParams | None,
+    workers: int,
+    batch_size: int,
+    no_crf: NoCRFScores | None,
+    progress=None,
+    cache=None,
+) -> ConfusionMatrix:
+    """Write ``labels_dir/<id>.png`` for ``indices``; return the confusion of these labels (empty without masks).
+
+    ``crf=None`` writes the argmax of the upsampled probabilities. With a CRF, workers write the PNGs and
+    return the label maps; at most ``2 (workers + batch_size)`` images are in flight. ``cache`` is
+    ``open_token_cache``'s answer: patch tokens read from disk instead of computed by the ViT.
+    """
+    from cpcx.data.palette import save_label_png
+
+    scored = no_crf is not None
+    confusion = ConfusionMatrix(dataset.num_classes)
+    labels = dataset.labels
+    pending: dict[Future, np.ndarray | None] = {}
+    max_pending = 2 * (workers + batch_size)
+    pool = None
+    if crf is not None:
+        # spawn: forking a process that holds torch threads (or a CUDA context) is unsafe.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker)
+        for _ in range(workers):  # start every worker now, in parallel with the first network batch
+            pool.submit(warm_up)
+
+    def finish(futures) -> None:
+        for future in futures:
+            mask = pending.pop(future)
+            try:
+                _, label_map = future.result()
+            except BrokenProcessPool:
+                raise CpcxError(
+                    "pseudo.workers: a CRF worker process died (out of memory?); lower pseudo.workers or "
+                    "pseudo.batch_size and re-run, finished labels are kept (calling run_pseudo from a script? "
+                    "guard the call with `if __name__ == '__main__':`, worker processes re-import the script)"
+                ) from None
+            if mask is not None:
+                confusion.update(mask, label_map)
+            if progress is not None:
+                progress(1)
+
+    try:
+        for chunk, images, masks, tokens in _prefetch(dataset, indices, batch_size, scored, cache):
+            probs = predictor(images, labels[chunk], None if u is None else u[chunk], tokens)
+            for b, (i, image, mask) in enumerate(zip(chunk, images, masks)):
+                image_id = dataset.ids[i]
+                classes = np.flatnonzero(labels[i] > 0).astype(np.uint8)
+                full = upsample(probs[b], classes, image.shape[:2])
+                argmax = classes[channel_argmax(full)]
+                if scored:
+                    no_crf.add(image_id, mask, argmax)
+                if pool is None:
+                    save_label_png(labels_dir / f"{image_id}.png", argmax)
+                    if scored:
+                        confusion.update(mask, argmax)
+                    if progress is not None:
+                        progress(1)
+                    continue
+                task = CRFTask(image_id, image, full.cpu().numpy(), classes, labels_dir / f"{image_id}.png")
+                pending[pool.submit(run_task, task, crf)] = mask
+            finish([f for f in list(pending) if f.done()])
+            while len(pending) > max_pending:
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                finish(done)
+        while pending:
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            finish(done)
+    finally:
+        if pool is not None:
+            # Workers ignore Ctrl-C (see crf.init_worker): the running CRFs finish and write, queued ones drop.
+            pool.shutdown(wait=True, cancel_futures=True)
+        if no_crf is not None:
+            no_crf.save()
+    return confusion
+
+
+# -------------------------------------------------------------------------------------------- the stage
+def find_checkpoint(recipe) -> Path:
+    weights = recipe.run_dir("train") / "weights"
+    for name in ("best.pt", "last.pt"):
+        if (weights / name).is_file():
+            return weights / name
+    raise CpcxError(f"{weights / 'best.pt'}: no trained checkpoint; run `cpcx train -r <recipe>` first")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _drop_if_new_checkpoint(recipe, stage_dir: Path, checkpoint: Path, console: Console) -> None:
+    """Labels made by another checkpoint (re-trained with the same recipe) must not be kept as finished."""
+    from cpcx.runs import drop_stale_outputs
+
+    record = stage_dir / "checkpoint.json"
+    current = {"path": str(checkpoint.resolve()), "sha256": _file_sha256(checkpoint)}
+    try:
+        previous = json.loads(record.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous and previous.get("sha256") != current["sha256"]:
+        dropped = drop_stale_outputs(recipe, "pseudo")
+        console.print(f"[yellow]![/] {checkpoint} changed since the last pseudo-labels; "
+                      f"dropped {', '.join(dropped) or 'nothing'}")
+    atomic.write_json(record, current)
+
+
+def _remove_torn_files(folder: Path) -> None:
+    """Temp files of atomic writes killed mid-way (``.<id>.png.<random>.tmp``); finished PNGs are untouched."""
+    for path in folder.glob(".*.png.*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def run_pseudo(recipe, console: Console | None = None) -> Path:
+    """Write ``runs/<name>/pseudo/labels/<id>.png`` for ``pseudo.split``; score and draw them if masks exist."""
+    from cpcx.data import build_dataset
+    from cpcx.device import resolve_device
+    from cpcx.model import cluster_vectors, load_checkpoint
+    from cpcx.runs import prepare_stage_dir
+
+    console = console or Console()
+    cfg = recipe.pseudo
+    device = resolve_device(cfg.device, "pseudo.device")
+    checkpoint = find_checkpoint(recipe)
+    stage_dir = prepare_stage_dir(recipe, "pseudo", str(device))
+    _drop_if_new_checkpoint(recipe, stage_dir, checkpoint, console)
+    labels_dir = stage_dir / "labels"
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    _remove_torn_files(labels_dir)
+
+    dataset = build_dataset(recipe.dataset, cfg.split)
+    if dataset.num_classes > 255:
+        raise CpcxError(f"{dataset.source}: {dataset.num_classes} classes do not fit 8-bit label PNGs (0..254, "
+                        "255 = ignore); use at most 255 classes")
+    net, meta = load_checkpoint(checkpoint, map_location="cpu")
+    if tuple(meta["classes"]) != tuple(dataset.classes):
+        raise CpcxError(
+            f"{checkpoint}: trained on {len(meta['classes'])} classes ({', '.join(meta['classes'][:4])}, ...) but "
+            f"the data set has {dataset.num_classes} ({', '.join(dataset.classes[:4])}, ...); train on this data set"
+        )
+    u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
+    predictor = PatchPredictor(net, device, cfg.precision, cfg.img_size, cfg.flip, cfg.class_max_norm)
+    if predictor.size != cfg.img_size:
+        console.print(f"[dim]pseudo.img_size {cfg.img_size} → {predictor.size} (a multiple of the "
+                      f"{net.patch_size}-px patches)[/]")
+    crf = CRFParams.from_config(recipe.crf) if recipe.crf.enabled else None
+    cache = open_token_cache(recipe, net, dataset, predictor.size, cfg.flip)
+    if cache is not None:
+        console.print("[dim]patch tokens from the training feature cache (the backbone never changed): no ViT pass[/]")
+
+    todo = [i for i, image_id in enumerate(dataset.ids) if not (labels_dir / f"{image_id}.png").is_file()]
+    done_before = [dataset.ids[i] for i in sorted(set(range(len(dataset))) - set(todo))]
+    no_crf = NoCRFScores(stage_dir / "no_crf.json", dataset.num_classes) if dataset.has_masks else None
+    console.print(f"pseudo-labels for {len(dataset)} {cfg.split} images at {predictor.size}² on {device}"
+                  f" ({'CRF with ' + str(cfg.workers) + ' worker(s)' if crf else 'no CRF'}); "
+                  f"{len(done_before)} already done")
+    confusion = ConfusionMatrix(dataset.num_classes)
+    if todo:
+        start = time.perf_counter()
+        confusion = _with_progress(console, len(todo), lambda advance: label_images(
+            predictor, dataset, todo, u, labels_dir, crf, cfg.workers, cfg.batch_size, no_crf, advance, cache))
+        seconds = time.perf_counter() - start
+        console.print(f"[green]✔[/] {len(todo)} labels in {seconds:.1f} s ({len(todo) / seconds:.2f} images/s) "
+                      f"→ {labels_dir}")
+
+    if dataset.has_masks:
+        info = {"checkpoint": str(checkpoint), "img_size": predictor.size, "flip": cfg.flip,
+                "class_max_norm": cfg.class_max_norm, "feature_cache": cache is not None}
+        _score(stage_dir, dataset, labels_dir, done_before, confusion, no_crf, crf, info, console)
+    else:
+        console.print(f"[dim]{dataset.source}: no ground-truth masks, so no mIoU[/]")
+    if cfg.figures:
+        draw_figures(predictor, dataset, u, labels_dir, stage_dir / "figures", cfg.figures)
+        console.print(f"[green]✔[/] figures of {min(cfg.figures, len(dataset))} images → {stage_dir / 'figures'}")
+    return labels_dir
+
+
+def _with_progress(console: Console, total: int, work):
+    """Run ``work(advance)`` under a progress bar, or with a line per 10% when the output is not a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if not console.is_terminal:
+        count, step, start = 0, max(1, total // 10), time.perf_counter()
+
+        def log(n: int) -> None:
+            nonlocal count
+            count += n
+            if count % step == 0 or count == total:
+                console.print(f"pseudo: {count}/{total} images, {count / (time.perf_counter() - start):.2f}/s")
+
+        return work(log)
+    with Progress(TextColumn("pseudo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("pseudo", total=total)
+        return work(lambda n: bar.advance(task, n))
+
+
+def _score(stage_dir, dataset, labels_dir, done_before, confusion, no_crf, crf, info: dict, console) -> dict:
+    """mIoU after (all labels: this run's in memory, earlier runs' read back) and before the CRF."""
+    from cpcx.evaluate import evaluate_label_folder, write_evaluation
+
+    if done_before:
+        _, earlier = evaluate_label_folder(dataset, labels_dir, ids=done_before)
+        confusion.merge(earlier)
+    before = scores_from_confusion(no_crf.confusion.matrix)
+    extra = {
+        "miou_no_crf": before.miou,
+        "per_class_iou_no_crf": before.as_dict(dataset.classes)["per_class_iou"],
+        "images_no_crf": len(no_crf.ids),
+        "crf": None if crf is None else vars(crf),
+        **info,
+    }
+    if len(no_crf.ids) < len(dataset):
+        console.print(f"[yellow]![/] mIoU without CRF covers {len(no_crf.ids)} of {len(dataset)} images "
+                      "(the rest were labelled by an interrupted run before its score was saved)")
+    columns = {"no CRF": before} if crf is not None else {}
+    metrics = write_evaluation(stage_dir, dataset.classes, confusion, split=dataset.split, images=len(dataset),
+                               extra=extra, extra_columns=columns, label="CRF" if crf else "", console=console)
+    if crf is not None:
+        change = 100 * (metrics["miou"] - before.miou)
+        colour = "green" if change >= 0 else "yellow"
+        console.print(f"mIoU without CRF {100 * before.miou:.1f} → with CRF {100 * metrics['miou']:.1f} "
+                      f"([{colour}]{change:+.1f}[/])")
+    return metrics
+
+
+def draw_figures(predictor: PatchPredictor, dataset, u, labels_dir: Path, folder: Path, count: int) -> None:
+    """Heat maps of Z and label overlays for an evenly spaced, fixed sample of the split."""
+    from cpcx import viz
+    from cpcx.data.palette import load_label_png
+
+    for sub in ("heatmaps", "overlays"):  # a smaller pseudo.figures must not leave old images behind
+        for old in (folder / sub).glob("*.png"):
+            old.unlink()
+    names = dataset.classes
+    for i in viz.sample_indices(len(dataset), count):
+        image_id, image = dataset.ids[i], dataset.load_image(i)
+        classes = np.flatnonzero(dataset.labels[i] > 0).astype(np.uint8)
+        probs = predictor([image], dataset.labels[i:i + 1], None if u is None else u[i:i + 1])
+        full = upsample(probs[0], classes, image.shape[:2])
+        argmax = classes[channel_argmax(full)]
+        viz.class_heatmaps(folder / "heatmaps" / f"{image_id}.png", image, full.cpu().numpy(), classes, names,
+                           title=image_id)
+        panels = {}
+        mask = dataset.load_mask(i) if dataset.has_masks else None
+        if mask is not None:
+            panels["ground truth"] = mask
+        final = load_label_png(labels_dir / f"{image_id}.png")
+        for name, label_map in (("no CRF", argmax), ("pseudo-label", final)):
+            if mask is not None:
+                one = ConfusionMatrix(dataset.num_classes)
+                one.update(mask, label_map)
+                name = f"{name} · mIoU {100 * one.result().miou:.1f}"
+            panels[name] = label_map
+        viz.label_overlays(folder / "overlays" / f"{image_id}.png", image, panels, names, title=image_id)

@@ -1,0 +1,131 @@
+"""Inference for the pseudo-label stage: label-conditioned patch probabilities at any input size.
+
+``PatchPredictor`` resizes a batch of images of any sizes to ``pseudo.img_size`` square, runs the CPC
+network on them (and on their mirror images, ``pseudo.flip``), and conditions the patch softmax Z on the
+image labels (``condition_on_labels``). ``upsample`` takes one image's maps back to its own size.
+``open_token_cache`` finds the training feature cache when it holds exactly the tokens the ViT would give
+here, so that a run whose backbone stayed frozen skips the ViT.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# --------------------------------------------------------------------------------------- probabilities
+def condition_on_labels(probs: torch.Tensor, labels: torch.Tensor, class_max_norm: bool) -> torch.Tensor:
+    """Z (B, C, h, w) → a distribution over the image's classes only, as ViT-PCM's ``merge_class_labels``.
+
+    1. absent classes are zeroed (image labels are known on the training set, as in all WSSS work);
+    2. optionally (``class_max_norm``) each present class map is divided by its maximum over the image's
+       patches, so a class the image is known to contain reaches 1 somewhere even when the always-present
+       background dominates every patch;
+    3. renormalised over the classes at each patch. The argmax does not change, but the CRF unary
+       (-log p) needs a distribution: without it a patch whose mass went to an absent class would give all
+       present classes near-equal, near-clipped unaries and leave the decision to the pairwise terms.
+       Renormalising is conditioning on the label set, p(c | x, c ∈ Y) = p(c | x) / Σ_{c' ∈ Y} p(c' | x).
+       A patch where every present class underflowed to 0 becomes uniform over the present classes.
+    """
+    labels = labels.to(probs.dtype)[:, :, None, None]
+    probs = probs * labels
+    if class_max_norm:
+        probs = probs / probs.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+    total = probs.sum(dim=1, keepdim=True)
+    uniform = labels / labels.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return torch.where(total > 0, probs / total.clamp_min(1e-12), uniform.expand_as(probs))
+
+
+def snap_size(size: int, patch: int) -> int:
+    """The nearest multiple of the patch size: flip averaging needs the patch grid to mirror exactly."""
+    return max(patch, int(round(size / patch)) * patch)
+
+
+class PatchPredictor:
+    """Label-conditioned patch probabilities (B, C, h, w) for a batch of H×W×3 uint8 images of any sizes."""
+
+    def __init__(self, net, device: torch.device, precision: str, img_size: int, flip: bool, class_max_norm: bool):
+        self.net = net.to(device).eval()
+        self.device = device
+        self.precision = precision
+        self.size = snap_size(img_size, net.patch_size)
+        self.flip = flip
+        self.class_max_norm = class_max_norm
+        self.mean = torch.tensor(net.mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(net.std, device=device).view(1, 3, 1, 1) * 255.0
+
+    def prepare(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Each image resized to size×size (bilinear, antialiased when shrinking) and normalised."""
+        batch = []
+        for image in images:
+            x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
+            x = x.permute(2, 0, 1)[None].float()
+            batch.append(F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                       antialias=True))
+        return (torch.cat(batch) - self.mean) / self.std
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[np.ndarray], labels: np.ndarray, u: np.ndarray | None,
+                 tokens: np.ndarray | None = None) -> torch.Tensor:
+        """``tokens`` (B, V, h, w, e), views (orig[, hflip]) from the training feature cache, skip the ViT."""
+        from cpcx.device import autocast
+
+        n = len(images)
+        u_t = None if u is None else torch.as_tensor(u, dtype=torch.float32, device=self.device)
+        if self.flip and u_t is not None:
+            u_t = torch.cat([u_t, u_t])
+        with autocast(self.device, self.precision):
+            if tokens is None:
+                x = self.prepare(images)
+                x = torch.cat([x, x.flip(-1)]) if self.flip else x  # both views in one forward pass
+                probs = self.net(x, u_t)["probs"].float()
+            else:
+                t = torch.from_numpy(np.asarray(tokens)).to(self.device).float()
+                t = torch.cat([t[:, 0], t[:, 1]]) if self.flip else t[:, 0]
+                probs = self.net.forward_tokens(t, u_t)["probs"].float()
+        if self.flip:
+            probs = 0.5 * (probs[:n] + probs[n:].flip(-1))
+        labels_t = torch.tensor(np.asarray(labels), dtype=torch.float32, device=self.device)
+        return condition_on_labels(probs, labels_t, self.class_max_norm)
+
+
+def open_token_cache(recipe, net, dataset, size: int, flip: bool):
+    """The training feature cache as ``(tokens memmap, view indices)`` when it holds exactly what the ViT
+    would compute here (same images, size, normalisation, backbone weights, views), else None.
+
+    The backbone-weight digest is the decisive test: a backbone fine-tuned after the warm-up no longer
+    matches the cached tokens, whatever the schedule says.
+    """
+    from cpcx.feature_cache import weights_digest
+
+    wanted = ["orig", "hflip"] if flip else ["orig"]
+    ids_hash = hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()
+    for meta_path in sorted((recipe.run_dir("train") / "features").glob("*/meta.json")):
+        try:
+            key = json.loads(meta_path.read_text())["key"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if (key.get("img_size") != size or key.get("ids") != ids_hash or key.get("backbone") != net.cfg.backbone
+                or any(v not in key.get("views", []) for v in wanted)
+                or list(key.get("mean", [])) != list(net.mean) or list(key.get("std", [])) != list(net.std)):
+            continue
+        if key.get("weights") != weights_digest(net.backbone):
+            continue
+        tokens = np.load(meta_path.parent / "tokens.npy", mmap_mode="r")
+        return tokens, [key["views"].index(v) for v in wanted]
+    return None
+
+
+def channel_argmax(probs: torch.Tensor) -> np.ndarray:
+    """argmax over dim 0 of (k, H, W) as an H×W numpy array (channels-last first: 10× faster on CPU)."""
+    return probs.permute(1, 2, 0).contiguous().argmax(dim=-1).cpu().numpy()
+
+
+def upsample(probs: torch.Tensor, classes: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """The present classes' maps of one image (C, h, w) → (k, H, W), bilinear (align_corners=False)."""
+    index = torch.as_tensor(classes, device=probs.device, dtype=torch.long)
+    return F.interpolate(probs[index][None], size=size, mode="bilinear", align_corners=False)[0]
