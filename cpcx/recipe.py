@@ -228,7 +228,8 @@ class TrainConfig(Section):
         True, description="Cache frozen-backbone patch tokens on disk (fp16, mmap); no photometric augmentation then."
     )
     views: list[Literal["orig", "hflip", "vflip", "transpose"]] = Field(
-        ["orig", "hflip"], description="While the backbone is frozen each image takes one of these views per epoch."
+        ["orig", "hflip"], min_length=1,
+        description="While the backbone is frozen each image takes one of these views per epoch.",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Augmentations (uncached mode).")
     log_every: int = Field(10, ge=1, description="Steps between log lines when not on a terminal.")

@@ -1,0 +1,86 @@
+"""Several processes with torchrun/DDP: launching, joining the process group, and small collectives.
+
+``cpcx train --gpus N`` re-runs the same command under ``torchrun --standalone --nproc-per-node N``; plain
+``torchrun --nproc-per-node N -m cpcx train ...`` works the same. Each process reads RANK / WORLD_SIZE /
+LOCAL_RANK from the environment torchrun sets; nccl is used on CUDA, gloo on CPU. Without those variables
+everything here is a no-op on one process.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from cpcx.device import resolve_device
+from cpcx.errors import CpcxError
+
+
+def relaunch_with_torchrun(gpus: int) -> int:
+    """Run this very command again under torchrun with ``gpus`` processes; returns torchrun's exit code."""
+    if not torch.cuda.is_available():
+        raise CpcxError(
+            f"--gpus {gpus}: CUDA is not available here; drop --gpus (or test DDP on CPU with "
+            f"`torchrun --nproc-per-node {gpus} -m cpcx ...` and train.device=cpu)"
+        )
+    if gpus > torch.cuda.device_count():
+        raise CpcxError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} GPU(s); use --gpus <= that")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+               "-m", "cpcx", *sys.argv[1:]]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:  # torchrun forwards the signal to the workers; wait for them to stop
+        return 130
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    created_group: bool = False  # this call joined the group, so this caller should leave it
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(device_spec: str, field: str = "train.device") -> DistInfo:
+    """Join the process group torchrun describes (if any) and pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_spec, field)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    created = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        created = True
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, created_group=created)
+
+
+def cleanup(info: DistInfo) -> None:
+    """Leave the process group if ``init_from_env`` joined it (a caller's own group is left alone)."""
+    if info.created_group and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over the processes (in place; returned for chaining). Identity on one process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+

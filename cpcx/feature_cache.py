@@ -1,0 +1,185 @@
+"""Frozen-backbone feature cache: the ViT's patch tokens, computed once per image and per view, on disk.
+
+While the backbone is frozen (the whole run with ``train.unfreeze_blocks: 0``, or the warm-up epochs) the
+ViT gives the same tokens for the same input every epoch, so they are computed once for every image and
+every geometric view in ``train.views`` (the ViT runs on each view: it is not flip-equivariant) and stored
+as float16 in one memory-mapped ``.npy`` of shape (N, V, h, w, e). Epochs then skip the ViT entirely.
+
+Consequence: **no photometric augmentation** (crop, colour jitter, grayscale) in cached epochs: only the
+choice of view varies. Set ``train.feature_cache: false`` to have them (at the cost of the ViT each step).
+
+Layout: ``runs/<name>/train/features/<key>/{tokens.npy, meta.json}``. The key hashes the backbone name,
+the backbone weights (their bytes), img_size, views, normalisation and the data set ids, so any change
+builds a new cache (and the old one is removed). Building writes ``tokens.partial.npy`` plus a ``done.npy``
+flag per image, so an interrupted build resumes; the finished file is renamed into place atomically.
+With several processes each one extracts its share of the images into the same file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cpcx import atomic, distributed
+from cpcx.augment import apply_view, normalize, resize_image
+from cpcx.data.views import ImageLabelDataset
+from cpcx.device import autocast
+from cpcx.model.backbone import ViTBackbone
+
+FORMAT = 1
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """Hash of a module's parameters and buffers (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_key(backbone_name: str, backbone: ViTBackbone, img_size: int, views: Sequence[str],
+              ids: Sequence[str]) -> dict:
+    return {
+        "format": FORMAT,
+        "backbone": backbone_name,
+        "weights": weights_digest(backbone),
+        "img_size": img_size,
+        "views": list(views),
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "num_images": len(ids),
+    }
+
+
+class _Resized(Dataset):
+    """Normalised, resized images (views are applied on the batch) for extraction."""
+
+    def __init__(self, images: ImageLabelDataset, indices: Sequence[int], size: int, mean, std):
+        self.images, self.indices, self.size, self.mean, self.std = images, list(indices), size, mean, std
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        i = self.indices[k]
+        return i, normalize(resize_image(self.images[i]["image"], self.size), self.mean, self.std)
+
+
+class FeatureCache:
+    """A finished cache: ``tokens`` is a read-only float16 memmap (N, V, h, w, e)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.views: list[str] = self.meta["key"]["views"]
+        self.tokens = np.load(self.folder / "tokens.npy", mmap_mode="r")
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers get the folder, not the array: pickling a memmap would copy all of it.
+        return {"folder": self.folder}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["folder"])
+
+    def get(self, index: int, view: int) -> torch.Tensor:
+        """Tokens (h, w, e) float16 of one image and view (a copy, safe to hand to a DataLoader)."""
+        return torch.from_numpy(np.array(self.tokens[index, view]))
+
+    @classmethod
+    def build(cls, root: Path, backbone_name: str, backbone: ViTBackbone, images: ImageLabelDataset,
+              img_size: int, views: Sequence[str], device: torch.device, precision: str, batch_size: int,
+              workers: int, log: Callable[[str], None] = print) -> "FeatureCache":
+        """Open the cache for this key, building (or finishing) it first; every process must call this."""
+        key = cache_key(backbone_name, backbone, img_size, views, images.ids)
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        folder = Path(root) / name
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if not (folder / "meta.json").is_file():  # meta.json is written last: it marks a finished cache
+            if not (folder / "tokens.npy").is_file():
+                if rank == 0:
+                    for stale in Path(root).glob("*"):
+                        if stale.is_dir() and stale.name != name:
+                            shutil.rmtree(stale, ignore_errors=True)
+                    _prepare(folder, key, backbone, img_size, len(views))
+                distributed.barrier()
+                _extract(folder, backbone, images, img_size, views, device, precision, batch_size, workers,
+                         rank, world, log)
+                distributed.barrier()
+            if rank == 0:
+                _finish(folder, key)
+            distributed.barrier()
+        return cls(folder)
+
+
+def _grid(backbone: ViTBackbone, img_size: int) -> tuple[int, int]:
+    return backbone.grid_size(img_size, img_size)
+
+
+def _prepare(folder: Path, key: dict, backbone: ViTBackbone, img_size: int, num_views: int) -> None:
+    """Create (or keep, when resuming) the partial token file and the per-image done flags."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = _grid(backbone, img_size)
+    shape = (key["num_images"], num_views, h, w, backbone.embed_dim)
+    partial, done = folder / "tokens.partial.npy", folder / "done.npy"
+    if partial.is_file() and done.is_file():
+        try:
+            if np.load(partial, mmap_mode="r").shape == shape and np.load(done, mmap_mode="r").shape == shape[:1]:
+                return  # resume the interrupted build
+        except ValueError:  # a torn header: start over
+            pass
+    np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape).flush()
+    np.lib.format.open_memmap(done, mode="w+", dtype=np.uint8, shape=shape[:1]).flush()
+
+
+@torch.inference_mode()
+def _extract(folder: Path, backbone: ViTBackbone, images: ImageLabelDataset, img_size: int,
+             views: Sequence[str], device: torch.device, precision: str, batch_size: int, workers: int,
+             rank: int, world: int, log: Callable[[str], None]) -> None:
+    tokens = np.load(folder / "tokens.partial.npy", mmap_mode="r+")
+    done = np.load(folder / "done.npy", mmap_mode="r+")
+    remaining = np.flatnonzero(done == 0).tolist()
+    distributed.barrier()  # every process has read the flags before any writes new ones
+    todo = remaining[rank::world]
+    if not todo:
+        return
+    if rank == 0:
+        log(f"feature cache: extracting {len(views)} view(s) of {len(remaining)} image(s) into {folder}")
+    was_training = backbone.training
+    backbone.eval()
+    loader = DataLoader(_Resized(images, todo, img_size, backbone.mean, backbone.std), batch_size=batch_size,
+                        num_workers=workers, shuffle=False)
+    for indices, batch in loader:
+        batch = batch.to(device)
+        stacked = torch.cat([apply_view(batch, v) for v in views])  # (V·b, 3, S, S)
+        with autocast(device, precision):
+            out = backbone(stacked)
+        out = out.float().reshape(len(views), len(indices), *out.shape[1:]).transpose(0, 1)
+        idx = indices.numpy()
+        tokens[idx] = out.cpu().numpy().astype(np.float16)
+        tokens.flush()  # the tokens reach the file before the flag that says they are there
+        done[idx] = 1
+        done.flush()
+    backbone.train(was_training)
+
+
+def _finish(folder: Path, key: dict) -> None:
+    if (folder / "tokens.partial.npy").is_file():
+        done = np.load(folder / "done.npy", mmap_mode="r")
+        if not bool(done.all()):
+            raise RuntimeError(f"feature cache {folder}: {int((done == 0).sum())} image(s) missing after extraction")
+        with open(folder / "tokens.partial.npy", "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(folder / "tokens.partial.npy", folder / "tokens.npy")
+        (folder / "done.npy").unlink()
+    atomic.write_json(folder / "meta.json", {"key": key})
