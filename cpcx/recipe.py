@@ -175,6 +175,9 @@ class ModelConfig(Section):
     hv_bilstm: bool = Field(True, description="Refine tokens with the HV-BiLSTM of ViT-PCM.")
     lstm_hidden: Optional[int] = Field(None, ge=1, description="Hidden size per direction (default (e+H)/4).")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before the HV-BiLSTM and the classifier (ViT-PCM: 0.2).")
+    background: Literal["learned", "constant"] = Field(
+        "learned", description="learned: class 0 is a classifier row (paper); constant: one shared learnable logit."
+    )
     topk: Union[int, float] = Field(
         6, description="k of top-k pooling (eq. 3): a count (paper: 6) or a fraction of the patches, e.g. 0.01."
     )

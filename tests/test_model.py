@@ -217,3 +217,17 @@ def test_checkpoint_rebuilds_the_network_alone(tmp_path, net):
         torch.testing.assert_close(rebuilt(images, u)["probs"], net(images, u)["probs"])
     with pytest.raises(CpcxError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_constant_background_is_one_shared_learnable_logit():
+    from cpcx.model.heads import PatchClassifier
+
+    head = PatchClassifier(8, 5, background="constant")
+    x = torch.randn(2, 3, 4, 8, requires_grad=True)
+    logits = head(x)
+    assert logits.shape == (2, 3, 4, 5) and head.weight.shape == (4, 8)
+    assert torch.all(logits[..., 0] == head.background_logit)  # the same for every patch, whatever its features
+    logits.softmax(-1)[..., 0].sum().backward()
+    assert head.background_logit.grad is not None and head.background_logit.grad.abs() > 0
+    learned = PatchClassifier(8, 5)
+    assert learned.weight.shape == (5, 8) and learned.background_logit is None

@@ -12,11 +12,17 @@ class PatchClassifier(nn.Module):
     and the same dropout as before the HV-BiLSTM.
     """
 
-    def __init__(self, dim: int, num_classes: int, dropout: float = 0.0):
+    def __init__(self, dim: int, num_classes: int, dropout: float = 0.0, background: str = "learned"):
         super().__init__()
         self.drop = nn.Dropout(dropout)
-        self.linear = nn.Linear(dim, num_classes, bias=False)
+        self.background = background
+        # background "constant": class 0 gets one learnable logit shared by every patch instead of a weight row.
+        # It cannot latch onto salient features, so the object classes must claim the discriminative patches
+        # and the patches that no class claims fall to the background (the threshold of CAM-style methods).
+        out = num_classes - 1 if background == "constant" else num_classes
+        self.linear = nn.Linear(dim, out, bias=False)
         nn.init.normal_(self.linear.weight, std=0.05)
+        self.background_logit = nn.Parameter(torch.zeros(1)) if background == "constant" else None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -24,7 +30,11 @@ class PatchClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, h, w, D) → logits (B, h, w, C)."""
-        return self.linear(self.drop(x))
+        logits = self.linear(self.drop(x))
+        if self.background_logit is None:
+            return logits
+        background = self.background_logit.to(logits.dtype).expand(*logits.shape[:-1], 1)
+        return torch.cat([background, logits], dim=-1)
 
 
 def resolve_topk(topk: int | float, num_patches: int) -> int:

@@ -50,7 +50,7 @@ class CPCNet(nn.Module):
         else:
             self.refine = nn.Dropout(cfg.dropout)
         self.feature_dim = width
-        self.classifier = PatchClassifier(width, num_classes, cfg.dropout)
+        self.classifier = PatchClassifier(width, num_classes, cfg.dropout, background=cfg.background)
 
     # ------------------------------------------------------------------ properties
     @property
