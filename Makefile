@@ -43,8 +43,10 @@ test: $(STAMP) $(WEIGHTS)
 test-llm: $(STAMP)
 	tests/llm/serve_gemma.sh run
 
+# Speed benchmarks on the real VOC slice; results in benchmarks/results/*.{json,md}.
 bench: $(STAMP) $(WEIGHTS)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_pseudo.py
 
 clean-runs:
 	rm -rf runs
