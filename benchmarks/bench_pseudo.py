@@ -93,7 +93,7 @@ def _crf_ms(dataset, predictor, u, count: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--voc", type=Path,
-                        default=Path(os.environ.get("CPCX_DATA", "/work/shared/data")) / "voc2012-mini" / "VOC2012")
+                        default=Path(os.environ.get("CPCX_DATA", ROOT.parent / "shared" / "data")) / "voc2012-mini" / "VOC2012")
     parser.add_argument("--limit", type=int, default=64, help="train images to label (the slice has 311)")
     parser.add_argument("--workers", default="1,2", help="comma-separated CRF worker counts")
     parser.add_argument("--batch-size", type=int, default=4)

@@ -8,8 +8,6 @@ folder. Every problem becomes one line ``<file>: <dotted.field>: <what is wrong 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
@@ -318,10 +316,6 @@ class Recipe(Section):
         root = Path(self.runs_dir) / self.name
         return root / stage if stage else root
 
-    def section_hash(self, *sections: str) -> str:
-        """Content hash of some recipe sections: a stage is stale when the sections it reads change."""
-        payload = {s: self.model_dump(mode="json")[s] for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Loading lives in recipe_io so that this file stays the schema; re-exported for convenience.

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
+from fake_llm_server import FakeLLMServer
+from paths import DATA_ROOT
 
 # Before torch/numpy spin up thread pools: the test machines have 2 cores shared by several runs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,9 +20,7 @@ os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    # CI clones the repo next to a copy of shared/: ../shared/data relative to the checkout.
-    default = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return Path(os.environ.get("CPCX_DATA", default))
+    return DATA_ROOT
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +39,18 @@ def coco_root(data_root: Path) -> Path:
     if not (path / "annotations").is_dir():
         pytest.skip(f"COCO slice not found at {path}; set CPCX_DATA to the folder holding coco2017-mini/")
     return path
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch):
+    """Retry back-off of the LLM providers shrunk to milliseconds (tests of retries stay fast)."""
+    import cpcx.llm.providers as providers
+
+    monkeypatch.setattr(providers, "BACKOFF_BASE_S", 0.01)
+
+
+@pytest.fixture
+def server():
+    """A scripted OpenAI/Ollama-speaking HTTP server on 127.0.0.1 (tests/fake_llm_server.py)."""
+    with FakeLLMServer(models=("fake-model",)) as s:
+        yield s

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from paths import VOC_ROOT
 from fake_llm_server import FakeLLMServer
 from rich.console import Console
 from typer.testing import CliRunner
 
-import cpcx.llm.providers as providers
 from cpcx.clusters import load_clusters, run_clusters
 from cpcx.errors import CpcxError
 from cpcx.llm.cache import FILE_NAME
 from cpcx.recipe import load_recipe
 
-VOC = Path(os.environ.get("CPCX_DATA", "/work/shared/data")) / "voc2012-mini" / "VOC2012"
-pytestmark = pytest.mark.skipif(not VOC.is_dir(), reason=f"VOC slice not found at {VOC} (set CPCX_DATA)")
+VOC = VOC_ROOT
+pytestmark = [
+    pytest.mark.skipif(not VOC.is_dir(), reason=f"VOC slice not found at {VOC} (set CPCX_DATA)"),
+    pytest.mark.usefixtures("fast_backoff"),
+]
 
 VOC_NAMES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
              "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -44,17 +46,6 @@ def groups(clusters: list[dict]) -> list[list[str]]:
 def canonical(partition: dict[str, list[str]]) -> list[list[str]]:
     order = {c: i for i, c in enumerate(VOC_NAMES)}
     return sorted((sorted(m, key=order.get) for m in partition.values()), key=lambda m: order[m[0]])
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setattr(providers, "BACKOFF_BASE_S", 0.01)
-
-
-@pytest.fixture
-def server():
-    with FakeLLMServer(models=("fake-model",)) as s:
-        yield s
 
 
 def write_recipe(tmp_path: Path, llm: dict, clustering: dict | None = None) -> Path:

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+from paths import VOC_ROOT
 import yaml
 from rich.console import Console
 
@@ -23,7 +24,7 @@ from cpcx.recipe import load_recipe
 pytestmark = pytest.mark.llm
 
 URL = os.environ.get("CPCX_LLM_URL")
-VOC = Path(os.environ.get("CPCX_DATA", "/work/shared/data")) / "voc2012-mini" / "VOC2012"
+VOC = VOC_ROOT
 
 
 @pytest.fixture(scope="module")

@@ -5,27 +5,16 @@ from __future__ import annotations
 import socket
 
 import pytest
-from fake_llm_server import FakeLLMServer, Hang, Reply, Status
+from fake_llm_server import Hang, Reply, Status
 
-import cpcx.llm.providers as providers
 from cpcx.errors import CpcxError
 from cpcx.llm import build_provider, check_llm
 from cpcx.recipe import OllamaConfig, OpenAIConfig
 
 HELLO = [{"role": "system", "content": "Answer with JSON."}, {"role": "user", "content": "Group cat and dog."}]
+pytestmark = pytest.mark.usefixtures("fast_backoff")
 SCHEMA = {"type": "object", "properties": {"cat": {"type": "string"}, "dog": {"type": "string"}},
           "required": ["cat", "dog"], "additionalProperties": False}
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setattr(providers, "BACKOFF_BASE_S", 0.01)
-
-
-@pytest.fixture
-def server():
-    with FakeLLMServer(models=("fake-model",)) as s:
-        yield s
 
 
 def closed_port() -> int:
