@@ -20,7 +20,7 @@ $(BIN)/python:
 
 # Exact torch/torchvision pins live in pyproject.toml; `.[dev]` adds the weights importer and pytest.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP)
