@@ -86,7 +86,7 @@ def _steady_steps(recipe, reps: int, device: str) -> tuple[float, float]:
     net, meta = load_checkpoint(recipe.run_dir("train") / "weights" / "best.pt")
     net.to(device).train()
     images = ImageLabelDataset(build_dataset(recipe.dataset, "train"))
-    cache = FeatureCache(next((recipe.run_dir("train") / "features").glob("*/meta.json")).parent)
+    cache = FeatureCache(next(recipe.feature_cache_root().glob("*/meta.json")).parent)
     u = torch.from_numpy(cluster_vectors(images.labels.numpy(), meta["cluster_matrix"]))
     t = recipe.train
     transform = TrainTransform(t.augment, recipe.model.img_size, net.mean, net.std, views=t.views)

@@ -98,8 +98,12 @@ class FeatureCache:
     @classmethod
     def build(cls, root: Path, backbone_name: str, backbone: ViTBackbone, images: ImageLabelDataset,
               img_size: int, views: Sequence[str], device: torch.device, precision: str, batch_size: int,
-              workers: int, log: Callable[[str], None] = print) -> "FeatureCache":
-        """Open the cache for this key, building (or finishing) it first; every process must call this."""
+              workers: int, log: Callable[[str], None] = print, prune: bool = True) -> "FeatureCache":
+        """Open the cache for this key, building (or finishing) it first; every process must call this.
+
+        ``prune`` drops the caches of other keys under ``root`` (a run's own folder holds one cache; a shared
+        ``train.feature_cache_dir`` keeps every key, other recipes may still read them).
+        """
         key = cache_key(backbone_name, backbone, img_size, views, images.ids)
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         folder = Path(root) / name
@@ -108,7 +112,7 @@ class FeatureCache:
         if not (folder / "meta.json").is_file():  # meta.json is written last: it marks a finished cache
             if not (folder / "tokens.npy").is_file():
                 if rank == 0:
-                    for stale in Path(root).glob("*"):
+                    for stale in Path(root).glob("*") if prune else ():
                         if stale.is_dir() and stale.name != name:
                             shutil.rmtree(stale, ignore_errors=True)
                     _prepare(folder, key, backbone, img_size, len(views))

@@ -104,7 +104,7 @@ def open_token_cache(recipe, net, dataset, size: int, flip: bool):
 
     wanted = ["orig", "hflip"] if flip else ["orig"]
     ids_hash = hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()
-    for meta_path in sorted((recipe.run_dir("train") / "features").glob("*/meta.json")):
+    for meta_path in sorted(recipe.feature_cache_root().glob("*/meta.json")):
         try:
             key = json.loads(meta_path.read_text())["key"]
         except (OSError, ValueError, KeyError):

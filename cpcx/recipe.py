@@ -228,6 +228,10 @@ class TrainConfig(Section):
     feature_cache: bool = Field(
         True, description="Cache frozen-backbone patch tokens on disk (fp16, mmap); no photometric augmentation then."
     )
+    feature_cache_dir: Optional[Path] = Field(
+        None, description="Folder of the token caches (default runs/<name>/train/features); recipes that point "
+        "at one shared folder extract the tokens once (each cache is keyed by images, size, views and weights).",
+    )
     views: list[Literal["orig", "hflip", "vflip", "transpose"]] = Field(
         ["orig", "hflip"], min_length=1,
         description="While the backbone is frozen each image takes one of these views per epoch.",
@@ -315,6 +319,10 @@ class Recipe(Section):
         """``runs/<name>`` or ``runs/<name>/<stage>``."""
         root = Path(self.runs_dir) / self.name
         return root / stage if stage else root
+
+    def feature_cache_root(self) -> Path:
+        """Where the frozen-backbone token caches live: ``train.feature_cache_dir`` or the train run folder."""
+        return self.train.feature_cache_dir or self.run_dir("train") / "features"
 
 
 

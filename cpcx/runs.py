@@ -34,7 +34,8 @@ STAGES: dict[str, tuple[str, ...]] = {
     "segment": ("segment",),
 }
 #: Keys that change how fast a stage runs, not what it produces: they never make a stage stale.
-_NEUTRAL_KEYS = {"workers", "device", "log_every", "figures", "cache_mode", "cache_dir", "timeout_s", "max_retries"}
+_NEUTRAL_KEYS = {"workers", "device", "log_every", "figures", "cache_mode", "cache_dir", "feature_cache_dir", "timeout_s",
+                 "max_retries"}
 #: Sub-folders derived from a stage's inputs that must go when the inputs change (resumable outputs that
 #: would otherwise be "skipped as finished" although they came from an older recipe).
 STALE_OUTPUTS: dict[str, tuple[str, ...]] = {

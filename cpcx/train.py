@@ -218,8 +218,9 @@ class _Trainer:
         if cached:
             if self.cache is None:
                 self.cache = FeatureCache.build(
-                    self.folder / "features", r.model.backbone, self.net.backbone, self.images, r.model.img_size,
-                    t.views, self.device, t.precision, self.per_rank, t.workers, log=self.log)
+                    r.feature_cache_root(), r.model.backbone, self.net.backbone, self.images, r.model.img_size,
+                    t.views, self.device, t.precision, self.per_rank, t.workers, log=self.log,
+                    prune=t.feature_cache_dir is None)
             items = _Items(self.labels, self.u, r.seed, cache=self.cache)
         else:
             transform = TrainTransform(t.augment, r.model.img_size, self.net.mean, self.net.std,

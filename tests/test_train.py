@@ -185,6 +185,25 @@ def test_feature_cache_holds_each_view_and_resumes(tmp_path, voc_root, monkeypat
     # another key (other views): a new cache, the stale one removed
     feature_cache.FeatureCache.build(*args[:5], ["orig"], *args[6:])
     assert len(list((tmp_path / "features").iterdir())) == 1 and not folder.exists()
+    # a shared folder (train.feature_cache_dir) keeps every key: other recipes may still read them
+    feature_cache.FeatureCache.build(*args[:5], ["orig", "hflip"], *args[6:], prune=False)
+    assert len(list((tmp_path / "features").iterdir())) == 2
+
+
+def test_recipes_sharing_a_feature_cache_dir_extract_once(tmp_path, voc_root):
+    from cpcx.train import run_train
+
+    shared = tmp_path / "shared-features"
+    # same seed: the tiny ViT is randomly initialised, so the seed decides its weights and the cache key
+    train = {"epochs": 1, "unfreeze_blocks": 0, "feature_cache_dir": str(shared)}
+    first = make_recipe(tmp_path, voc_root, name="first", train=train)
+    second = make_recipe(tmp_path, voc_root, name="second", train=train)
+    run_train(first)
+    (folder,) = shared.iterdir()
+    stamp = (folder / "tokens.npy").stat().st_mtime_ns
+    run_train(second)
+    assert [p.name for p in shared.iterdir()] == [folder.name] and (folder / "tokens.npy").stat().st_mtime_ns == stamp
+    assert not (second.run_dir("train") / "features").exists() and (second.run_dir("train") / "weights" / "best.pt").is_file()
 
 
 def test_missing_clusters_is_a_clear_error(tmp_path, voc_root):
