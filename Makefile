@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 export CPCX_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install weights demo test test-llm bench clean-runs
+.PHONY: install weights demo test test-llm bench bench-results clean-runs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +43,16 @@ test: $(STAMP) $(WEIGHTS)
 test-llm: $(STAMP)
 	tests/llm/serve_gemma.sh run
 
-# Speed benchmarks on the real VOC slice; results in benchmarks/results/*.{json,md}.
+# Speed benchmarks on the real VOC slice; results in benchmarks/results/*.{json,md}; then the tables of
+# docs/results.md (Tables 4/5 analogs, cluster sources, COCO, speed), which read those speed results.
 bench: $(STAMP) $(WEIGHTS)
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_pseudo.py
+	$(MAKE) bench-results
+
+# Hours on 2 CPU cores; re-running skips finished rows. BENCH_ARGS, e.g. --only table4 --seeds 0.
+bench-results: $(STAMP) $(WEIGHTS)
+	$(BIN)/python benchmarks/results.py $(BENCH_ARGS)
 
 clean-runs:
 	rm -rf runs

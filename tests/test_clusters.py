@@ -89,6 +89,8 @@ def test_vote_then_refine_until_three_equal(tmp_path, server):
     requests = server.chat_requests
     assert len(requests) == 6
     assert requests[0].body["messages"] == requests[2].body["messages"]  # the same p_gen ‖ l, R times
+    # ... sampled with seed + r: a server that honours the seed would otherwise answer R copies of one answer
+    assert [r.body["seed"] for r in requests] == [1, 2, 3, 0, 0, 0]
     refine_prompt = requests[3].body["messages"][-1]["content"]
     assert "- vehicle: aeroplane, bicycle, boat, bus, car, motorbike, train" in refine_prompt  # p_refine ‖ z0
     assert "- living: bird, cat, cow, dog, horse, sheep, person" not in refine_prompt
@@ -222,6 +224,7 @@ def test_ollama_provider_with_the_list_shape(tmp_path, server):
     assert groups(json.loads(out.read_text())["clusters"]) == canonical(B)
     body = server.chat_requests[0].body
     assert body["format"]["required"] == ["clusters"] and "members" in body["messages"][-1]["content"]
+    assert [r.body["options"]["seed"] for r in server.chat_requests] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------ static + CLI

@@ -85,7 +85,9 @@ class Asker:
         attempts: list[str] = []
         problems: list[str] = []
         for _ in range(self.max_retries + 1):
-            reply = self.provider.chat(conversation, self.schema if self.cfg.json_schema else None)
+            # query r of the vote samples with seed + r: independent answers even where the server honours seeds
+            seed = self.cfg.seed + query if stage == "generate" else self.cfg.seed
+            reply = self.provider.chat(conversation, self.schema if self.cfg.json_schema else None, seed=seed)
             attempts.append(reply.text)
             try:
                 assignment = parse_answer(reply.text, self.classes)

@@ -40,7 +40,8 @@ class ChatProvider:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
-        self._model: Any = None
+        self._models: dict[int, Any] = {}  # one langchain model per sampling seed
+        self._seed = cfg.seed
         self.calls = 0  # HTTP requests actually sent (tests and the summary line count them)
 
     # identity of the model's answers: part of every cache key (never the key, the URL or the timeout)
@@ -59,8 +60,13 @@ class ChatProvider:
     def where(self) -> str:
         return self.cfg.base_url or "the OpenAI API"
 
-    def chat(self, messages: list[dict[str, str]], schema: dict | None) -> Reply:
-        """One answer, with retries on transport errors; a permanent problem is a one-line ``CpcxError``."""
+    def chat(self, messages: list[dict[str, str]], schema: dict | None, seed: int | None = None) -> Reply:
+        """One answer, with retries on transport errors; a permanent problem is a one-line ``CpcxError``.
+
+        ``seed`` (default ``llm.seed``) is the sampling seed of this request: the R generate queries of
+        Algorithm 1 send different seeds, or a server that honours the seed would give R copies of one answer.
+        """
+        self._seed = self.cfg.seed if seed is None else seed
         tries = self.cfg.max_retries + 1
         for attempt in range(tries):
             try:
@@ -76,6 +82,15 @@ class ChatProvider:
         return (f"llm.base_url: no answer from the {self.provider} server at {self.where} ({reason}) after {tries} "
                 f"{'try' if tries == 1 else 'tries'}; start the server or fix llm.base_url "
                 "(llm.timeout_s and llm.max_retries set the patience)")
+
+    @property
+    def _model(self) -> Any:
+        if self._seed not in self._models:
+            self._models[self._seed] = self._build(self._seed)
+        return self._models[self._seed]
+
+    def _build(self, seed: int) -> Any:  # pragma: no cover
+        raise NotImplementedError
 
     def _invoke(self, messages: list[dict[str, str]], schema: dict | None) -> Reply:  # pragma: no cover
         raise NotImplementedError
@@ -94,7 +109,7 @@ class OpenAIProvider(ChatProvider):
         raise CpcxError(f"llm.api_key_env: environment variable {self.cfg.api_key_env} is not set; export it "
                         "(the key is read from the environment only, never from the recipe)")
 
-    def _build(self) -> Any:
+    def _build(self, seed: int) -> Any:
         from langchain_openai import ChatOpenAI
         from pydantic import SecretStr
 
@@ -105,7 +120,7 @@ class OpenAIProvider(ChatProvider):
             # name only, because its reasoning models reject max_tokens.
             extra["max_tokens"] = self.cfg.max_tokens
         return ChatOpenAI(
-            model=self.cfg.model, temperature=self.cfg.temperature, seed=self.cfg.seed,
+            model=self.cfg.model, temperature=self.cfg.temperature, seed=seed,
             max_tokens=self.cfg.max_tokens, timeout=self.cfg.timeout_s, max_retries=0,
             base_url=self.cfg.base_url, api_key=SecretStr(self.api_key()), extra_body=extra or None,
         )
@@ -113,8 +128,6 @@ class OpenAIProvider(ChatProvider):
     def _invoke(self, messages: list[dict[str, str]], schema: dict | None) -> Reply:
         import openai
 
-        if self._model is None:
-            self._model = self._build()
         kwargs: dict[str, Any] = {}
         if schema is not None and self.cfg.schema_style == "json_object":
             kwargs["response_format"] = {"type": "json_object", "schema": schema}  # llama-cpp-python's form
@@ -160,20 +173,18 @@ def _describe_openai(exc: Exception) -> str:
 class OllamaProvider(ChatProvider):
     provider = "ollama"
 
-    def _build(self) -> Any:
+    def _build(self, seed: int) -> Any:
         from langchain_ollama import ChatOllama
 
         return ChatOllama(
             model=self.cfg.model, base_url=self.cfg.base_url, temperature=self.cfg.temperature,
-            seed=self.cfg.seed, num_predict=self.cfg.max_tokens, client_kwargs={"timeout": self.cfg.timeout_s},
+            seed=seed, num_predict=self.cfg.max_tokens, client_kwargs={"timeout": self.cfg.timeout_s},
         )
 
     def _invoke(self, messages: list[dict[str, str]], schema: dict | None) -> Reply:
         import httpx
         import ollama
 
-        if self._model is None:
-            self._model = self._build()
         try:
             # format=<schema>: Ollama constrains decoding to the schema (grammar), so the JSON is well formed.
             message = self._model.invoke(messages, format=schema) if schema else self._model.invoke(messages)

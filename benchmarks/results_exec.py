@@ -1,0 +1,144 @@
+"""How ``benchmarks/results.py`` runs things: a command measured from a small wrapper process (wall time, CPU
+time, peak RSS), the environment every stage gets, and the local LLM server for the rows that need one."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from results_rows import ROOT
+
+
+# ----------------------------------------------------------------------------------- measured runs
+@dataclass(frozen=True)
+class Measured:
+    returncode: int
+    seconds: float
+    cpu_seconds: float
+    max_rss_mib: float
+
+
+#: Runs the command and writes its exit code, CPU time and peak RSS as JSON. Measuring from this small process
+#: matters: a child's ru_maxrss starts at its parent's RSS at fork time (hundreds of MiB for a parent with torch).
+_WRAPPER = """
+import json, os, signal, subprocess, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the command too: wait for it to stop
+child = subprocess.Popen(sys.argv[2:])
+signal.signal(signal.SIGTERM, lambda *_: child.terminate())  # the benchmark stopped: stop the stage too
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as out:
+    json.dump({"returncode": os.waitstatus_to_exitcode(status), "cpu": usage.ru_utime + usage.ru_stime,
+               "maxrss_kib": usage.ru_maxrss}, out)
+"""
+
+
+def run_measured(argv: Sequence[str], log: Path, env: dict[str, str]) -> Measured:
+    """Run a command, output to ``log``; ``wait4`` in a small wrapper process gives its CPU time and peak RSS,
+    its reaped children (the CRF workers) included: the largest resident set of the stage, whichever process."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    usage_file = log.with_suffix(".usage.json")
+    usage_file.unlink(missing_ok=True)
+    with open(log, "wb") as out:
+        start = time.perf_counter()
+        wrapper = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(usage_file), *argv], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            wrapper.wait()
+        except BaseException:  # Ctrl-C or SIGTERM here: no stage may go on running without us
+            wrapper.terminate()
+            wrapper.wait()
+            raise
+        seconds = time.perf_counter() - start
+    usage = read_json(usage_file) or {"returncode": -1, "cpu": 0.0, "maxrss_kib": 0}
+    return Measured(usage["returncode"], round(seconds, 2), round(usage["cpu"], 1),
+                    round(usage["maxrss_kib"] / 1024, 1))  # ru_maxrss is in KiB on Linux
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def cpcx_argv() -> list[str]:
+    exe = Path(sys.executable).parent / "cpcx"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "cpcx"]
+
+
+def tail(log: Path, lines: int = 2) -> str:
+    """The last lines of a log that say something (rich draws tracebacks in boxes: those lines are skipped)."""
+    try:
+        text = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    said = [line.strip() for line in text if line.strip() and line.lstrip()[:1] not in "│╭╰─┃┏┗━"]
+    return " ".join(said[-lines:])
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ------------------------------------------------------------------------------------------ the LLM
+class LocalLLM:
+    """Base Gemma-3-270M behind llama-cpp-python's server (tests/llm/serve_gemma.sh); stopped at the end only if
+    this script started it."""
+
+    SCRIPT = ROOT / "tests" / "llm" / "serve_gemma.sh"
+
+    def __init__(self, port: int, log: Path):
+        self.port, self.log, self.started, self.note = port, log, False, "not needed"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _up(self) -> bool:
+        """The server on our port answers and serves the model the rows name (not some other server)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/models", timeout=2) as response:
+                return "gemma-3-270m" in response.read().decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return False
+
+    @staticmethod
+    def _script_server_alive() -> bool:
+        """A server that serve_gemma.sh started before us (maybe on another port): never ours to stop."""
+        pidfile = Path(os.environ.get("CPCX_LLM_DIR", ROOT / ".cache" / "llm")) / "server.pid"
+        try:
+            os.kill(int(pidfile.read_text().strip()), 0)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def start(self) -> bool:
+        if self._up():
+            self.note = f"Gemma-3-270M (base, Q4_K_M, llama-cpp-python) already serving at {self.url}"
+            return True
+        other = self._script_server_alive()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "wb") as out:
+            code = subprocess.run([str(self.SCRIPT), "start", str(self.port)], stdout=out, stderr=subprocess.STDOUT,
+                                  cwd=ROOT).returncode
+        self.started = code == 0 and not other
+        if other and not self._up():
+            self.note = ("none: a Gemma server started by serve_gemma.sh runs on another port; stop it "
+                         "(`tests/llm/serve_gemma.sh stop`) or pass its port with --llm-port")
+            return False
+        if code == 0 and self._up():
+            self.note = f"Gemma-3-270M (base, Q4_K_M) served by llama-cpp-python at {self.url}, 1 thread, seed 0"
+            return True
+        self.note = f"none: `tests/llm/serve_gemma.sh start {self.port}` failed ({tail(self.log, 2)})"
+        return False
+
+    def stop(self) -> None:
+        if self.started:
+            subprocess.run([str(self.SCRIPT), "stop"], cwd=ROOT, capture_output=True)
+            self.started = False

@@ -1,0 +1,216 @@
+"""What ``benchmarks/results.py`` runs: one ``Experiment`` per table row and seed, one ``ClusterRun`` per
+``cpcx clusters`` measurement, each with the exact ``key=value`` overrides that reproduce it.
+
+Nothing here runs a command or writes a file, so the tests can check every row's overrides.
+Rows that share a configuration (Table 4 row (d) and the `gemma` cluster source) share a ``run_id`` and so a
+run folder: the second one finds every stage up to date and costs nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+
+ROOT = Path(__file__).resolve().parent.parent
+VOC_RECIPE = "recipes/voc-mini.yaml"
+COCO_RECIPE = "recipes/coco-mini.yaml"
+SECTIONS = ("table4", "sources", "table5", "coco", "speed")
+#: A smoke run of the whole flow in a few minutes (``--quick``): few images, one epoch, no CRF, no figures.
+QUICK_OVERRIDES = ("dataset.limit=24", "train.epochs=1", "train.warmup_epochs=0", "segment.epochs=1",
+                   "segment.eval_every=1", "crf.enabled=false", "pseudo.figures=0")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the rows depend on; ``work_dir`` is relative to the repository root (the working directory)."""
+
+    work_dir: str = "runs-bench"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    segment_seeds: tuple[int, ...] = (0,)
+    extra: tuple[str, ...] = ()  # overrides added to every run (--quick)
+    queries: int = 10  # R of the "full" Algorithm 1 rows (paper: 10)
+    refine_iters: int | None = None  # clustering.max_refine_iters (None: the recipe's)
+    llm_port: int = 8766
+    t5_queries: tuple[int, ...] = (2, 6, 10)
+    t5_repeats: int = 3
+    t5_temperature: float = 0.7
+
+
+def flow(value: object) -> str:
+    """A value as one line that an override ``key=<flow>`` parses back to ``value``: JSON, which is YAML flow
+    style with every string double-quoted (YAML's own flow style single-quotes URLs, which reads badly once a
+    shell quotes the whole override)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def gemma_llm(settings: Settings, recipe: str, cache: str, **extra: object) -> str:
+    """The ``llm=`` override for base Gemma-3-270M behind llama-cpp-python's OpenAI-compatible server, written
+    as tests/test_llm_gemma.py does. ``cache`` is a folder in the work dir; the recipe resolves relative
+    paths against its own folder, hence the relative path from there."""
+    cache_dir = os.path.relpath(ROOT / settings.work_dir / cache, (ROOT / recipe).parent)
+    cfg = {"provider": "openai", "model": "gemma-3-270m", "base_url": f"http://127.0.0.1:{settings.llm_port}/v1",
+           "schema_style": "json_object", "max_tokens": 512, "timeout_s": 300, "max_retries": 1,
+           "cache_dir": cache_dir, **extra}
+    return "llm=" + flow(cfg)
+
+
+def static_llm(clusters: Sequence[tuple[str, Sequence[str]]]) -> str:
+    """The ``llm=`` override of the static provider with these clusters (name → members)."""
+    return "llm=" + flow({"provider": "static", "clusters": {name: list(members) for name, members in clusters}})
+
+
+def partition_id(groups: Sequence[Sequence[str]]) -> str:
+    """A short stable id of a partition (its groups, names ignored): equal partitions share a run folder."""
+    text = "|".join(",".join(sorted(g)) for g in sorted(groups, key=lambda g: sorted(g)))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One table row for one seed: a full ``cpcx run`` (DeepLab only when ``segment``)."""
+
+    section: str  # table4 | sources | table5 | coco
+    row: str  # a, b, ..., gemma, static, R=2, coco
+    label: str  # what the row is, as the table shows it
+    recipe: str  # repository-relative recipe
+    run_id: str  # the run folder is <run_id>-s<seed>; rows with the same configuration share it
+    overrides: tuple[str, ...]  # the row's own key=value
+    seed: int = 0
+    segment: bool = False
+    needs_llm: bool = False
+    dataset: str = "voc"
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}/{self.row}/s{self.seed}"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.run_id}-s{self.seed}"
+
+    def all_overrides(self, settings: Settings) -> list[str]:
+        # One token cache per data set for every row: the DINOv2 tokens are extracted once, not per row.
+        return [f"name={self.run_name}", f"runs_dir={settings.work_dir}", f"seed={self.seed}",
+                f"train.feature_cache_dir={settings.work_dir}/features-{self.dataset}",
+                *settings.extra, *self.overrides]
+
+    def command(self, settings: Settings) -> str:
+        """The ``cpcx run`` line that reproduces this row (it also trains DeepLab)."""
+        return shlex.join(["cpcx", "run", "-r", self.recipe, *self.all_overrides(settings)])
+
+
+@dataclass(frozen=True)
+class ClusterRun:
+    """One ``cpcx clusters`` with Gemma, measured (Table 5 repeats, cold/warm speed)."""
+
+    section: str  # table5 | speed
+    key: str
+    name: str
+    overrides: tuple[str, ...] = field(default=())
+    queries: int = 10
+    repeat: int = 0
+    temperature: float = 0.0
+
+    def all_overrides(self, settings: Settings) -> list[str]:
+        return [f"name={self.name}", f"runs_dir={settings.work_dir}", *self.overrides]
+
+    def command(self, settings: Settings) -> str:
+        return shlex.join(["cpcx", "clusters", "-r", VOC_RECIPE, *self.all_overrides(settings)])
+
+
+# ------------------------------------------------------------------------------------------- rows
+def recipe_value(recipe: str, section: str, key: str) -> object:
+    """A value as the recipe file writes it (for labels; the runs themselves load the recipe properly)."""
+    data = yaml.safe_load((ROOT / recipe).read_text(encoding="utf-8")) or {}
+    return (data.get(section) or {}).get(key, "default")
+
+
+def _clustering(settings: Settings, queries: int, refine: bool) -> tuple[str, ...]:
+    out = (f"clustering.queries={queries}", f"clustering.refine={str(refine).lower()}")
+    if settings.refine_iters is not None:
+        out += (f"clustering.max_refine_iters={settings.refine_iters}",)
+    return out
+
+
+def _per_seed(settings: Settings, section: str, row: str, label: str, run_id: str, overrides: tuple[str, ...],
+              needs_llm: bool, recipe: str = VOC_RECIPE, dataset: str = "voc") -> list[Experiment]:
+    return [Experiment(section, row, label, recipe, run_id, overrides, seed, seed in settings.segment_seeds,
+                       needs_llm, dataset) for seed in settings.seeds]
+
+
+def full_cpc_gemma(settings: Settings) -> tuple[str, ...]:
+    """Row (d) = the `gemma` source: Gemma clusters (R queries + refine) and the recipe's own λ_PCE."""
+    return (gemma_llm(settings, VOC_RECIPE, "llm-cache"), *_clustering(settings, settings.queries, True))
+
+
+def table4(settings: Settings) -> list[Experiment]:
+    """The paper's Table 4, cumulative: (a) baseline, (b) + cluster token from one query, (c) + self-refine,
+    (d) + PCE. (a) needs no clusters; it keeps the recipe's static ones, which the network never sees."""
+    llm = gemma_llm(settings, VOC_RECIPE, "llm-cache")
+    rows = [
+        ("a", "baseline: no cluster token, no PCE", "t4a-baseline",
+         ("model.cluster_token=false", "loss.pce_weight=0"), False),
+        ("b", "+ cluster token (Gemma, R = 1, no refine)", "t4b-token-r1",
+         (llm, *_clustering(settings, 1, False), "loss.pce_weight=0"), True),
+        ("c", f"+ self-refine (Gemma, R = {settings.queries} + refine)", "t4c-refine",
+         (llm, *_clustering(settings, settings.queries, True), "loss.pce_weight=0"), True),
+        ("d", f"+ PCE (the recipe's λ = {recipe_value(VOC_RECIPE, 'loss', 'pce_weight')}): full CPC", "cpc-gemma",
+         full_cpc_gemma(settings), True),
+    ]
+    return [e for row, label, run_id, overrides, llm_row in rows
+            for e in _per_seed(settings, "table4", row, label, run_id, overrides, llm_row)]
+
+
+def sources(settings: Settings, classes: Sequence[str]) -> list[Experiment]:
+    """Full CPC (row d) with the clusters of each offline source: how much the cluster *quality* matters."""
+    singletons = static_llm([(c, [c]) for c in classes])
+    rows = [
+        ("gemma", f"Gemma-3-270M (R = {settings.queries} + refine)", "cpc-gemma", full_cpc_gemma(settings), True),
+        ("static", "static (hand-made, voc-mini.yaml)", "cpc-static", (), False),
+        ("one-per-class", "one cluster per class", "cpc-singletons", (singletons,), False),
+    ]
+    return [e for row, label, run_id, overrides, llm_row in rows
+            for e in _per_seed(settings, "sources", row, label, run_id, overrides, llm_row)]
+
+
+def coco(settings: Settings) -> list[Experiment]:
+    return _per_seed(settings, "coco", "coco", "full CPC, static supercategory clusters", "coco-cpc", (),
+                     False, recipe=COCO_RECIPE, dataset="coco")
+
+
+def table5_runs(settings: Settings) -> list[ClusterRun]:
+    """``cpcx clusters`` R ∈ t5_queries, t5_repeats times each. Repeats are made independent by the sampling
+    seed (``llm.seed`` = repeat, at temperature ``t5_temperature``: at T = 0 llama.cpp decodes greedily and
+    every repeat is the same answer), and always cold (``cache_mode: refresh`` asks the model again)."""
+    runs = []
+    for queries in settings.t5_queries:
+        for repeat in range(settings.t5_repeats):
+            llm = gemma_llm(settings, VOC_RECIPE, "llm-cache-t5", temperature=settings.t5_temperature,
+                            seed=repeat, cache_mode="refresh")
+            runs.append(ClusterRun("table5", f"table5/R={queries}/rep{repeat}", f"t5-r{queries}-rep{repeat}",
+                                   (llm, *_clustering(settings, queries, True)), queries, repeat,
+                                   settings.t5_temperature))
+    return runs
+
+
+def table5_training(settings: Settings, queries: int, clusters: Sequence[tuple[str, Sequence[str]]]) -> Experiment:
+    """Full CPC trained on the partition that repeat 0 of R = ``queries`` produced, written out as static
+    clusters: the row is reproducible without the LLM, and equal partitions share one training run."""
+    run_id = f"t5-part-{partition_id([m for _, m in clusters])}"
+    return Experiment("table5", f"R={queries}", f"R = {queries} (repeat 0's partition)", VOC_RECIPE, run_id,
+                      (static_llm(clusters),), seed=0, segment=False, needs_llm=False)
+
+
+def speed_runs(settings: Settings) -> list[ClusterRun]:
+    """Cold (empty answer cache) then warm (the same command again) ``cpcx clusters`` with Gemma."""
+    llm = gemma_llm(settings, VOC_RECIPE, "llm-cache-coldwarm")
+    overrides = (llm, *_clustering(settings, settings.queries, True))
+    return [ClusterRun("speed", f"speed/clusters-{phase}", "speed-clusters", overrides, settings.queries)
+            for phase in ("cold", "warm")]

@@ -1,0 +1,215 @@
+"""benchmarks/results.py: the rows it runs (overrides, checked by loading them as real recipes), the aggregation
+and the markdown it writes, the skip of finished rows, and the peak-memory measurement. Nothing here trains."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import results  # noqa: E402
+import results_render as render  # noqa: E402
+import results_rows as rows  # noqa: E402
+from cpcx.data.classes import VOC_CLASSES  # noqa: E402
+from cpcx.recipe_io import parse_overrides  # noqa: E402
+
+SETTINGS = rows.Settings(work_dir="runs-bench-test", seeds=(0, 1, 2), segment_seeds=(0,))
+
+
+# ---------------------------------------------------------------------------------------- aggregation
+def test_mean_std_is_the_sample_std_of_the_values_present():
+    mean, std, n = render.mean_std([0.2, None, 0.4, float("nan")])
+    assert n == 2 and mean == pytest.approx(0.3) and std == pytest.approx(0.1414213, rel=1e-5)
+    assert render.mean_std([0.25]) == (0.25, None, 1)
+    assert render.mean_std([None]) == (None, None, 0)
+    assert render.fmt_pm([0.2, 0.3, 0.4]) == "30.0 ± 10.0"
+    assert render.fmt_pm([0.279]) == "27.9"
+    assert render.fmt_pm([]) == "—"
+
+
+def test_compact_partition_names_groups_and_counts_singletons():
+    static = [{"name": "vehicle", "members": ["aeroplane", "bus"]}, {"name": "person", "members": ["person"]}]
+    assert render.compact_partition(static) == "vehicle {aeroplane, bus} + singletons: person"
+    alone = [{"name": c, "members": [c]} for c in VOC_CLASSES]
+    assert render.compact_partition(alone) == "20 singletons (every class alone)"
+    odd = [{"name": "a|b", "members": ["cat", "dog"]}]
+    assert "|" not in render.compact_partition(odd).replace("\\|", "")
+
+
+# ------------------------------------------------------------------------------------------- rows
+def _by_row(experiments):
+    return {e.row: e for e in experiments if e.seed == 0}
+
+
+def test_table4_rows_hold_the_ablation_overrides():
+    table = rows.table4(SETTINGS)
+    assert len(table) == 4 * 3 and {e.seed for e in table} == {0, 1, 2}
+    a, b, c, d = (_by_row(table)[r] for r in "abcd")
+    assert set(a.overrides) == {"model.cluster_token=false", "loss.pce_weight=0"} and not a.needs_llm
+    assert {"clustering.queries=1", "clustering.refine=false", "loss.pce_weight=0"} <= set(b.overrides)
+    assert {"clustering.queries=10", "clustering.refine=true", "loss.pce_weight=0"} <= set(c.overrides)
+    assert "loss.pce_weight=0" not in d.overrides and "clustering.queries=10" in d.overrides
+    assert b.needs_llm and c.needs_llm and d.needs_llm
+    # DeepLab only for the segment seeds; one token cache for every VOC row
+    assert [e.segment for e in table if e.row == "a"] == [True, False, False]
+    caches = {o for e in table for o in e.all_overrides(SETTINGS) if o.startswith("train.feature_cache_dir=")}
+    assert caches == {"train.feature_cache_dir=runs-bench-test/features-voc"}
+
+
+def test_row_d_and_the_gemma_source_share_one_run_folder():
+    d = _by_row(rows.table4(SETTINGS))["d"]
+    gemma = _by_row(rows.sources(SETTINGS, VOC_CLASSES))["gemma"]
+    assert d.run_name == gemma.run_name and d.all_overrides(SETTINGS) == gemma.all_overrides(SETTINGS)
+    assert d.key != gemma.key
+
+
+def test_llm_overrides_parse_back_to_the_section():
+    (_, value), = parse_overrides([rows.gemma_llm(SETTINGS, rows.VOC_RECIPE, "llm-cache", seed=2)])
+    assert value["provider"] == "openai" and value["base_url"] == "http://127.0.0.1:8766/v1" and value["seed"] == 2
+    assert value["cache_dir"] == "../runs-bench-test/llm-cache"  # relative to recipes/, as recipes resolve it
+    clusters = [("it's: {odd}, \"name\"", ["cat", "dog"]), ("person", ["person"])]
+    (_, value), = parse_overrides([rows.static_llm(clusters)])
+    assert value == {"provider": "static", "clusters": {"it's: {odd}, \"name\"": ["cat", "dog"], "person": ["person"]}}
+
+
+def test_table5_repeats_are_independent_and_cold():
+    runs = rows.table5_runs(SETTINGS)
+    assert len(runs) == 3 * 3 and {r.queries for r in runs} == {2, 6, 10}
+    llms = [parse_overrides([o for o in r.overrides if o.startswith("llm=")])[0][1] for r in runs if r.queries == 6]
+    assert [v["seed"] for v in llms] == [0, 1, 2]
+    assert all(v["cache_mode"] == "refresh" and v["temperature"] > 0 for v in llms)
+    # equal partitions (other names, other order) train once
+    one = rows.table5_training(SETTINGS, 2, [("x", ["cat", "dog"]), ("y", ["person"])])
+    two = rows.table5_training(SETTINGS, 6, [("people", ["person"]), ("pets", ["dog", "cat"])])
+    assert one.run_id == two.run_id and one.row != two.row
+
+
+def test_rows_are_valid_recipes_with_the_intended_settings(voc_root, monkeypatch):
+    from cpcx.recipe import load_recipe
+    from cpcx.runs import fingerprint
+
+    monkeypatch.setenv("CPCX_DATA", str(voc_root.parent.parent))
+    experiments = {e.key: e for e in rows.table4(SETTINGS) + rows.sources(SETTINGS, VOC_CLASSES) if e.seed == 0}
+    loaded = {k: load_recipe(rows.ROOT / e.recipe, e.all_overrides(SETTINGS)) for k, e in experiments.items()}
+    a, b, c, d = (loaded[f"table4/{r}/s0"] for r in "abcd")
+    assert not a.model.cluster_token and a.loss.pce_weight == 0
+    assert b.llm.provider == "openai" and (b.clustering.queries, b.clustering.refine) == (1, False)
+    assert (c.clustering.queries, c.clustering.refine, c.loss.pce_weight) == (10, True, 0)
+    own = load_recipe(rows.ROOT / rows.VOC_RECIPE)  # row (d) keeps the recipe's own λ_PCE
+    assert d.loss.pce_weight == own.loss.pce_weight > 0 and str(d.llm.cache_dir).endswith("runs-bench-test/llm-cache")
+    assert f"λ = {own.loss.pce_weight}" in experiments["table4/d/s0"].label
+    singles = loaded["sources/one-per-class/s0"].llm
+    assert singles.provider == "static" and len(singles.clusters) == 20
+    assert all(members == [name] for name, members in singles.clusters.items())
+    assert loaded["sources/static/s0"].llm.clusters["person"] == ["person"]
+    assert fingerprint(d, "pseudo") == fingerprint(loaded["sources/gemma/s0"], "pseudo")
+    # the seed changes training, not the clusters
+    d1 = next(e for e in rows.table4(SETTINGS) if e.row == "d" and e.seed == 1)
+    seed1 = load_recipe(rows.ROOT / d1.recipe, d1.all_overrides(SETTINGS))
+    assert fingerprint(seed1, "clusters") == fingerprint(d, "clusters")
+    assert fingerprint(seed1, "train") != fingerprint(d, "train")
+
+
+def test_coco_recipe_clusters_every_class_by_supercategory(coco_root, monkeypatch):
+    from cpcx.clusters import class_names, static_partition
+    from cpcx.recipe import load_recipe
+
+    monkeypatch.setenv("CPCX_DATA", str(coco_root.parent))
+    recipe = load_recipe(rows.ROOT / rows.COCO_RECIPE)
+    partition = static_partition(recipe.llm, class_names(recipe))  # each of the 80 classes exactly once
+    assert len(partition) == 12 and sum(len(m) for _, m in partition.clusters) == 80
+
+
+# ---------------------------------------------------------------------------------------- rendering
+def _entry(section, row, seed, status="done", **values):
+    base = {"section": section, "row": row, "label": f"label {row}", "seed": seed, "run": f"{row}-s{seed}",
+            "dataset": "voc", "provider": "static", "overrides": [], "command": f"cpcx run -r r.yaml name={row}",
+            "status": status, "stages": {}}
+    return {**base, **values}
+
+
+def fixture_doc() -> dict:
+    experiments = {}
+    for seed, value in enumerate([0.2, 0.3, 0.4]):
+        experiments[f"table4/a/s{seed}"] = _entry(
+            "table4", "a", seed, pseudo_miou=value, pseudo_miou_no_crf=value + 0.01,
+            val_miou=0.1 if seed == 0 else None, counts={"train_images": 311, "val_images": 172, "train_epochs": 12},
+            overrides=["model.cluster_token=false"],
+            stages={"train": {"action": "run", "seconds": 100.0 + seed, "cpu_seconds": 150.0, "max_rss_mib": 900.0}})
+    experiments["table4/b/s0"] = _entry("table4", "b", 0, status="not run (no local LLM)")
+    experiments["sources/static/s0"] = _entry("sources", "static", 0, pseudo_miou=0.28,
+                                              clusters=[{"name": "vehicle", "members": ["bus", "car"]}])
+    experiments["table5/R=10/s0"] = _entry("table5", "R=10", 0, pseudo_miou=0.25)
+    alone = [{"name": "cat", "members": ["cat"]}, {"name": "dog", "members": ["dog"]}]
+    pair = [{"name": "pets", "members": ["cat", "dog"]}]
+    runs = {f"table5/R=10/rep{k}": {"section": "table5", "queries": 10, "repeat": k, "temperature": 0.7,
+                                    "command": "cpcx clusters", "status": "done", "seconds": 60.0 + k,
+                                    "clusters": c, "vote_distinct": 1, "refine_iterations": 2, "converged": True}
+            for k, c in enumerate([alone, pair, alone])}
+    return {"experiments": experiments, "clusters_runs": runs, "benchmark_command": "python benchmarks/results.py",
+            "machine": {"cores": 2, "cpu": "AMD EPYC", "ram_gib": 23.5, "gpu": None}, "git_sha": "abc"}
+
+
+def test_markdown_tables_from_a_fixture():
+    text = render.render(fixture_doc())
+    row_a = next(line for line in text.splitlines() if line.startswith("| (a)"))
+    assert "| 30.0 ± 10.0 | 31.0 ± 10.0 | 10.0 | 0, 1, 2 / 0 |" in row_a
+    row_b = next(line for line in text.splitlines() if line.startswith("| (b)"))
+    assert "not run (no local LLM)" in row_b and not any(ch.isdigit() for ch in row_b.split("|", 2)[2])
+    row_r = next(line for line in text.splitlines() if line.startswith("| 10 |"))
+    assert row_r.startswith("| 10 | 3 | 2 |") and "25.0" in row_r  # 3 repeats, 2 distinct partitions
+    assert "| voc | train | 3 | 101 (100–102) | 150 |" in text
+    assert "GPU: not lent to this task" in text and "AMD EPYC" in text
+    assert "pseudo-labels on the 311 train images, DeepLab on the 172 val images" in text
+
+
+def test_rerender_keeps_the_hand_written_analysis():
+    first = render.render(fixture_doc())
+    assert render.ANALYSIS_PLACEHOLDER in first
+    edited = first.replace(render.ANALYSIS_PLACEHOLDER, "\nCPC beats the baseline by 2 points.\n")
+    again = render.render(fixture_doc(), edited)
+    assert "CPC beats the baseline by 2 points." in again and render.ANALYSIS_PLACEHOLDER not in again
+
+
+# -------------------------------------------------------------------------------------------- runner
+def test_finished_row_with_the_same_fingerprints_is_skipped(voc_root, tmp_path, monkeypatch):
+    from cpcx.runs import fingerprint
+
+    monkeypatch.setenv("CPCX_DATA", str(voc_root.parent.parent))
+    monkeypatch.chdir(rows.ROOT)
+    store = results.Store(tmp_path / "results.json", tmp_path / "results.md")
+    runner = results.Runner(SETTINGS, store, llm_ok=False)
+    exp = rows.table4(SETTINGS)[0]
+    recipe = runner.recipe(exp.recipe, exp.all_overrides(SETTINGS))
+    prints = {s: fingerprint(recipe, s) for s in ("clusters", "train", "pseudo", "segment")}
+    store.doc["experiments"][exp.key] = {"status": "done", "fingerprints": prints, "pseudo_miou": 0.3}
+    monkeypatch.setattr(results, "run_measured", lambda *a, **k: pytest.fail("a finished row ran again"))
+    assert runner.experiment(exp)["pseudo_miou"] == 0.3
+    # another recipe (more epochs) is not the finished row; without the LLM an LLM row is marked, never run
+    store.doc["experiments"][exp.key]["fingerprints"]["train"] = "other"
+    llm_row = rows.table4(SETTINGS)[3]
+    assert runner.experiment(llm_row)["status"] == "not run (no local LLM)"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["experiments"][llm_row.key]["status"] == "not run (no local LLM)"
+    assert "not run (no local LLM)" in (tmp_path / "results.md").read_text()
+
+
+def test_run_measured_reports_the_commands_own_peak_memory(tmp_path):
+    ballast = bytearray(300 * 2**20)  # a parent holding memory (torch) must not inflate the child's figure
+    big = results.run_measured([sys.executable, "-c", "b = bytearray(200 * 2**20); import sys; sys.exit(3)"],
+                               tmp_path / "big.log", results.child_env())
+    small = results.run_measured([sys.executable, "-c", "pass"], tmp_path / "small.log", results.child_env())
+    assert big.returncode == 3 and big.max_rss_mib >= 200
+    assert small.returncode == 0 and small.max_rss_mib < 100 and len(ballast)
+
+
+def test_quick_settings_and_bad_sections():
+    quick = results.settings_from(results.parse_args(["--quick"]))
+    assert quick.work_dir == "runs-bench-quick" and quick.seeds == (0,) and "dataset.limit=24" in quick.extra
+    full = results.settings_from(results.parse_args(["--seeds", "3", "4", "--segment-seeds", "4"]))
+    assert full.seeds == (3, 4) and full.segment_seeds == (4,) and full.extra == () and full.work_dir == "runs-bench"
+    with pytest.raises(SystemExit):
+        results.parse_args(["--only", "table9"])
