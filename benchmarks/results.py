@@ -82,6 +82,7 @@ class Runner:
         self.settings, self.store, self.llm_ok = settings, store, llm_ok
         self.logs = ROOT / settings.work_dir / "logs"
         self.failed = 0
+        self.rows: set[str] = set()  # --rows: only these rows of the tables (empty: all)
 
     def recipe(self, path: str, overrides: Sequence[str]):
         from cpcx.recipe import load_recipe
@@ -229,7 +230,8 @@ def run_sections(runner: Runner, only: Sequence[str]) -> None:
     s = runner.settings
     if "table4" in only:
         for exp in rows.table4(s):
-            runner.experiment(exp)
+            if not runner.rows or exp.row in runner.rows:
+                runner.experiment(exp)
     if "sources" in only:
         from cpcx.data.classes import VOC_CLASSES
 
@@ -320,6 +322,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t5-queries", type=int, nargs="+", default=None, help="R values of Table 5 (default 2 6 10)")
     p.add_argument("--t5-repeats", type=int, default=None, help="cpcx clusters repeats per R (default 3)")
     p.add_argument("--t5-temperature", type=float, default=0.7, help="sampling temperature of the Table 5 repeats")
+    p.add_argument("--rows", default="", help="only these Table 4 rows, e.g. e,f (default: all)")
     p.add_argument("--llm-port", type=int, default=8766)
     p.add_argument("--no-llm", action="store_true", help="do not start the local LLM (its rows are marked not run)")
     args = p.parse_args(argv)
@@ -367,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"results → {store.md_path} (raw: {store.json_path}); runs in {settings.work_dir}/; LLM: {llm.note}",
           flush=True)
     runner = Runner(settings, store, llm_ok)
+    runner.rows = set(filter(None, args.rows.split(",")))
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: stop the stage, keep the JSON, stop the LLM
     try:

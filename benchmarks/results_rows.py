@@ -163,6 +163,11 @@ def table4(settings: Settings) -> list[Experiment]:
          (llm, *_clustering(settings, settings.queries, True), "loss.pce_weight=0"), True),
         ("d", f"+ PCE (the recipe's λ = {recipe_value(VOC_RECIPE, 'loss', 'pce_weight')}): full CPC", "cpc-gemma",
          full_cpc_gemma(settings), True),
+        # The same two steps with the hand-made clusters: base Gemma gives one cluster per class, whose cluster
+        # token is the image's label vector itself; these rows show what the token does when it carries a grouping.
+        ("e", "+ cluster token (static hand-made clusters), no PCE", "t4e-static-nopce", ("loss.pce_weight=0",),
+         False),
+        ("f", "+ PCE with the static clusters: voc-mini as it ships", "cpc-static", (), False),
     ]
     return [e for row, label, run_id, overrides, llm_row in rows
             for e in _per_seed(settings, "table4", row, label, run_id, overrides, llm_row)]

@@ -46,13 +46,16 @@ def _by_row(experiments):
 
 def test_table4_rows_hold_the_ablation_overrides():
     table = rows.table4(SETTINGS)
-    assert len(table) == 4 * 3 and {e.seed for e in table} == {0, 1, 2}
-    a, b, c, d = (_by_row(table)[r] for r in "abcd")
+    assert len(table) == 6 * 3 and {e.seed for e in table} == {0, 1, 2}
+    a, b, c, d, e, f = (_by_row(table)[r] for r in "abcdef")
     assert set(a.overrides) == {"model.cluster_token=false", "loss.pce_weight=0"} and not a.needs_llm
     assert {"clustering.queries=1", "clustering.refine=false", "loss.pce_weight=0"} <= set(b.overrides)
     assert {"clustering.queries=10", "clustering.refine=true", "loss.pce_weight=0"} <= set(c.overrides)
     assert "loss.pce_weight=0" not in d.overrides and "clustering.queries=10" in d.overrides
     assert b.needs_llm and c.needs_llm and d.needs_llm
+    # (e), (f): the recipe's static clusters, without then with PCE; (f) is the static source's run folder
+    assert e.overrides == ("loss.pce_weight=0",) and f.overrides == () and not (e.needs_llm or f.needs_llm)
+    assert f.run_name == _by_row(rows.sources(SETTINGS, VOC_CLASSES))["static"].run_name
     # DeepLab only for the segment seeds; one token cache for every VOC row
     assert [e.segment for e in table if e.row == "a"] == [True, False, False]
     caches = {o for e in table for o in e.all_overrides(SETTINGS) if o.startswith("train.feature_cache_dir=")}
