@@ -180,9 +180,17 @@ class ModelConfig(Section):
         6, description="k of top-k pooling (eq. 3): a count (paper: 6) or a fraction of the patches, e.g. 0.01."
     )
 
-    @field_validator("topk")
+    background_topk: Optional[Union[int, float]] = Field(
+        None, description="k of the background's top-k pooling (count or fraction); None: model.topk (paper). "
+        "A large fraction (e.g. 0.5) says the background covers much of the image, against the collapse where "
+        "the classes take the context and the background the object.",
+    )
+
+    @field_validator("topk", "background_topk")
     @classmethod
-    def _topk_count_or_fraction(cls, value: Union[int, float]) -> Union[int, float]:
+    def _topk_count_or_fraction(cls, value: Union[int, float, None]) -> Union[int, float, None]:
+        if value is None:
+            return value
         if isinstance(value, float) and not 0.0 < value < 1.0:
             raise ValueError("a float is a fraction of the patches and must be in (0, 1); write an integer for a count")
         if isinstance(value, int) and value < 1:

@@ -231,3 +231,22 @@ def test_constant_background_is_one_shared_learnable_logit():
     assert head.background_logit.grad is not None and head.background_logit.grad.abs() > 0
     learned = PatchClassifier(8, 5)
     assert learned.weight.shape == (5, 8) and learned.background_logit is None
+
+
+def test_background_has_its_own_topk():
+    from cpcx.model import build_model
+
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 4, 4, 192)  # (B, h, w, e) of the tiny ViT: 16 patches
+    common = {"topk": 2, "background": "constant", "hv_bilstm": False, "cluster_token": False}
+    paper = build_model(tiny_cfg(**common), 5, 0, load_weights=False).eval()
+    wide = build_model(tiny_cfg(**common, background_topk=0.5), 5, 0, load_weights=False).eval()
+    wide.load_state_dict(paper.state_dict())
+    with torch.no_grad():
+        a, b = paper.forward_tokens(tokens), wide.forward_tokens(tokens)
+    torch.testing.assert_close(a["probs"], b["probs"])
+    torch.testing.assert_close(b["image_probs"][:, 1:], a["image_probs"][:, 1:])  # the classes keep k = 2
+    torch.testing.assert_close(b["image_probs"][:, 0], topk_pool(a["probs"][:, :1], 8)[:, 0])  # 0.5 of 16 patches
+    assert (b["image_probs"][:, 0] < a["image_probs"][:, 0]).all()
+    with pytest.raises(ValueError, match="fraction"):
+        tiny_cfg(background_topk=1.5)

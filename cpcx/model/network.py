@@ -90,6 +90,9 @@ class CPCNet(nn.Module):
         logits = self.classifier(f_out).permute(0, 3, 1, 2).float()  # (B, C, h, w)
         probs = logits.softmax(dim=1)  # eq. 2, per patch over the classes
         image_probs = topk_pool(probs, resolve_topk(self.cfg.topk, h * w))  # eq. 3
+        if self.cfg.background_topk is not None:  # the background pooled over its own (larger) k
+            background = topk_pool(probs[:, :1], resolve_topk(self.cfg.background_topk, h * w))
+            image_probs = torch.cat([background, image_probs[:, 1:]], dim=1)
         return {"probs": probs, "features": f_out.permute(0, 3, 1, 2), "image_probs": image_probs, "logits": logits}
 
 
