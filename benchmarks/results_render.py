@@ -132,8 +132,9 @@ def table4(doc: dict) -> list[str]:
               "over seeds.", "",
               "| row | " + _MIOU_HEAD, "|---|---:|---:|---:|---|"]
     lines += [_miou_row(f"({row}) {entries[0]['label']}", entries) for row, entries in rows]
-    lines += ["", "DeepLab costs about 4 minutes per run on this CPU, so it is trained only for the seeds listed "
-              "after the slash (`--segment-seeds`). Clusters used:", ""]
+    segment_s = [e.get("stages", {}).get("segment", {}).get("seconds") for _, es in rows for e in es]
+    lines += ["", f"DeepLab takes {_fmt_seconds(segment_s)} s per run here, so it is trained only for the seeds "
+              "listed after the slash (`--segment-seeds`). Clusters used:", ""]
     for row, entries in rows:
         done = _done(entries)
         if any("model.cluster_token=false" in o for o in entries[0].get("overrides", [])):
@@ -168,8 +169,8 @@ def table5(doc: dict) -> list[str]:
         by_r.setdefault(int(run["queries"]), []).append(run)
     training = {e["row"]: e for e in doc.get("experiments", {}).values() if e.get("section") == "table5"}
     temps = sorted({r.get("temperature") for r in runs})
-    lines += [f"`cpcx clusters` with Gemma-3-270M, temperature {', '.join(map(str, temps))}, repeat k sends "
-              "sampling seed `llm.seed=k`, always cold (`llm.cache_mode=refresh`). \"Distinct answers in a run\" "
+    lines += [f"`cpcx clusters` with Gemma-3-270M, temperature {', '.join(map(str, temps))}, repeat k sets "
+              "`llm.seed=k` (generate query r of a run samples with seed k + r), always cold (`llm.cache_mode=refresh`). \"Distinct answers in a run\" "
               "counts the different partitions among the R generate answers of one run (the vote's histogram).",
               "", "| R | repeats | distinct partitions over repeats | distinct answers in a run | clusters | "
               "refine iterations (converged) | s per clusters run | pseudo mIoU (CRF, seed 0) |",
