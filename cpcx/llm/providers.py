@@ -40,8 +40,7 @@ class ChatProvider:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
-        self._models: dict[int, Any] = {}  # one langchain model per sampling seed
-        self._seed = cfg.seed
+        self._models: dict[int, Any] = {}  # one langchain model per sampling seed, built on first use
         self.calls = 0  # HTTP requests actually sent (tests and the summary line count them)
 
     # identity of the model's answers: part of every cache key (never the key, the URL or the timeout)
@@ -66,12 +65,12 @@ class ChatProvider:
         ``seed`` (default ``llm.seed``) is the sampling seed of this request: the R generate queries of
         Algorithm 1 send different seeds, or a server that honours the seed would give R copies of one answer.
         """
-        self._seed = self.cfg.seed if seed is None else seed
+        model = self._model_for(self.cfg.seed if seed is None else seed)
         tries = self.cfg.max_retries + 1
         for attempt in range(tries):
             try:
                 self.calls += 1
-                return self._invoke(messages, schema)
+                return self._invoke(model, messages, schema)
             except TransientError as exc:
                 if attempt + 1 >= tries:
                     raise CpcxError(self._unreachable(str(exc), tries)) from None
@@ -83,16 +82,15 @@ class ChatProvider:
                 f"{'try' if tries == 1 else 'tries'}; start the server or fix llm.base_url "
                 "(llm.timeout_s and llm.max_retries set the patience)")
 
-    @property
-    def _model(self) -> Any:
-        if self._seed not in self._models:
-            self._models[self._seed] = self._build(self._seed)
-        return self._models[self._seed]
+    def _model_for(self, seed: int) -> Any:
+        if seed not in self._models:
+            self._models[seed] = self._build(seed)
+        return self._models[seed]
 
     def _build(self, seed: int) -> Any:  # pragma: no cover
         raise NotImplementedError
 
-    def _invoke(self, messages: list[dict[str, str]], schema: dict | None) -> Reply:  # pragma: no cover
+    def _invoke(self, model: Any, messages: list[dict[str, str]], schema: dict | None) -> Reply:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -125,7 +123,7 @@ class OpenAIProvider(ChatProvider):
             base_url=self.cfg.base_url, api_key=SecretStr(self.api_key()), extra_body=extra or None,
         )
 
-    def _invoke(self, messages: list[dict[str, str]], schema: dict | None) -> Reply:
+    def _invoke(self, model: Any, messages: list[dict[str, str]], schema: dict | None) -> Reply:
         import openai
 
         kwargs: dict[str, Any] = {}
@@ -136,7 +134,7 @@ class OpenAIProvider(ChatProvider):
                 "type": "json_schema", "json_schema": {"name": "clusters", "schema": schema, "strict": True},
             }
         try:
-            message = self._model.invoke(messages, **kwargs)
+            message = model.invoke(messages, **kwargs)
         except openai.LengthFinishReasonError as exc:  # structured output cut at max_tokens: still an answer
             choice = exc.completion.choices[0]
             return Reply(choice.message.content or "", "length", {"model_name": exc.completion.model})
@@ -181,13 +179,13 @@ class OllamaProvider(ChatProvider):
             seed=seed, num_predict=self.cfg.max_tokens, client_kwargs={"timeout": self.cfg.timeout_s},
         )
 
-    def _invoke(self, messages: list[dict[str, str]], schema: dict | None) -> Reply:
+    def _invoke(self, model: Any, messages: list[dict[str, str]], schema: dict | None) -> Reply:
         import httpx
         import ollama
 
         try:
             # format=<schema>: Ollama constrains decoding to the schema (grammar), so the JSON is well formed.
-            message = self._model.invoke(messages, format=schema) if schema else self._model.invoke(messages)
+            message = model.invoke(messages, format=schema) if schema else model.invoke(messages)
         except ollama.ResponseError as exc:
             if exc.status_code == 404 and "not found" in str(exc.error).lower():
                 raise CpcxError(f"llm.model: model '{self.cfg.model}' is not pulled on the Ollama server at "
