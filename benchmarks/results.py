@@ -78,11 +78,11 @@ def _now() -> str:
 
 # ------------------------------------------------------------------------------------ experiments
 class Runner:
-    def __init__(self, settings: Settings, store: Store, llm_ok: bool):
+    def __init__(self, settings: Settings, store: Store, llm_ok: bool, rows: Sequence[str] = ()):
         self.settings, self.store, self.llm_ok = settings, store, llm_ok
         self.logs = ROOT / settings.work_dir / "logs"
         self.failed = 0
-        self.rows: set[str] = set()  # --rows: only these rows of the tables (empty: all)
+        self.rows = set(rows)  # --rows: only these Table 4 rows (empty: all)
 
     def recipe(self, path: str, overrides: Sequence[str]):
         from cpcx.recipe import load_recipe
@@ -369,8 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     store.doc["llm"] = {"available": llm_ok, "note": llm.note}
     print(f"results → {store.md_path} (raw: {store.json_path}); runs in {settings.work_dir}/; LLM: {llm.note}",
           flush=True)
-    runner = Runner(settings, store, llm_ok)
-    runner.rows = set(filter(None, args.rows.split(",")))
+    runner = Runner(settings, store, llm_ok, rows=[r for r in args.rows.split(",") if r])
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: stop the stage, keep the JSON, stop the LLM
     try:

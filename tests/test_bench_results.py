@@ -216,3 +216,19 @@ def test_quick_settings_and_bad_sections():
     assert full.seeds == (3, 4) and full.segment_seeds == (4,) and full.extra == () and full.work_dir == "runs-bench"
     with pytest.raises(SystemExit):
         results.parse_args(["--only", "table9"])
+
+
+def test_rows_option_runs_only_those_table4_rows(tmp_path):
+    store = results.Store(tmp_path / "results.json", tmp_path / "results.md")
+    ran: list[str] = []
+
+    class Recording(results.Runner):
+        def experiment(self, exp):
+            ran.append(exp.key)
+            return {}
+
+    results.run_sections(Recording(SETTINGS, store, llm_ok=False, rows=["e", "f"]), ["table4"])
+    assert ran == [f"table4/{r}/s{s}" for r in "ef" for s in (0, 1, 2)]
+    ran.clear()
+    results.run_sections(Recording(SETTINGS, store, llm_ok=False), ["table4"])
+    assert len(ran) == 6 * 3
