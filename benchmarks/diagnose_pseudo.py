@@ -1,0 +1,217 @@
+"""Where do the pseudo-labels of a trained run go wrong, and would another way of decoding them help?
+
+    .venv/bin/python benchmarks/diagnose_pseudo.py -r recipes/voc-mini.yaml            # the demo run
+    .venv/bin/python benchmarks/diagnose_pseudo.py -r recipes/voc-mini.yaml name=cpc-static-s1 runs_dir=runs-bench \
+        train.feature_cache_dir=runs-bench/features-voc --variants none                   # a benchmark row
+
+Reads the run's checkpoint and its frozen-backbone token cache (``pseudo.img_size`` = ``model.img_size``; the
+ViT is not run), computes the label-conditioned patch probabilities exactly as ``cpcx pseudo`` does (so the
+first line must equal the run's "mIoU without CRF"), and reports, without CRF, on the training images:
+
+* the error split: foreground/background IoU, foreground recall and precision, and the share of pixels that
+  are foreground in both prediction and truth but get another present class (confusion between objects);
+* decoding variants that need no retraining: a fixed background threshold on the max-normalised class maps
+  (CAM style), propagation of the maps along DINOv2 token affinities (random walk, as AffinityNet/PAR), and
+  self-training a linear probe on the confident patches (only the image's classes compete).
+
+Results go to ``benchmarks/results/diagnose.{json,md}`` (``--out``). Minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("threshold", "affinity", "selftrain")
+
+
+def load_run(recipe):
+    """(dataset, raw flip-averaged patch probs (N, C, h, w), tokens of the original view (N, h, w, e))."""
+    import numpy as np
+    import torch
+
+    from cpcx.data import build_dataset
+    from cpcx.errors import CpcxError
+    from cpcx.model import cluster_vectors, load_checkpoint
+    from cpcx.pseudo import find_checkpoint
+    from cpcx.pseudo_infer import open_token_cache, snap_size
+
+    dataset = build_dataset(recipe.dataset, recipe.pseudo.split)
+    net, meta = load_checkpoint(find_checkpoint(recipe))
+    u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
+    cache = open_token_cache(recipe, net, dataset, snap_size(recipe.pseudo.img_size, net.patch_size), flip=True)
+    if cache is None:
+        raise CpcxError(f"{recipe.feature_cache_root()}: no token cache matching pseudo.img_size with views "
+                        "orig+hflip; this diagnosis needs a frozen-backbone run (train.feature_cache: true)")
+    tokens, views = cache
+    probs, feats = [], []
+    with torch.inference_mode():
+        for start in range(0, len(dataset), 32):
+            t = torch.from_numpy(np.asarray(tokens[start:start + 32])[:, views]).float()
+            n = t.shape[0]
+            uu = None if u is None else torch.as_tensor(u[start:start + n]).float().repeat(2, 1)
+            p = net.forward_tokens(torch.cat([t[:, 0], t[:, 1]]), uu)["probs"]
+            probs.append(0.5 * (p[:n] + p[n:].flip(-1)))  # as PatchPredictor: mean of the image and its mirror
+            feats.append(t[:, 0])
+    return dataset, torch.cat(probs), torch.cat(feats)
+
+
+class Scorer:
+    """mIoU (and the error split) of patch-grid score maps, upsampled and argmaxed over the present classes."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.masks = [dataset.load_mask(i) for i in range(len(dataset.labels))]
+
+    def predictions(self, maps):
+        import numpy as np
+        import torch.nn.functional as F
+
+        for i, mask in enumerate(self.masks):
+            classes = np.flatnonzero(self.dataset.labels[i] > 0)
+            full = F.interpolate(maps[i][classes][None], size=mask.shape, mode="bilinear", align_corners=False)[0]
+            yield mask, classes[full.argmax(0).numpy()]
+
+    def miou(self, maps) -> dict:
+        from cpcx.metrics import ConfusionMatrix
+
+        confusion = ConfusionMatrix(self.dataset.num_classes)
+        for mask, prediction in self.predictions(maps):
+            confusion.update(mask, prediction)
+        scores = confusion.result()
+        return {"miou": scores.miou, "per_class_iou": scores.as_dict(self.dataset.classes)["per_class_iou"]}
+
+    def error_split(self, maps) -> dict:
+        tp = fp = fn = wrong = 0
+        for mask, prediction in self.predictions(maps):
+            valid = mask != 255
+            truth_fg, pred_fg = (mask > 0) & valid, (prediction > 0) & valid
+            tp += int((truth_fg & pred_fg).sum())
+            fp += int((~truth_fg & pred_fg & valid).sum())
+            fn += int((truth_fg & ~pred_fg).sum())
+            wrong += int((truth_fg & pred_fg & (prediction != mask)).sum())
+        return {"fg_iou": tp / max(1, tp + fp + fn), "fg_recall": tp / max(1, tp + fn),
+                "fg_precision": tp / max(1, tp + fp), "wrong_class_in_fg": wrong / max(1, tp)}
+
+
+def threshold_maps(probs, labels, background: float):
+    """CAM-style decoding: present classes max-normalised per image, the background a fixed score."""
+    maps = probs * labels[:, :, None, None]
+    maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
+    maps[:, 0] = background
+    return maps
+
+
+def affinity_maps(maps, feats, tau: float, steps: int):
+    """maps ← A^steps maps, A = row-softmax of the cosine similarity of the DINOv2 tokens / tau (per image)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for m, f in zip(maps, feats):
+        x = F.normalize(f.flatten(0, 1), dim=-1)
+        a = (x @ x.T / tau).softmax(-1)
+        p = m.flatten(1).T
+        for _ in range(steps):
+            p = a @ p
+        out.append(p.T.reshape(m.shape))
+    return torch.stack(out)
+
+
+def selftrain_maps(maps, feats, labels, confidence: float, epochs: int = 30, seed: int = 0):
+    """A linear probe on the (normalised) tokens, trained on the patches whose label-conditioned probability
+    exceeds ``confidence``, predicting over the image's classes only; its softmax is the new map."""
+    import torch
+    import torch.nn.functional as F
+
+    c = maps.shape[1]
+    x = F.normalize(feats.flatten(0, 2), dim=-1) * 10.0
+    p = maps.permute(0, 2, 3, 1).reshape(-1, c)
+    present = labels[:, None, None, :].expand(-1, *maps.shape[2:], -1).reshape(-1, c) > 0
+    conf, target = p.max(1)
+    keep = conf > confidence
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], c)
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    xk, yk, mk = x[keep], target[keep], present[keep]
+    for _ in range(epochs):
+        order = torch.randperm(len(xk))
+        for s in range(0, len(xk), 4096):
+            idx = order[s:s + 4096]
+            loss = F.cross_entropy(head(xk[idx]).masked_fill(~mk[idx], -1e4), yk[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        q = head(x).masked_fill(~present, -1e4).softmax(-1)
+    return q.reshape(maps.shape[0], *maps.shape[2:], c).permute(0, 3, 1, 2), float(keep.float().mean())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-r", "--recipe", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value, as for cpcx")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {','.join(VARIANTS)} or none")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "diagnose")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from cpcx import atomic
+    from cpcx.errors import CpcxError
+    from cpcx.pseudo_infer import condition_on_labels
+    from cpcx.recipe import load_recipe
+
+    torch.set_num_threads(1)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        start = time.perf_counter()
+        dataset, probs, feats = load_run(recipe)
+    except CpcxError as exc:
+        print(f"✘ {exc}", file=sys.stderr)
+        return 2
+    labels = torch.tensor(dataset.labels).float()
+    scorer = Scorer(dataset)
+    base = condition_on_labels(probs, labels, recipe.pseudo.class_max_norm)
+    rows = [{"variant": "as cpcx pseudo (no CRF)", **scorer.miou(base), **scorer.error_split(base)}]
+    wanted = [] if args.variants == "none" else args.variants.split(",")
+    if "threshold" in wanted:
+        for background in (0.1, 0.2, 0.3, 0.5):
+            rows.append({"variant": f"fixed background score {background}",
+                         **scorer.miou(threshold_maps(probs, labels, background))})
+    if "affinity" in wanted:
+        for tau in (0.02, 0.05, 0.1):
+            for steps in (1, 2):
+                rows.append({"variant": f"token-affinity walk, tau {tau}, {steps} step(s)",
+                             **scorer.miou(affinity_maps(base, feats, tau, steps))})
+    if "selftrain" in wanted:
+        for confidence in (0.5, 0.8):
+            maps, kept = selftrain_maps(base, feats, labels, confidence)
+            rows.append({"variant": f"linear probe self-trained on patches with p > {confidence} ({100 * kept:.0f} %)",
+                         **scorer.miou(maps)})
+    doc = {"command": " ".join(["benchmarks/diagnose_pseudo.py", "-r", args.recipe, *args.overrides]),
+           "run": str(recipe.run_dir()), "images": len(dataset), "seconds": time.perf_counter() - start, "rows": rows}
+    atomic.write_json(args.out.with_suffix(".json"), doc)
+    first = rows[0]
+    lines = [f"# Pseudo-label diagnosis of `{doc['run']}` ({len(dataset)} images, no CRF)", "",
+             f"`{doc['command']}`", "",
+             f"Error split of the pseudo-labels as `cpcx pseudo` makes them: foreground/background IoU "
+             f"{100 * first['fg_iou']:.1f}, foreground recall {100 * first['fg_recall']:.1f}, precision "
+             f"{100 * first['fg_precision']:.1f}; {100 * first['wrong_class_in_fg']:.1f} % of the pixels that are "
+             "foreground in both truth and prediction get another present class.", "",
+             "| decoding | mIoU |", "|---|---:|"]
+    lines += [f"| {row['variant']} | {100 * row['miou']:.1f} |" for row in rows]
+    atomic.write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""benchmarks/diagnose_pseudo.py: its decoders and its error split, on small hand-made tensors."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import diagnose_pseudo as diag  # noqa: E402
+
+
+def test_threshold_maps_normalise_present_classes_and_fix_the_background():
+    probs = torch.rand(2, 4, 3, 3) + 0.1
+    labels = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 0]], dtype=torch.float32)
+    maps = diag.threshold_maps(probs, labels, background=0.3)
+    assert torch.all(maps[:, 0] == 0.3)
+    assert torch.all(maps[0, 1] == 0) and torch.all(maps[1, 2:] == 0)  # absent classes never win
+    assert maps[0, 2].max() == pytest.approx(1.0) and maps[1, 1].max() == pytest.approx(1.0)
+
+
+def test_affinity_walk_spreads_a_class_within_its_token_group_only():
+    h = w = 2  # patches 0, 1 share token a; patches 2, 3 share token b, orthogonal to a
+    feats = torch.zeros(1, h, w, 4)
+    feats[0, 0, :, 0] = 1.0
+    feats[0, 1, :, 1] = 1.0
+    maps = torch.zeros(1, 2, h, w)
+    maps[0, 1, 0, 0] = 1.0  # class 1 fires on patch 0 only
+    out = diag.affinity_maps(maps, feats, tau=0.02, steps=1)
+    assert out[0, 1, 0, 1] == pytest.approx(0.5, abs=1e-3)  # patch 1 (same token) gets half of it
+    assert out[0, 1, 1].abs().max() < 1e-6  # the other group gets nothing
+
+
+def test_selftrain_probe_follows_the_confident_patches():
+    torch.manual_seed(0)
+    n, h, w, c = 8, 4, 4, 3
+    group = torch.rand(n, h, w) > 0.5  # class 1 on one token direction, class 2 on another
+    group[0, 0, 0] = True
+    feats = torch.where(group[..., None], torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]))
+    feats = feats + 0.05 * torch.randn(n, h, w, 3)
+    maps = torch.zeros(n, c, h, w)
+    maps[:, 1] = torch.where(group, 0.9, 0.1)
+    maps[:, 2] = 1.0 - maps[:, 1]
+    maps[0, :, 0, 0] = torch.tensor([0.0, 0.4, 0.6])  # an unconfident patch, labelled against its token
+    labels = torch.tensor([[1.0, 1.0, 1.0]]).expand(n, -1)
+    out, kept = diag.selftrain_maps(maps, feats, labels, confidence=0.8, epochs=200)
+    assert kept < 1.0
+    predicted = out.argmax(1)
+    assert torch.equal(predicted == 1, group)  # the probe fixes the unconfident patch too
+
+
+def test_error_split_counts_background_misses_and_wrong_classes():
+    mask = np.array([[0, 1], [2, 2]], dtype=np.uint8)
+    dataset = SimpleNamespace(labels=np.array([[1, 1, 1]]), classes=("background", "a", "b"), num_classes=3,
+                              load_mask=lambda i: mask)
+    scorer = diag.Scorer(dataset)
+    maps = torch.zeros(1, 3, 2, 2)
+    maps[0, 0, 0, 1] = 1.0  # object pixel a → background (a miss)
+    maps[0, 1, 1, 0] = 1.0  # b pixel → a (wrong class)
+    maps[0, 2, 1, 1] = 1.0  # b pixel → b
+    maps[0, 0, 0, 0] = 1.0  # background → background
+    split = scorer.error_split(maps)
+    assert split["fg_recall"] == pytest.approx(2 / 3)
+    assert split["fg_precision"] == pytest.approx(1.0)
+    assert split["wrong_class_in_fg"] == pytest.approx(0.5)
+    assert 0.0 < scorer.miou(maps)["miou"] < 1.0
