@@ -316,7 +316,12 @@ def _cold_warm(doc: dict) -> list[str]:
 
 
 def commands(doc: dict) -> list[str]:
-    lines = ["## Commands", "", "The benchmark:", "", "```bash", doc.get("benchmark_command", "?"), "```", "",
+    # Every invocation that wrote into this file, in order: a benchmark resumed or merged over several runs
+    # of results.py shows all of them (later ones skip what earlier ones finished).
+    invocations = doc.get("invocations") or [doc.get("benchmark_command", "?")]
+    heading = "The benchmark:" if len(invocations) == 1 else \
+        "The benchmark, as it was run (in order; a later invocation skips the stages an earlier one finished):"
+    lines = ["## Commands", "", heading, "", "```bash", *invocations, "```", "",
              "Each row is a `cpcx run` (shown for its first seed; the other seeds change `seed=` and the `-s<seed>` of "
              "`name=`). The benchmark runs the same overrides stage by stage (`cpcx clusters`, `train`, `pseudo`, "
              "and `segment` for the DeepLab seeds only), each as its own process:", "", "```bash"]

@@ -169,6 +169,16 @@ def test_markdown_tables_from_a_fixture():
     assert "pseudo-labels on the 311 train images, DeepLab on the 172 val images" in text
 
 
+def test_commands_list_every_invocation_of_a_merged_benchmark():
+    doc = fixture_doc()
+    assert "python benchmarks/results.py\n```" in render.render(doc)  # one invocation: the one command
+    doc["invocations"] = ["python benchmarks/results.py --only table4 --rows a",
+                          "python benchmarks/results.py --only sources --out-dir /tmp/b"]
+    text = render.render(doc)
+    assert "as it was run (in order" in text
+    assert "--only table4 --rows a\npython benchmarks/results.py --only sources --out-dir /tmp/b" in text
+
+
 def test_rerender_keeps_the_hand_written_analysis():
     first = render.render(fixture_doc())
     assert render.ANALYSIS_PLACEHOLDER in first
