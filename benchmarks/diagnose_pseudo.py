@@ -41,25 +41,23 @@ def load_run(recipe):
     from cpcx.errors import CpcxError
     from cpcx.model import cluster_vectors, load_checkpoint
     from cpcx.pseudo import find_checkpoint
-    from cpcx.pseudo_infer import open_token_cache, snap_size
+    from cpcx.pseudo_infer import PatchPredictor, open_token_cache
 
     dataset = build_dataset(recipe.dataset, recipe.pseudo.split)
     net, meta = load_checkpoint(find_checkpoint(recipe))
     u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
-    cache = open_token_cache(recipe, net, dataset, snap_size(recipe.pseudo.img_size, net.patch_size), flip=True)
+    predictor = PatchPredictor(net, torch.device("cpu"), "fp32", recipe.pseudo.img_size, flip=True,
+                               class_max_norm=recipe.pseudo.class_max_norm)
+    cache = open_token_cache(recipe, net, dataset, predictor.size, flip=True)
     if cache is None:
         raise CpcxError(f"{recipe.feature_cache_root()}: no token cache matching pseudo.img_size with views "
                         "orig+hflip; this diagnosis needs a frozen-backbone run (train.feature_cache: true)")
     tokens, views = cache
     probs, feats = [], []
-    with torch.inference_mode():
-        for start in range(0, len(dataset), 32):
-            t = torch.from_numpy(np.asarray(tokens[start:start + 32])[:, views]).float()
-            n = t.shape[0]
-            uu = None if u is None else torch.as_tensor(u[start:start + n]).float().repeat(2, 1)
-            p = net.forward_tokens(torch.cat([t[:, 0], t[:, 1]]), uu)["probs"]
-            probs.append(0.5 * (p[:n] + p[n:].flip(-1)))  # as PatchPredictor: mean of the image and its mirror
-            feats.append(t[:, 0])
+    for start in range(0, len(dataset), 32):
+        batch = np.asarray(tokens[start:start + 32])[:, views]  # (B, 2, h, w, e): orig, hflip
+        probs.append(predictor.patch_probs(None, None if u is None else u[start:start + len(batch)], batch))
+        feats.append(torch.from_numpy(batch[:, 0]).float())
     return dataset, torch.cat(probs), torch.cat(feats)
 
 

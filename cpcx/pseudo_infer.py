@@ -68,13 +68,20 @@ class PatchPredictor:
                                        antialias=True))
         return (torch.cat(batch) - self.mean) / self.std
 
-    @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray], labels: np.ndarray, u: np.ndarray | None,
                  tokens: np.ndarray | None = None) -> torch.Tensor:
         """``tokens`` (B, V, h, w, e), views (orig[, hflip]) from the training feature cache, skip the ViT."""
+        labels_t = torch.tensor(np.asarray(labels), dtype=torch.float32, device=self.device)
+        return condition_on_labels(self.patch_probs(images, u, tokens), labels_t, self.class_max_norm)
+
+    @torch.inference_mode()
+    def patch_probs(self, images: Sequence[np.ndarray] | None, u: np.ndarray | None,
+                    tokens: np.ndarray | None = None) -> torch.Tensor:
+        """The patch softmax Z (B, C, h, w), averaged with the mirror image's, before label conditioning.
+        ``images`` may be None when ``tokens`` are given."""
         from cpcx.device import autocast
 
-        n = len(images)
+        n = len(images) if tokens is None else len(tokens)
         u_t = None if u is None else torch.as_tensor(u, dtype=torch.float32, device=self.device)
         if self.flip and u_t is not None:
             u_t = torch.cat([u_t, u_t])
@@ -89,8 +96,7 @@ class PatchPredictor:
                 probs = self.net.forward_tokens(t, u_t)["probs"].float()
         if self.flip:
             probs = 0.5 * (probs[:n] + probs[n:].flip(-1))
-        labels_t = torch.tensor(np.asarray(labels), dtype=torch.float32, device=self.device)
-        return condition_on_labels(probs, labels_t, self.class_max_norm)
+        return probs
 
 
 def open_token_cache(recipe, net, dataset, size: int, flip: bool):
