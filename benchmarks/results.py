@@ -357,8 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out_dir or (Path(tempfile.gettempdir()) / "cpcx-results-quick" if args.quick else ROOT / "docs")
     store = Store(out / "results.json", out / "results.md")
     command = [".venv/bin/python", "benchmarks/results.py", *(sys.argv[1:] if argv is None else argv)]
-    store.doc.setdefault("invocations", []).append(shlex.join(command))
-    store.doc.update(benchmark_command=shlex.join(command), settings=vars(settings), machine=machine_info(),
+    store.doc.setdefault("invocations", []).append(shlex.join(command))  # the last one is this benchmark's command
+    store.doc.pop("benchmark_command", None)  # files written before invocations were recorded
+    store.doc.update(settings=vars(settings), machine=machine_info(),
                      git_sha=git_describe(), llm={"available": False, "note": "not started yet"},
                      bench_files={n: read_json(ROOT / "benchmarks" / "results" / f"{n}.json")
                                   for n in ("train", "pseudo")})
