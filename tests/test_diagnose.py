@@ -67,4 +67,4 @@ def test_error_split_counts_background_misses_and_wrong_classes():
     assert split["fg_recall"] == pytest.approx(2 / 3)
     assert split["fg_precision"] == pytest.approx(1.0)
     assert split["wrong_class_in_fg"] == pytest.approx(0.5)
-    assert 0.0 < scorer.miou(maps)["miou"] < 1.0
+    assert scorer.miou(maps)["miou"] == pytest.approx(1 / 3)  # IoU background 1/2, a 0, b 1/2
