@@ -52,12 +52,17 @@ def load_run(recipe):
     if cache is None:
         raise CpcxError(f"{recipe.feature_cache_root()}: no token cache matching pseudo.img_size with views "
                         "orig+hflip; this diagnosis needs a frozen-backbone run (train.feature_cache: true)")
-    tokens, views = cache
     probs, feats = [], []
     for start in range(0, len(dataset), 32):
-        batch = np.asarray(tokens[start:start + 32])[:, views]  # (B, 2, h, w, e): orig, hflip
-        probs.append(predictor.patch_probs(None, None if u is None else u[start:start + len(batch)], batch))
-        feats.append(torch.from_numpy(batch[:, 0]).float())
+        batch = np.asarray(cache.tokens[start:start + 32])[:, cache.views]  # (B, 2, ...): orig, hflip
+        probs.append(predictor.patch_probs(None, None if u is None else u[start:start + len(batch)], batch,
+                                           cache.trunk))
+        orig = torch.from_numpy(batch[:, 0]).float()
+        if cache.trunk is not None:  # a trunk cache: the final tokens come out of the (fine-tuned) last blocks
+            side = int(round((orig.shape[1] - net.backbone.vit.num_prefix_tokens) ** 0.5))
+            with torch.inference_mode():
+                orig = net.backbone.forward_from(orig, cache.trunk, (side, side))
+        feats.append(orig)
     return dataset, torch.cat(probs), torch.cat(feats)
 
 

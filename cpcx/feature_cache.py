@@ -8,6 +8,12 @@ as float16 in one memory-mapped ``.npy`` of shape (N, V, h, w, e). Epochs then s
 Consequence: **no photometric augmentation** (crop, colour jitter, grayscale) in cached epochs: only the
 choice of view varies. Set ``train.feature_cache: false`` to have them (at the cost of the ViT each step).
 
+A *trunk* cache (``train.trunk_cache`` with ``train.unfreeze_blocks: n``) stops before the last n blocks and
+stores every token the next block reads, class and register tokens included, as (N, V, prefix + h·w, e):
+the first blocks never train, so every epoch (warm-up and fine-tuning alike) runs only the last n blocks on
+the stored tokens. Its key hashes only the weights it depends on (``trunk_blocks`` in the key), so training
+the last blocks does not invalidate it and the pseudo-label stage can reuse it.
+
 Layout: ``runs/<name>/train/features/<key>/{tokens.npy, meta.json}``. The key hashes the backbone name,
 the backbone weights (their bytes), img_size, views, normalisation and the data set ids, so any change
 builds a new cache (and the old one is removed). Building writes ``tokens.partial.npy`` plus a ``done.npy``
@@ -36,22 +42,31 @@ from cpcx.model.backbone import ViTBackbone
 FORMAT = 1
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """Hash of a module's parameters and buffers (names, dtypes, shapes, bytes)."""
+def weights_digest(module: torch.nn.Module, skip: Callable[[str], bool] = lambda name: False) -> str:
+    """Hash of a module's parameters and buffers (names, dtypes, shapes, bytes), leaving out ``skip``'s names."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
+        if skip(name):
+            continue
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
+def trunk_depth(backbone: ViTBackbone, unfreeze_blocks: int) -> int:
+    """The blocks a trunk cache computes: all but the ``unfreeze_blocks`` trained ones."""
+    return max(0, backbone.num_blocks - unfreeze_blocks)
+
+
 def cache_key(backbone_name: str, backbone: ViTBackbone, img_size: int, views: Sequence[str],
-              ids: Sequence[str]) -> dict:
-    return {
+              ids: Sequence[str], depth: int | None = None) -> dict:
+    """``depth`` None (or the ViT's depth): final patch tokens; fewer: a trunk cache of that many blocks."""
+    trunk = depth is not None and depth < backbone.num_blocks
+    key = {
         "format": FORMAT,
         "backbone": backbone_name,
-        "weights": weights_digest(backbone),
+        "weights": weights_digest(backbone, backbone.outside_trunk(depth if trunk else backbone.num_blocks)),
         "img_size": img_size,
         "views": list(views),
         "mean": list(backbone.mean),
@@ -59,6 +74,9 @@ def cache_key(backbone_name: str, backbone: ViTBackbone, img_size: int, views: S
         "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
         "num_images": len(ids),
     }
+    if trunk:  # absent for full-depth caches: keys (and folders) of caches built before trunks existed hold
+        key["trunk_blocks"] = depth
+    return key
 
 
 class _Resized(Dataset):
@@ -76,12 +94,14 @@ class _Resized(Dataset):
 
 
 class FeatureCache:
-    """A finished cache: ``tokens`` is a read-only float16 memmap (N, V, h, w, e)."""
+    """A finished cache: ``tokens`` is a read-only float16 memmap (N, V, h, w, e), or (N, V, prefix + h·w, e)
+    for a trunk cache, whose ``depth`` is then the number of blocks it holds (else None)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "meta.json").read_text())
         self.views: list[str] = self.meta["key"]["views"]
+        self.depth: int | None = self.meta["key"].get("trunk_blocks")
         self.tokens = np.load(self.folder / "tokens.npy", mmap_mode="r")
 
     def __getstate__(self) -> dict:
@@ -92,19 +112,22 @@ class FeatureCache:
         self.__init__(state["folder"])
 
     def get(self, index: int, view: int) -> torch.Tensor:
-        """Tokens (h, w, e) float16 of one image and view (a copy, safe to hand to a DataLoader)."""
+        """Tokens (h, w, e) or (T, e) float16 of one image and view (a copy, safe to hand to a DataLoader)."""
         return torch.from_numpy(np.array(self.tokens[index, view]))
 
     @classmethod
     def build(cls, root: Path, backbone_name: str, backbone: ViTBackbone, images: ImageLabelDataset,
               img_size: int, views: Sequence[str], device: torch.device, precision: str, batch_size: int,
-              workers: int, log: Callable[[str], None] = print, prune: bool = True) -> "FeatureCache":
+              workers: int, log: Callable[[str], None] = print, prune: bool = True,
+              depth: int | None = None) -> "FeatureCache":
         """Open the cache for this key, building (or finishing) it first; every process must call this.
 
         ``prune`` drops the caches of other keys under ``root`` (a run's own folder holds one cache; a shared
-        ``train.feature_cache_dir`` keeps every key, other recipes may still read them).
+        ``train.feature_cache_dir`` keeps every key, other recipes may still read them). ``depth`` < the ViT's
+        depth builds a trunk cache (the tokens after that many blocks).
         """
-        key = cache_key(backbone_name, backbone, img_size, views, images.ids)
+        key = cache_key(backbone_name, backbone, img_size, views, images.ids, depth)
+        depth = key.get("trunk_blocks")
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         folder = Path(root) / name
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -115,10 +138,10 @@ class FeatureCache:
                     for stale in Path(root).glob("*") if prune else ():
                         if stale.is_dir() and stale.name != name:
                             shutil.rmtree(stale, ignore_errors=True)
-                    _prepare(folder, key, backbone, img_size, len(views))
+                    _prepare(folder, key, backbone, img_size, len(views), depth)
                 distributed.barrier()
                 _extract(folder, backbone, images, img_size, views, device, precision, batch_size, workers,
-                         rank, world, log)
+                         rank, world, log, depth)
                 distributed.barrier()
             if rank == 0:
                 _finish(folder, key)
@@ -130,11 +153,13 @@ def _grid(backbone: ViTBackbone, img_size: int) -> tuple[int, int]:
     return backbone.grid_size(img_size, img_size)
 
 
-def _prepare(folder: Path, key: dict, backbone: ViTBackbone, img_size: int, num_views: int) -> None:
+def _prepare(folder: Path, key: dict, backbone: ViTBackbone, img_size: int, num_views: int,
+             depth: int | None) -> None:
     """Create (or keep, when resuming) the partial token file and the per-image done flags."""
     folder.mkdir(parents=True, exist_ok=True)
     h, w = _grid(backbone, img_size)
-    shape = (key["num_images"], num_views, h, w, backbone.embed_dim)
+    grid = (h, w) if depth is None else (backbone.vit.num_prefix_tokens + h * w,)
+    shape = (key["num_images"], num_views, *grid, backbone.embed_dim)
     partial, done = folder / "tokens.partial.npy", folder / "done.npy"
     if partial.is_file() and done.is_file():
         try:
@@ -149,7 +174,7 @@ def _prepare(folder: Path, key: dict, backbone: ViTBackbone, img_size: int, num_
 @torch.inference_mode()
 def _extract(folder: Path, backbone: ViTBackbone, images: ImageLabelDataset, img_size: int,
              views: Sequence[str], device: torch.device, precision: str, batch_size: int, workers: int,
-             rank: int, world: int, log: Callable[[str], None]) -> None:
+             rank: int, world: int, log: Callable[[str], None], depth: int | None = None) -> None:
     tokens = np.load(folder / "tokens.partial.npy", mmap_mode="r+")
     done = np.load(folder / "done.npy", mmap_mode="r+")
     remaining = np.flatnonzero(done == 0).tolist()
@@ -158,7 +183,8 @@ def _extract(folder: Path, backbone: ViTBackbone, images: ImageLabelDataset, img
     if not todo:
         return
     if rank == 0:
-        log(f"feature cache: extracting {len(views)} view(s) of {len(remaining)} image(s) into {folder}")
+        what = "" if depth is None else f" (trunk: the first {depth} blocks)"
+        log(f"feature cache: extracting {len(views)} view(s) of {len(remaining)} image(s){what} into {folder}")
     was_training = backbone.training
     backbone.eval()
     loader = DataLoader(_Resized(images, todo, img_size, backbone.mean, backbone.std), batch_size=batch_size,
@@ -167,7 +193,7 @@ def _extract(folder: Path, backbone: ViTBackbone, images: ImageLabelDataset, img
         batch = batch.to(device)
         stacked = torch.cat([apply_view(batch, v) for v in views])  # (V·b, 3, S, S)
         with autocast(device, precision):
-            out = backbone(stacked)
+            out = backbone(stacked) if depth is None else backbone.forward_trunk(stacked, depth)
         out = out.float().reshape(len(views), len(indices), *out.shape[1:]).transpose(0, 1)
         idx = indices.numpy()
         tokens[idx] = out.cpu().numpy().astype(np.float16)

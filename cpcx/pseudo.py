@@ -69,7 +69,7 @@ class NoCRFScores:
 def _prefetch(dataset, indices: Sequence[int], batch_size: int, masks: bool, cache=None) -> Iterator[tuple]:
     """Batches of (indices, images, masks, cached tokens or None), the next one read in a thread meanwhile."""
     def load(chunk: list[int]):
-        tokens = None if cache is None else np.asarray(cache[0][chunk])[:, cache[1]]
+        tokens = None if cache is None else np.asarray(cache.tokens[chunk])[:, cache.views]
         return (chunk, [dataset.load_image(i) for i in chunk],
                 [dataset.load_mask(i) if masks else None for i in chunk], tokens)
 
@@ -133,7 +133,8 @@ def label_images(
 
     try:
         for chunk, images, masks, tokens in _prefetch(dataset, indices, batch_size, scored, cache):
-            probs = predictor(images, labels[chunk], None if u is None else u[chunk], tokens)
+            probs = predictor(images, labels[chunk], None if u is None else u[chunk], tokens,
+                              None if cache is None else cache.trunk)
             for b, (i, image, mask) in enumerate(zip(chunk, images, masks)):
                 image_id = dataset.ids[i]
                 classes = np.flatnonzero(labels[i] > 0).astype(np.uint8)
@@ -240,8 +241,11 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
                       f"{net.patch_size}-px patches)[/]")
     crf = CRFParams.from_config(recipe.crf) if recipe.crf.enabled else None
     cache = open_token_cache(recipe, net, dataset, predictor.size, cfg.flip)
-    if cache is not None:
+    if cache is not None and cache.trunk is None:
         console.print("[dim]patch tokens from the training feature cache (the backbone never changed): no ViT pass[/]")
+    elif cache is not None:
+        console.print(f"[dim]tokens after block {cache.trunk} from the training trunk cache: only the ViT's last "
+                      f"{net.backbone.num_blocks - cache.trunk} block(s) run[/]")
 
     todo = [i for i, image_id in enumerate(dataset.ids) if not (labels_dir / f"{image_id}.png").is_file()]
     done_before = [dataset.ids[i] for i in sorted(set(range(len(dataset))) - set(todo))]

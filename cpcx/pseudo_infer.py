@@ -4,12 +4,14 @@
 network on them (and on their mirror images, ``pseudo.flip``), and conditions the patch softmax Z on the
 image labels (``condition_on_labels``). ``upsample`` takes one image's maps back to its own size.
 ``open_token_cache`` finds the training feature cache when it holds exactly the tokens the ViT would give
-here, so that a run whose backbone stayed frozen skips the ViT.
+here, so that a run whose backbone stayed frozen skips the ViT, and a run that fine-tuned only the blocks
+after a trunk cache runs only those blocks.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -69,14 +71,15 @@ class PatchPredictor:
         return (torch.cat(batch) - self.mean) / self.std
 
     def __call__(self, images: Sequence[np.ndarray], labels: np.ndarray, u: np.ndarray | None,
-                 tokens: np.ndarray | None = None) -> torch.Tensor:
-        """``tokens`` (B, V, h, w, e), views (orig[, hflip]) from the training feature cache, skip the ViT."""
+                 tokens: np.ndarray | None = None, trunk: int | None = None) -> torch.Tensor:
+        """``tokens`` (B, V, h, w, e), views (orig[, hflip]) from the training feature cache, skip the ViT;
+        with ``trunk`` they are a trunk cache's (B, V, T, e) and only the blocks after it run."""
         labels_t = torch.tensor(np.asarray(labels), dtype=torch.float32, device=self.device)
-        return condition_on_labels(self.patch_probs(images, u, tokens), labels_t, self.class_max_norm)
+        return condition_on_labels(self.patch_probs(images, u, tokens, trunk), labels_t, self.class_max_norm)
 
     @torch.inference_mode()
     def patch_probs(self, images: Sequence[np.ndarray] | None, u: np.ndarray | None,
-                    tokens: np.ndarray | None = None) -> torch.Tensor:
+                    tokens: np.ndarray | None = None, trunk: int | None = None) -> torch.Tensor:
         """The patch softmax Z (B, C, h, w), averaged with the mirror image's, before label conditioning.
         ``images`` may be None when ``tokens`` are given."""
         from cpcx.device import autocast
@@ -93,18 +96,29 @@ class PatchPredictor:
             else:
                 t = torch.from_numpy(np.asarray(tokens)).to(self.device).float()
                 t = torch.cat([t[:, 0], t[:, 1]]) if self.flip else t[:, 0]
-                probs = self.net.forward_tokens(t, u_t)["probs"].float()
+                probs = self.net(tokens=t, u=u_t, trunk=trunk)["probs"].float()
         if self.flip:
             probs = 0.5 * (probs[:n] + probs[n:].flip(-1))
         return probs
 
 
-def open_token_cache(recipe, net, dataset, size: int, flip: bool):
-    """The training feature cache as ``(tokens memmap, view indices)`` when it holds exactly what the ViT
-    would compute here (same images, size, normalisation, backbone weights, views), else None.
+@dataclass
+class TokenCache:
+    """A usable training feature cache: ``tokens`` memmap, ``views`` the indices of orig[, hflip] in it,
+    ``trunk`` the blocks a trunk cache holds (None: final patch tokens)."""
+
+    tokens: np.ndarray
+    views: list[int]
+    trunk: int | None = None
+
+
+def open_token_cache(recipe, net, dataset, size: int, flip: bool) -> TokenCache | None:
+    """The training feature cache when it holds exactly what the ViT would compute here (same images, size,
+    normalisation, backbone weights, views), else None.
 
     The backbone-weight digest is the decisive test: a backbone fine-tuned after the warm-up no longer
-    matches the cached tokens, whatever the schedule says.
+    matches the cached tokens, whatever the schedule says; a trunk cache is compared on the weights of its
+    own blocks only (the ones after it may have trained).
     """
     from cpcx.feature_cache import weights_digest
 
@@ -119,10 +133,12 @@ def open_token_cache(recipe, net, dataset, size: int, flip: bool):
                 or any(v not in key.get("views", []) for v in wanted)
                 or list(key.get("mean", [])) != list(net.mean) or list(key.get("std", [])) != list(net.std)):
             continue
-        if key.get("weights") != weights_digest(net.backbone):
+        trunk = key.get("trunk_blocks")
+        depth = net.backbone.num_blocks if trunk is None else trunk
+        if key.get("weights") != weights_digest(net.backbone, net.backbone.outside_trunk(depth)):
             continue
         tokens = np.load(meta_path.parent / "tokens.npy", mmap_mode="r")
-        return tokens, [key["views"].index(v) for v in wanted]
+        return TokenCache(tokens, [key["views"].index(v) for v in wanted], trunk)
     return None
 
 

@@ -236,6 +236,13 @@ class TrainConfig(Section):
     feature_cache: bool = Field(
         True, description="Cache frozen-backbone patch tokens on disk (fp16, mmap); no photometric augmentation then."
     )
+    trunk_cache: bool = Field(
+        False, description="With unfreeze_blocks n > 0: cache the tokens entering the last n blocks and train from "
+        "them in every epoch (ViT fine-tuning at frozen-ViT cost; views only, no photometric augmentation).",
+    )
+    backbone_lr: Optional[float] = Field(
+        None, gt=0, description="Adam rate of the trained ViT blocks (default: the head's rate of the epoch).",
+    )
     feature_cache_dir: Optional[Path] = Field(
         None, description="Folder of the token caches (default runs/<name>/train/features); recipes that point "
         "at one shared folder extract the tokens once (each cache is keyed by images, size, views and weights).",

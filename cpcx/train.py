@@ -6,7 +6,10 @@ Schedule (ViT-PCM's): Adam at ``train.lr`` for ``train.warmup_epochs`` with the 
 the patch tokens come from the on-disk cache (see ``cpcx.feature_cache``: no photometric augmentation then)
 and each image takes one of ``train.views`` per epoch; with the cache off the same view choice is made and
 the crop/colour augmentations of ``train.augment`` are added. Once ViT blocks train, geometry follows the
-flip/transpose probabilities of ``train.augment``.
+flip/transpose probabilities of ``train.augment``; with ``train.trunk_cache`` every epoch instead reads the
+tokens entering the last ``unfreeze_blocks`` blocks from a trunk cache and runs only those blocks (views as
+in frozen epochs): fine-tuning the ViT's end costs a fraction of a full forward pass, on a CPU too.
+The trained blocks have their own rate, ``train.backbone_lr`` (default: the head's rate of the epoch).
 
 Outputs in ``runs/<name>/train/``: ``weights/last.pt`` and ``weights/best.pt`` (lowest epoch loss), both
 written atomically after every epoch, and ``metrics.csv`` (one row per epoch). ``--resume`` continues from
@@ -30,7 +33,7 @@ from cpcx import atomic, checkpoint, distributed
 from cpcx.augment import TrainTransform, pick_view, sample_generator
 from cpcx.device import autocast, seed_everything
 from cpcx.errors import CpcxError
-from cpcx.feature_cache import FeatureCache
+from cpcx.feature_cache import FeatureCache, trunk_depth
 from cpcx.model import CPCNet, build_model, checkpoint_meta, cluster_vectors
 from cpcx.model.losses import total_loss
 from cpcx.recipe import LossConfig, Recipe
@@ -79,12 +82,13 @@ class _Items(Dataset):
 
 # ------------------------------------------------------------------------------------------ one step
 def forward_loss(model: torch.nn.Module, net: CPCNet, batch: dict, loss_cfg: LossConfig, device: torch.device,
-                 precision: str, cached: bool) -> dict[str, torch.Tensor]:
-    """Forward (through ``model``, the DDP wrapper or ``net``) and the losses of eq. 8 for one batch."""
+                 precision: str, cached: bool, trunk: int | None = None) -> dict[str, torch.Tensor]:
+    """Forward (through ``model``, the DDP wrapper or ``net``) and the losses of eq. 8 for one batch;
+    ``cached``: the batch holds tokens, those of a trunk cache of ``trunk`` blocks when it is given."""
     x = batch["x"].to(device, non_blocking=True)
     u = batch["u"].to(device, non_blocking=True) if net.num_clusters else None
     with autocast(device, precision):
-        out = model(tokens=x.float(), u=u) if cached else model(images=x, u=u)
+        out = model(tokens=x.float(), u=u, trunk=trunk) if cached else model(images=x, u=u)
     losses = total_loss(out, batch["label"].to(device), loss_cfg, net.classifier.weight)
     losses["image_probs"] = out["image_probs"].detach()
     return losses
@@ -161,6 +165,8 @@ class _Trainer:
         self.recipe, self.info, self.console = recipe, info, console
         self.device = info.device
         self.cache: FeatureCache | None = None
+        t = recipe.train
+        self.trunk = t.trunk_cache and t.unfreeze_blocks > 0  # every epoch from the trunk cache
         self.ddp: tuple[int, torch.nn.Module] | None = None
 
     def log(self, text: str) -> None:
@@ -220,7 +226,8 @@ class _Trainer:
                 self.cache = FeatureCache.build(
                     r.feature_cache_root(), r.model.backbone, self.net.backbone, self.images, r.model.img_size,
                     t.views, self.device, t.precision, self.per_rank, t.workers, log=self.log,
-                    prune=t.feature_cache_dir is None)
+                    prune=t.feature_cache_dir is None,
+                    depth=trunk_depth(self.net.backbone, t.unfreeze_blocks) if self.trunk else None)
             items = _Items(self.labels, self.u, r.seed, cache=self.cache)
         else:
             transform = TrainTransform(t.augment, r.model.img_size, self.net.mean, self.net.std,
@@ -245,22 +252,24 @@ class _Trainer:
         frozen = epoch < t.warmup_epochs or t.unfreeze_blocks == 0
         blocks = 0 if frozen else t.unfreeze_blocks
         lr = t.lr if epoch < t.warmup_epochs else t.lr_after_warmup
-        cached = frozen and t.feature_cache
+        cached = self.trunk or (frozen and t.feature_cache)
         self.net.backbone.set_trainable_blocks(blocks)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        head, vit = self.optimizer.param_groups
+        head["lr"], vit["lr"] = lr, t.backbone_lr or lr
         loader = self._loader(epoch, frozen, cached)
+        trunk = self.cache.depth if cached else None
         model = self._model(blocks)
         self.net.train()
         torch.manual_seed(_epoch_seed(r.seed, epoch, self.info.rank))  # dropout: same stream on resume
-        mode = ("cached" if cached else "images") + (", ViT frozen" if frozen else f", last {blocks} ViT blocks")
+        mode = ("images" if not cached else "cached" if trunk is None else f"trunk cache of {trunk} blocks")
+        mode += ", ViT frozen" if frozen else f", last {blocks} ViT blocks at lr {vit['lr']:g}"
         progress = _Progress(self.console, self.info.is_main, t.log_every)
         progress.start(f"epoch {epoch + 1}/{t.epochs}", len(loader))
         t0 = time.perf_counter()
         # loss·n, mce·n, pce·n, n, true positives, false positives, false negatives (foreground, at 0.5)
         sums = torch.zeros(7, dtype=torch.float64)
         for step, batch in enumerate(loader, 1):
-            losses = forward_loss(model, self.net, batch, r.loss, self.device, t.precision, cached)
+            losses = forward_loss(model, self.net, batch, r.loss, self.device, t.precision, cached, trunk)
             if not torch.isfinite(losses["loss"]):
                 raise CpcxError(f"train: the loss is {losses['loss'].item()} at epoch {epoch + 1} step {step}; "
                                 "lower train.lr (or use train.precision: fp32) and train again")

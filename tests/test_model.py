@@ -50,6 +50,33 @@ def test_tokens_path_equals_image_path(net):
         torch.testing.assert_close(a[key], b[key])
 
 
+def test_trunk_then_remaining_blocks_equals_the_whole_vit(net):
+    """forward_from(forward_trunk(x, d), d) is the ViT for every split point d, and the net's trunk path
+    (what a trunk cache feeds training) gives the same outputs as the image path."""
+    images, u = torch.randn(2, 3, 64, 64), torch.tensor([[1.0, 0, 0], [0, 0, 1]])
+    backbone = net.backbone
+    with torch.no_grad():
+        whole = backbone(images)
+        reference = backbone.vit.forward_features(images)[:, 1:].reshape(2, 4, 4, 192)  # timm's own pass
+        torch.testing.assert_close(whole, reference)
+        for depth in (0, 5, backbone.num_blocks - 1, backbone.num_blocks):
+            trunk = backbone.forward_trunk(images, depth)
+            assert trunk.shape == (2, 1 + 16, 192)  # the class token stays: the later blocks attend to it
+            torch.testing.assert_close(backbone.forward_from(trunk, depth, (4, 4)), whole)
+        a = net(images, u)
+        b = net(tokens=backbone.forward_trunk(images, 10), u=u, trunk=10)
+    for key in ("probs", "features", "image_probs"):
+        torch.testing.assert_close(a[key], b[key])
+
+
+def test_outside_trunk_names_the_later_blocks_and_the_norm(net):
+    names = list(net.backbone.state_dict())
+    later = [n for n in names if net.backbone.outside_trunk(10)(n)]
+    assert later and all(n.startswith(("vit.blocks.10.", "vit.blocks.11.", "vit.norm.")) for n in later)
+    assert any(n.startswith("vit.norm.") for n in later) and not any(n.startswith("vit.blocks.1.") for n in later)
+    assert not any(net.backbone.outside_trunk(net.backbone.num_blocks)(n) for n in names)
+
+
 def test_without_cluster_token_width_is_e():
     model = build_model(tiny_cfg(cluster_token=False, hv_bilstm=False), num_classes=3, num_clusters=4).eval()
     assert model.cluster_token is None and model.num_clusters == 0

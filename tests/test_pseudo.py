@@ -213,7 +213,7 @@ def test_feature_cache_replaces_the_vit(reference, tmp_path, voc_root):
     u = cluster_vectors(dataset.labels, meta["cluster_matrix"])
     images = [dataset.load_image(i) for i in range(3)]
     live = predictor(images, dataset.labels[:3], u[:3])
-    cached = predictor(images, dataset.labels[:3], u[:3], np.asarray(cache[0][[0, 1, 2]])[:, cache[1]])
+    cached = predictor(images, dataset.labels[:3], u[:3], np.asarray(cache.tokens[[0, 1, 2]])[:, cache.views])
     torch.testing.assert_close(cached, live, atol=2e-3, rtol=0)  # float16 tokens
 
     console = Console(record=True, width=200, file=open(os.devnull, "w"))

@@ -206,6 +206,53 @@ def test_recipes_sharing_a_feature_cache_dir_extract_once(tmp_path, voc_root):
     assert not (second.run_dir("train") / "features").exists() and (second.run_dir("train") / "weights" / "best.pt").is_file()
 
 
+def test_trunk_cache_trains_the_last_block_from_stored_tokens(tmp_path, voc_root):
+    """train.trunk_cache: every epoch reads the tokens after block 11 and runs only block 12; the warm-up
+    matches a plain cached run, the first blocks never change (so the cache stays valid for pseudo-labels)
+    and the trained block gets its own rate (train.backbone_lr)."""
+    from cpcx.data import build_dataset
+    from cpcx.device import seed_everything
+    from cpcx.model import cluster_vectors
+    from cpcx.pseudo_infer import PatchPredictor, open_token_cache
+    from cpcx.train import run_train
+
+    common = {"views": ["orig", "hflip"], "augment": NO_PHOTOMETRIC}
+    trunk = make_recipe(tmp_path, voc_root, "trunk",
+                        train={**common, "trunk_cache": True, "backbone_lr": 3e-4})
+    plain = make_recipe(tmp_path, voc_root, "plain", train={**common, "unfreeze_blocks": 0})
+    run_train(trunk)
+    run_train(plain)
+    (folder,) = (trunk.run_dir("train") / "features").iterdir()
+    cache = feature_cache.FeatureCache(folder)
+    assert cache.depth == 11 and cache.tokens.shape == (16, 2, 1 + 16, 192)  # class token + 4×4 patches
+    np.testing.assert_allclose(losses(trunk)[0], losses(plain)[0], rtol=5e-4)  # warm-up: same network, same data
+    assert losses(trunk)[1] != pytest.approx(losses(plain)[1], rel=1e-4)  # then block 12 trains
+
+    seed_everything(trunk.seed)
+    initial = build_model(trunk.model, 21, 4).state_dict()
+    trained = weights(trunk)
+    for name in ("backbone.vit.blocks.10.mlp.fc2.weight", "backbone.vit.patch_embed.proj.weight"):
+        assert torch.equal(trained[name], initial[name])
+    assert not torch.equal(trained["backbone.vit.blocks.11.mlp.fc2.weight"], initial["backbone.vit.blocks.11.mlp.fc2.weight"])
+    ckpt = torch.load(trunk.run_dir("train") / "weights" / "last.pt", weights_only=True)
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [1e-4, 3e-4]  # head: lr_after_warmup
+
+    # the pseudo-label stage finds the trunk cache (its blocks are untouched) and runs only block 12
+    net, meta = load_checkpoint(trunk.run_dir("train") / "weights" / "last.pt")
+    dataset = build_dataset(trunk.dataset, "train")
+    found = open_token_cache(trunk, net, dataset, 64, True)
+    assert found is not None and found.trunk == 11
+    predictor = PatchPredictor(net, torch.device("cpu"), "fp32", 64, flip=True, class_max_norm=True)
+    u = cluster_vectors(dataset.labels, meta["cluster_matrix"])
+    images = [dataset.load_image(i) for i in range(3)]
+    tokens = np.asarray(found.tokens[[0, 1, 2]])[:, found.views]
+    torch.testing.assert_close(predictor(images, dataset.labels[:3], u[:3], tokens, found.trunk),
+                               predictor(images, dataset.labels[:3], u[:3]), atol=2e-3, rtol=0)
+    with torch.no_grad():
+        net.backbone.vit.blocks[3].mlp.fc2.bias.add_(0.1)  # a block inside the trunk changed: not usable
+    assert open_token_cache(trunk, net, dataset, 64, True) is None
+
+
 def test_missing_clusters_is_a_clear_error(tmp_path, voc_root):
     from cpcx.train import run_train
 

@@ -91,9 +91,33 @@ class ViTBackbone(nn.Module):
         return tuple(self.vit.patch_embed.dynamic_feat_size((height, width)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h, w = self.grid_size(images.shape[-2], images.shape[-1])
-        tokens = self.vit.forward_features(images)[:, self.vit.num_prefix_tokens:]
-        return tokens.reshape(images.shape[0], h, w, self.embed_dim)
+        grid = self.grid_size(images.shape[-2], images.shape[-1])
+        return self.forward_from(self.forward_trunk(images, self.num_blocks), self.num_blocks, grid)
+
+    def forward_trunk(self, images: torch.Tensor, depth: int) -> torch.Tensor:
+        """All tokens (B, prefix + h·w, e) after the patch embedding and the first ``depth`` blocks: what a
+        trunk feature cache stores, so that epochs which train only the last blocks start from there."""
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+        for block in vit.blocks[:depth]:
+            x = block(x)
+        return x
+
+    def forward_from(self, tokens: torch.Tensor, start: int, grid: tuple[int, int]) -> torch.Tensor:
+        """Blocks ``start..`` and the final norm on ``forward_trunk``'s output → patch tokens (B, h, w, e)."""
+        x = tokens
+        for block in self.vit.blocks[start:]:
+            x = block(x)
+        x = self.vit.norm(x)[:, self.vit.num_prefix_tokens:]
+        return x.reshape(x.shape[0], grid[0], grid[1], self.embed_dim)
+
+    def outside_trunk(self, depth: int):
+        """A predicate on ``state_dict`` names (``vit.*``): true for the tensors after block ``depth`` (the later
+        blocks and the final norm), the ones a trunk cache of that depth does not depend on."""
+        if depth >= self.num_blocks:
+            return lambda name: False
+        later = tuple(f"vit.blocks.{i}." for i in range(depth, self.num_blocks)) + ("vit.norm.", "vit.head", "vit.fc_norm")
+        return lambda name: name.startswith(later)
 
 
 # ---------------------------------------------------------------------------------------------- weights

@@ -1,6 +1,7 @@
 """The CPC network: ViT patch tokens ⊕ cluster token → HV-BiLSTM → patch classifier → softmax → top-k."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ class CPCNet(nn.Module):
 
     ``images`` are normalised with ``net.mean``/``net.std`` (the backbone's pretrained_cfg); ``u`` (B, L) is
     the 0/1 cluster vector (ignored, may be None, without a cluster token). ``net(tokens=..., u=...)`` or
-    ``net.forward_tokens`` takes precomputed patch tokens (B, h, w, e) and skips the ViT (feature cache).
+    ``net.forward_tokens`` takes precomputed patch tokens (B, h, w, e) and skips the ViT (feature cache);
+    ``net(tokens=..., u=..., trunk=d)`` takes a trunk cache's tokens (B, prefix + h·w, e), the output of the
+    first d blocks of a square image, and runs only the ViT's remaining blocks.
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, num_clusters: int, load_weights: bool = True):
@@ -71,11 +74,14 @@ class CPCNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor | None = None, u: torch.Tensor | None = None,
-                tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                tokens: torch.Tensor | None = None, trunk: int | None = None) -> dict[str, torch.Tensor]:
         if tokens is None:
             if images is None:
                 raise ValueError("pass images (B, 3, H, W) or tokens (B, h, w, e)")
             tokens = self.backbone(images)
+        elif trunk is not None:
+            side = math.isqrt(tokens.shape[1] - self.backbone.vit.num_prefix_tokens)
+            tokens = self.backbone.forward_from(tokens, trunk, (side, side))
         return self.forward_tokens(tokens, u)
 
     def forward_tokens(self, tokens: torch.Tensor, u: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
