@@ -10,6 +10,7 @@ first line must equal the run's "mIoU without CRF"), and reports, without CRF, o
 
 * the error split: foreground/background IoU, foreground recall and precision, and the share of pixels that
   are foreground in both prediction and truth but get another present class (confusion between objects);
+* the resolution ceiling: the ground truth itself averaged over the same patch grid and decoded the same way;
 * decoding variants that need no retraining: a fixed background threshold on the max-normalised class maps
   (CAM style), propagation of the maps along DINOv2 token affinities (random walk, as AffinityNet/PAR), and
   self-training a linear probe on the confident patches (only the image's classes compete).
@@ -47,15 +48,18 @@ def load_run(recipe):
     net, meta = load_checkpoint(find_checkpoint(recipe))
     u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
     predictor = PatchPredictor(net, torch.device("cpu"), "fp32", recipe.pseudo.img_size, flip=True,
-                               class_max_norm=recipe.pseudo.class_max_norm)
+                               class_max_norm=recipe.pseudo.class_max_norm, scales=recipe.pseudo.scales)
     cache = open_token_cache(recipe, net, dataset, predictor.size, flip=True)
     if cache is None:
         raise CpcxError(f"{recipe.feature_cache_root()}: no token cache matching pseudo.img_size with views "
                         "orig+hflip; this diagnosis needs a frozen-backbone run (train.feature_cache: true)")
     probs, feats = [], []
-    for start in range(0, len(dataset), 32):
-        batch = np.asarray(cache.tokens[start:start + 32])[:, cache.views]  # (B, 2, ...): orig, hflip
-        probs.append(predictor.patch_probs(None, None if u is None else u[start:start + len(batch)], batch,
+    step = 8 if predictor.extra_sizes else 32  # larger inputs: smaller batches
+    for start in range(0, len(dataset), step):
+        batch = np.asarray(cache.tokens[start:start + step])[:, cache.views]  # (B, 2, ...): orig, hflip
+        images = ([dataset.load_image(i) for i in range(start, start + len(batch))]
+                  if predictor.extra_sizes else None)  # pseudo.scales: the other sizes run the ViT on the images
+        probs.append(predictor.patch_probs(images, None if u is None else u[start:start + len(batch)], batch,
                                            cache.trunk))
         orig = torch.from_numpy(batch[:, 0]).float()
         if cache.trunk is not None:  # a trunk cache: the final tokens come out of the (fine-tuned) last blocks
@@ -102,6 +106,22 @@ class Scorer:
             wrong += int((truth_fg & pred_fg & (prediction != mask)).sum())
         return {"fg_iou": tp / max(1, tp + fp + fn), "fg_recall": tp / max(1, tp + fn),
                 "fg_precision": tp / max(1, tp + fp), "wrong_class_in_fg": wrong / max(1, tp)}
+
+
+def truth_on_grid(masks, num_classes: int, grid: tuple[int, int]):
+    """Each ground-truth mask as class shares per patch (N, C, h, w), area-averaged over the whole image as the
+    pseudo stage squeezes it onto its patch grid: scored like the network's maps, the best any patch-level
+    prediction can do (the resolution ceiling). Ignored pixels (255) count for no class."""
+    import torch
+    import torch.nn.functional as F
+
+    maps = []
+    for mask in masks:
+        truth = torch.from_numpy(mask.astype("int64"))
+        valid = truth != 255
+        onehot = F.one_hot(torch.where(valid, truth, 0), num_classes).permute(2, 0, 1).float() * valid
+        maps.append(F.interpolate(onehot[None], size=grid, mode="area")[0])
+    return torch.stack(maps)
 
 
 def threshold_maps(probs, labels, background: float):
@@ -184,7 +204,14 @@ def main(argv=None) -> int:
     scorer = Scorer(dataset)
     base = condition_on_labels(probs, labels, recipe.pseudo.class_max_norm)
     rows = [{"variant": "as cpcx pseudo (no CRF)", **scorer.miou(base), **scorer.error_split(base)}]
+    truth = truth_on_grid(scorer.masks, dataset.num_classes, tuple(probs.shape[2:]))
+    rows.append({"variant": f"ground truth averaged on the {probs.shape[2]}×{probs.shape[3]} patch grid "
+                 "(resolution ceiling)", **scorer.miou(truth)})
     wanted = [] if args.variants == "none" else args.variants.split(",")
+    if probs.shape[2:] != feats.shape[1:3] and {"affinity", "selftrain"} & set(wanted):
+        print(f"pseudo.scales: the maps are on a {tuple(probs.shape[2:])} grid, the tokens on {tuple(feats.shape[1:3])};"
+              " the affinity and self-training variants are skipped", file=sys.stderr)
+        wanted = [w for w in wanted if w not in ("affinity", "selftrain")]
     if "threshold" in wanted:
         for background in (0.1, 0.2, 0.3, 0.5):
             rows.append({"variant": f"fixed background score {background}",

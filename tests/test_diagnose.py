@@ -68,3 +68,19 @@ def test_error_split_counts_background_misses_and_wrong_classes():
     assert split["fg_precision"] == pytest.approx(1.0)
     assert split["wrong_class_in_fg"] == pytest.approx(0.5)
     assert scorer.miou(maps)["miou"] == pytest.approx(1 / 3)  # IoU background 1/2, a 0, b 1/2
+
+
+def test_truth_on_grid_is_exact_when_objects_follow_the_patches_and_ignores_255():
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[:, 4:] = 3  # the right column of a 2×2 grid
+    mask[0, 0] = 255
+    maps = diag.truth_on_grid([mask], num_classes=4, grid=(2, 2))
+    assert maps.shape == (1, 4, 2, 2)
+    assert torch.all(maps[0, 3, :, 1] == 1.0) and torch.all(maps[0, 0, :, 1] == 0.0)
+    assert maps[0, 0, 0, 0] == pytest.approx(15 / 16)  # the ignored pixel counts for no class
+    scorer = diag.Scorer(SimpleNamespace(labels=np.array([[1, 0, 0, 1]]), num_classes=4,
+                                         classes=("background", "a", "b", "c"), load_mask=lambda i: mask))
+    assert scorer.miou(maps)["miou"] == pytest.approx(1.0)  # an edge along the grid survives bilinear decoding
+    mask[:4, 4:] = 0  # now an object in one corner patch: bilinear decoding rounds its inner corner off
+    corner = scorer.miou(diag.truth_on_grid([mask], num_classes=4, grid=(2, 2)))["miou"]
+    assert 0.9 < corner < 1.0
