@@ -235,7 +235,7 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
             f"the data set has {dataset.num_classes} ({', '.join(dataset.classes[:4])}, ...); train on this data set"
         )
     u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
-    predictor = PatchPredictor(net, device, cfg.precision, cfg.img_size, cfg.flip, cfg.class_max_norm)
+    predictor = PatchPredictor(net, device, cfg.precision, cfg.img_size, cfg.flip, cfg.class_max_norm, cfg.scales)
     if predictor.size != cfg.img_size:
         console.print(f"[dim]pseudo.img_size {cfg.img_size} → {predictor.size} (a multiple of the "
                       f"{net.patch_size}-px patches)[/]")
@@ -263,7 +263,8 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
                       f"→ {labels_dir}")
 
     if dataset.has_masks:
-        info = {"checkpoint": str(checkpoint), "img_size": predictor.size, "flip": cfg.flip,
+        info = {"checkpoint": str(checkpoint), "img_size": predictor.size, "extra_sizes": predictor.extra_sizes,
+                "flip": cfg.flip,
                 "class_max_norm": cfg.class_max_norm, "feature_cache": cache is not None}
         _score(stage_dir, dataset, labels_dir, done_before, confusion, no_crf, crf, info, console)
     else:

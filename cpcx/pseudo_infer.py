@@ -1,8 +1,9 @@
 """Inference for the pseudo-label stage: label-conditioned patch probabilities at any input size.
 
 ``PatchPredictor`` resizes a batch of images of any sizes to ``pseudo.img_size`` square, runs the CPC
-network on them (and on their mirror images, ``pseudo.flip``), and conditions the patch softmax Z on the
-image labels (``condition_on_labels``). ``upsample`` takes one image's maps back to its own size.
+network on them (and on their mirror images, ``pseudo.flip``; at every factor of ``pseudo.scales``, the
+maps averaged on the finest patch grid), and conditions the patch softmax Z on the image labels
+(``condition_on_labels``). ``upsample`` takes one image's maps back to its own size.
 ``open_token_cache`` finds the training feature cache when it holds exactly the tokens the ViT would give
 here, so that a run whose backbone stayed frozen skips the ViT, and a run that fine-tuned only the blocks
 after a trunk cache runs only those blocks.
@@ -50,23 +51,28 @@ def snap_size(size: int, patch: int) -> int:
 class PatchPredictor:
     """Label-conditioned patch probabilities (B, C, h, w) for a batch of H×W×3 uint8 images of any sizes."""
 
-    def __init__(self, net, device: torch.device, precision: str, img_size: int, flip: bool, class_max_norm: bool):
+    def __init__(self, net, device: torch.device, precision: str, img_size: int, flip: bool, class_max_norm: bool,
+                 scales: Sequence[float] = (1.0,)):
         self.net = net.to(device).eval()
         self.device = device
         self.precision = precision
         self.size = snap_size(img_size, net.patch_size)
+        # Further input sizes (multi-scale inference); the base size is always run (and may come from a cache).
+        others = {snap_size(img_size * s, net.patch_size) for s in scales}
+        self.extra_sizes = sorted(others - {self.size})
         self.flip = flip
         self.class_max_norm = class_max_norm
         self.mean = torch.tensor(net.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(net.std, device=device).view(1, 3, 1, 1) * 255.0
 
-    def prepare(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Each image resized to size×size (bilinear, antialiased when shrinking) and normalised."""
+    def prepare(self, images: Sequence[np.ndarray], size: int | None = None) -> torch.Tensor:
+        """Each image resized to size×size (default ``self.size``; bilinear, antialiased when shrinking), normalised."""
+        size = size or self.size
         batch = []
         for image in images:
             x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
             x = x.permute(2, 0, 1)[None].float()
-            batch.append(F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+            batch.append(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                                        antialias=True))
         return (torch.cat(batch) - self.mean) / self.std
 
@@ -81,25 +87,36 @@ class PatchPredictor:
     def patch_probs(self, images: Sequence[np.ndarray] | None, u: np.ndarray | None,
                     tokens: np.ndarray | None = None, trunk: int | None = None) -> torch.Tensor:
         """The patch softmax Z (B, C, h, w), averaged with the mirror image's, before label conditioning.
-        ``images`` may be None when ``tokens`` are given."""
+        ``images`` may be None when ``tokens`` are given and there are no extra scales. With extra scales the
+        maps of every size are resized (bilinear) to the finest patch grid among them and averaged."""
         from cpcx.device import autocast
 
+        if self.extra_sizes and images is None:
+            raise ValueError("pseudo.scales needs the images: the token cache holds the base size only")
         n = len(images) if tokens is None else len(tokens)
         u_t = None if u is None else torch.as_tensor(u, dtype=torch.float32, device=self.device)
         if self.flip and u_t is not None:
             u_t = torch.cat([u_t, u_t])
+        maps = []
         with autocast(self.device, self.precision):
             if tokens is None:
-                x = self.prepare(images)
-                x = torch.cat([x, x.flip(-1)]) if self.flip else x  # both views in one forward pass
-                probs = self.net(x, u_t)["probs"].float()
+                maps.append(self._images_probs(images, self.size, u_t))
             else:
                 t = torch.from_numpy(np.asarray(tokens)).to(self.device).float()
                 t = torch.cat([t[:, 0], t[:, 1]]) if self.flip else t[:, 0]
-                probs = self.net(tokens=t, u=u_t, trunk=trunk)["probs"].float()
+                maps.append(self.net(tokens=t, u=u_t, trunk=trunk)["probs"].float())
+            maps += [self._images_probs(images, size, u_t) for size in self.extra_sizes]
         if self.flip:
-            probs = 0.5 * (probs[:n] + probs[n:].flip(-1))
-        return probs
+            maps = [0.5 * (m[:n] + m[n:].flip(-1)) for m in maps]
+        if len(maps) == 1:
+            return maps[0]
+        grid = max((m.shape[-2:] for m in maps), key=lambda g: g[0] * g[1])
+        return torch.stack([F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]).mean(0)
+
+    def _images_probs(self, images: Sequence[np.ndarray], size: int, u_t: torch.Tensor | None) -> torch.Tensor:
+        x = self.prepare(images, size)
+        x = torch.cat([x, x.flip(-1)]) if self.flip else x  # both views in one forward pass
+        return self.net(x, u_t)["probs"].float()
 
 
 @dataclass

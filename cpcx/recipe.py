@@ -259,6 +259,10 @@ class PseudoConfig(Section):
     img_size: int = Field(960, ge=32, description="Inference input size (paper: 960).")
     split: Literal["train", "val"] = Field("train", description="Which split gets pseudo-labels.")
     flip: bool = Field(True, description="Average the probabilities of the image and its horizontal flip.")
+    scales: list[Annotated[float, Field(gt=0)]] = Field(
+        [1.0], min_length=1, description="Multi-scale inference: factors of img_size whose maps are averaged "
+        "(e.g. [0.75, 1.0, 1.5]); each factor other than 1 costs a ViT pass (the token cache holds size 1 only).",
+    )
     class_max_norm: bool = Field(True, description="Divide each class map by its maximum (ViT-PCM).")
     batch_size: int = Field(4, ge=1, description="Images per forward pass.")
     workers: int = Field(2, ge=1, description="CRF worker processes (one thread each).")

@@ -110,6 +110,31 @@ def test_flip_averaging_makes_the_prediction_mirror_symmetric(reference, voc_roo
     assert not torch.allclose(predictor(images, dataset.labels[:2], u), mirrored.flip(-1), atol=1e-3)
 
 
+def test_multi_scale_averages_each_size_on_the_finest_grid(reference, voc_root):
+    """pseudo.scales: the maps of every input size, flip-averaged, resized to the finest grid and averaged."""
+    import torch.nn.functional as F
+
+    recipe = reference[0]
+    dataset = build_dataset(recipe.dataset, "train")
+    torch.manual_seed(1)
+    net = build_model(recipe.model, dataset.num_classes, 2, load_weights=False)
+    images = [dataset.load_image(i) for i in (0, 1)]
+    u = cluster_vectors(dataset.labels[:2], np.eye(20, 2))
+    single = {size: PatchPredictor(net, torch.device("cpu"), "fp32", size, flip=True, class_max_norm=True)
+              for size in (64, 96, 128)}
+    multi = PatchPredictor(net, torch.device("cpu"), "fp32", 96, flip=True, class_max_norm=True,
+                           scales=[0.7, 1.0, 1.3])  # 67 → 64, 125 → 128 (snapped to the 16-px patches)
+    assert multi.size == 96 and multi.extra_sizes == [64, 128]
+    maps = multi.patch_probs(images, u)
+    assert maps.shape == (2, 21, 8, 8)  # the 128-px grid
+    expected = torch.stack([F.interpolate(single[size].patch_probs(images, u), size=(8, 8), mode="bilinear",
+                                          align_corners=False) for size in (96, 64, 128)]).mean(0)
+    torch.testing.assert_close(maps, expected)
+    torch.testing.assert_close(maps.sum(1), torch.ones(2, 8, 8))  # still a distribution per patch
+    with pytest.raises(ValueError, match="pseudo.scales needs the images"):
+        multi.patch_probs(None, u, np.zeros((2, 2, 6, 6, 192), dtype=np.float16))
+
+
 # ------------------------------------------------------------------------------------------ the stage
 def test_end_to_end_outputs_and_scores(reference):
     recipe, labels_dir, labels, metrics = reference
