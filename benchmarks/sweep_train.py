@@ -1,0 +1,142 @@
+"""Training knobs one at a time: each variant trains voc-mini with a few overrides and scores its pseudo-labels.
+
+    .venv/bin/python benchmarks/sweep_train.py                          # every variant (≈ 1 h on 2 cores)
+    .venv/bin/python benchmarks/sweep_train.py --only finetune-1,finetune-2 --out /tmp/sweep-b
+
+Every variant is ``recipes/voc-mini.yaml`` plus its overrides, at seed 0, in ``runs-bench/sweep-<variant>``
+(token caches shared in ``runs-bench/features-voc`` with the Table 4 benchmark): ``cpcx clusters``, then
+``cpcx train`` (a finished run of the same recipe is kept: ``--resume`` says it is done), then the no-CRF
+mIoU of its pseudo-labels on the 311 training images, computed as ``diagnose_pseudo.py`` does (= the "mIoU
+without CRF" that ``cpcx pseudo`` reports), with the error split beside it. One seed per variant: the seed
+spread of voc-mini is ±5 (docs/results.md), so only large differences mean something.
+
+Results go to ``benchmarks/results/sweep.{json,md}`` (``--out``); a re-run keeps the rows whose overrides
+are unchanged, so several processes with disjoint ``--only`` lists can share the work and a last plain run
+merges them (it finds every run trained).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = "recipes/voc-mini.yaml"
+SHARED = ["runs_dir=runs-bench", "seed=0", "train.feature_cache_dir=runs-bench/features-voc"]
+FINETUNE = ["train.trunk_cache=true", "train.backbone_lr=0.0001"]
+
+#: name → (overrides, why it is worth a row)
+VARIANTS: dict[str, tuple[list[str], str]] = {
+    "voc-mini": ([], "the recipe as it ships (frozen ViT, static clusters, PCE)"),
+    "no-hv-bilstm": (["model.hv_bilstm=false"], "the ViT tokens straight into the classifier"),
+    "topk-5pct": (["model.topk=0.05"], "k = 29 patches instead of 6"),
+    "topk-3": (["model.topk=3"], "fewer patches per class"),
+    "background-topk-0.3": (["model.background_topk=0.3"], "background pooled over 30 % of the patches, not 50 %"),
+    "pce-0.3": (["loss.pce_weight=0.3"], "a stronger contrastive term"),
+    "pce-threshold-0.7": (["loss.pce_threshold=0.7"], "more patches counted as confident in the PCE"),
+    "classifier-l2": (["loss.classifier_l2=0.01"], "ViT-PCM's L2 on the patch classifier"),
+    "label-smoothing": (["loss.label_smoothing=0.1"], "softer image-label targets"),
+    "dropout-0.4": (["model.dropout=0.4"], "twice the dropout"),
+    "warmup-lr-3e-3": (["train.lr=0.003"], "a faster warm-up"),
+    "epochs-10-lr-3e-4": (["train.epochs=10", "train.lr_after_warmup=0.0003"], "longer, slower second phase"),
+    "finetune-1": (["train.unfreeze_blocks=1", *FINETUNE], "the last ViT block trains after the warm-up"),
+    "finetune-2": (["train.unfreeze_blocks=2", *FINETUNE], "the last two blocks train"),
+    "finetune-1-epochs-10": (["train.unfreeze_blocks=1", *FINETUNE, "train.epochs=10"], "the last block, longer"),
+}
+
+
+def run_cpcx(args: list[str], log: Path) -> None:
+    with open(log, "a") as handle:
+        handle.write(f"$ cpcx {' '.join(args)}\n")
+        handle.flush()
+        done = subprocess.run([sys.executable, "-m", "cpcx", *args], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"cpcx {' '.join(args)} failed (exit {done.returncode}); see {log}")
+
+
+def train(name: str, overrides: list[str], log: Path) -> float:
+    """cpcx clusters + cpcx train for one variant → seconds in cpcx train (a few for a finished run kept)."""
+    args = ["-r", RECIPE, f"name=sweep-{name}", *SHARED, *overrides]
+    run_cpcx(["clusters", *args], log)
+    start = time.perf_counter()
+    if (ROOT / "runs-bench" / f"sweep-{name}" / "train" / "weights" / "last.pt").is_file():
+        try:  # --resume refuses a changed recipe (then we train afresh) and stops at once when it is done
+            run_cpcx(["train", "--resume", *args], log)
+            return time.perf_counter() - start
+        except SystemExit:
+            start = time.perf_counter()
+    run_cpcx(["train", *args], log)
+    return time.perf_counter() - start
+
+
+def score(name: str, overrides: list[str]) -> dict:
+    """No-CRF mIoU and error split of the variant's pseudo-labels (diagnose_pseudo.py's first row)."""
+    import torch
+
+    from cpcx.pseudo_infer import condition_on_labels
+    from cpcx.recipe import load_recipe
+    from diagnose_pseudo import Scorer, load_run
+
+    recipe = load_recipe(ROOT / RECIPE, [f"name=sweep-{name}", *SHARED, *overrides])
+    dataset, probs, _ = load_run(recipe)
+    maps = condition_on_labels(probs, torch.tensor(dataset.labels).float(), recipe.pseudo.class_max_norm)
+    scorer = Scorer(dataset)
+    return {**scorer.miou(maps), **scorer.error_split(maps)}
+
+
+def render(doc: dict) -> str:
+    lines = ["# Training variants of voc-mini (seed 0, no-CRF pseudo mIoU on the 311 training images)", "",
+             "`.venv/bin/python benchmarks/sweep_train.py` — each row is `recipes/voc-mini.yaml` plus the overrides, "
+             f"with `{' '.join(SHARED)}`; one seed each (voc-mini's seed spread is ±5).", "",
+             "| variant | overrides | mIoU | object/background IoU | wrong present class | train s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, row in doc["rows"].items():
+        lines.append(f"| {name} ({row['why']}) | `{' '.join(row['overrides']) or '—'}` | {100 * row['miou']:.1f} | "
+                     f"{100 * row['fg_iou']:.1f} | {100 * row['wrong_class_in_fg']:.1f} % | {row['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help=f"comma-separated variants of: {', '.join(VARIANTS)}")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sweep")
+    args = parser.parse_args(argv)
+    wanted = [v for v in args.only.split(",") if v] or list(VARIANTS)
+    unknown = sorted(set(wanted) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; pick from {', '.join(VARIANTS)}")
+
+    import torch
+
+    from cpcx import atomic
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    path = args.out.with_suffix(".json")
+    doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    logs = ROOT / "runs-bench" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        overrides, why = VARIANTS[name]
+        if doc["rows"].get(name, {}).get("overrides") == overrides:
+            continue
+        print(f"{name}: {' '.join(overrides) or '(voc-mini as it ships)'}", flush=True)
+        seconds = train(name, overrides, logs / f"sweep-{name}.log")
+        doc["rows"][name] = {"overrides": overrides, "why": why, "train_seconds": seconds, **score(name, overrides)}
+        doc["rows"] = {k: doc["rows"][k] for k in VARIANTS if k in doc["rows"]}  # the table keeps VARIANTS' order
+        doc["date"] = time.strftime("%Y-%m-%d")
+        atomic.write_json(path, doc)
+        atomic.write_text(args.out.with_suffix(".md"), render(doc))
+        print(f"  no-CRF mIoU {100 * doc['rows'][name]['miou']:.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
