@@ -36,6 +36,14 @@ STAGES: dict[str, tuple[str, ...]] = {
 #: Keys that change how fast a stage runs, not what it produces: they never make a stage stale.
 _NEUTRAL_KEYS = {"workers", "device", "log_every", "figures", "cache_mode", "cache_dir", "feature_cache_dir", "timeout_s",
                  "max_retries"}
+#: Options added to the recipe after runs existed, with the value that reproduces the older behaviour exactly:
+#: left out of the fingerprint while they hold that value, so a new knob that a recipe does not use leaves its
+#: finished stages current (otherwise every release that adds an option would redo every run).
+_ADDED_DEFAULTS: dict[str, Any] = {
+    "train.trunk_cache": False,
+    "train.backbone_lr": None,
+    "pseudo.scales": [1.0],
+}
 #: Sub-folders derived from a stage's inputs that must go when the inputs change (resumable outputs that
 #: would otherwise be "skipped as finished" although they came from an older recipe).
 STALE_OUTPUTS: dict[str, tuple[str, ...]] = {
@@ -98,6 +106,10 @@ def fingerprint(recipe: Recipe, stage: str) -> str:
         sections.extend(own)
         if name == stage:
             break
+    for path, value in _ADDED_DEFAULTS.items():
+        section, key = path.split(".", 1)
+        if isinstance(dumped.get(section), dict) and dumped[section].get(key, value) == value:
+            dumped[section].pop(key, None)
     payload = {s: _strip_neutral(dumped[s]) for s in sections}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

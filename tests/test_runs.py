@@ -66,6 +66,28 @@ def test_fingerprints_follow_upstream_sections_and_ignore_neutral_keys(recipe_pa
     assert fingerprint(base, "clusters") != fingerprint(load_recipe(recipe_path, ["clustering.queries=3"]), "clusters")
 
 
+def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(recipe_path):
+    """A recipe that does not use train.trunk_cache / train.backbone_lr / pseudo.scales hashes as it did before
+    those options existed (the dump without them); setting one changes the fingerprint of its stage."""
+    import hashlib
+    import json
+
+    from cpcx.runs import STAGES, _strip_neutral
+
+    base = load_recipe(recipe_path, [])
+    dumped = base.model_dump(mode="json")
+    for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales")):
+        del dumped[section][key]
+    sections = [s for stage in ("clusters", "train", "pseudo") for s in STAGES[stage]]
+    before = hashlib.sha256(json.dumps({s: _strip_neutral(dumped[s]) for s in sections}, sort_keys=True).encode())
+    assert fingerprint(base, "pseudo") == before.hexdigest()[:16]
+    assert fingerprint(base, "train") != fingerprint(load_recipe(recipe_path, ["train.backbone_lr=0.0001"]), "train")
+    assert fingerprint(base, "train") != fingerprint(load_recipe(recipe_path, ["train.trunk_cache=true"]), "train")
+    scaled = load_recipe(recipe_path, ["pseudo.scales=[1.0, 1.5]"])
+    assert fingerprint(base, "train") == fingerprint(scaled, "train")
+    assert fingerprint(base, "pseudo") != fingerprint(scaled, "pseudo")
+
+
 def test_plan_skips_done_stages_resumes_interrupted_and_redoes_changed(recipe_path):
     recipe = load_recipe(recipe_path)
     assert plan(recipe) == {"clusters": "run", "train": "run", "pseudo": "run", "segment": "run"}
