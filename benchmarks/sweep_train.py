@@ -11,8 +11,8 @@ without CRF" that ``cpcx pseudo`` reports), with the error split beside it. One 
 spread of voc-mini is ±5 (docs/results.md), so only large differences mean something.
 
 Results go to ``benchmarks/results/sweep.{json,md}`` (``--out``); a re-run keeps the rows whose overrides
-are unchanged, so several processes with disjoint ``--only`` lists can share the work and a last plain run
-merges them (it finds every run trained).
+are unchanged. Two processes can share the work (disjoint ``--only`` lists, each its own ``--out``), then
+``--merge A.json B.json`` folds their rows into the default output without training or scoring anything.
 """
 from __future__ import annotations
 
@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help=f"comma-separated variants of: {', '.join(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sweep")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], help="sweep JSONs of parallel runs to fold in")
     args = parser.parse_args(argv)
     wanted = [v for v in args.only.split(",") if v] or list(VARIANTS)
     unknown = sorted(set(wanted) - set(VARIANTS))
@@ -121,6 +122,16 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     path = args.out.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    if args.merge:
+        for other in args.merge:
+            theirs = json.loads(other.read_text())
+            doc["rows"].update({k: v for k, v in theirs["rows"].items() if k in VARIANTS})
+            doc["date"] = max(doc.get("date", ""), theirs.get("date", ""))
+        doc["rows"] = {k: doc["rows"][k] for k in VARIANTS if k in doc["rows"]}
+        atomic.write_json(path, doc)
+        atomic.write_text(args.out.with_suffix(".md"), render(doc))
+        print(render(doc))
+        return 0
     logs = ROOT / "runs-bench" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for name in wanted:

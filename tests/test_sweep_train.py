@@ -34,3 +34,16 @@ def test_unknown_variant_is_refused_with_the_list(capsys):
     with pytest.raises(SystemExit):
         sweep.main(["--only", "nope"])
     assert "unknown variant(s) nope; pick from voc-mini" in capsys.readouterr().err
+
+
+def test_merge_folds_parallel_outputs_in_variant_order(tmp_path):
+    import json
+
+    row = {"overrides": [], "why": "w", "train_seconds": 1.0, "miou": 0.4, "fg_iou": 0.6, "wrong_class_in_fg": 0.2}
+    (tmp_path / "a.json").write_text(json.dumps({"date": "2026-11-30", "rows": {"topk-3": row}}))
+    (tmp_path / "b.json").write_text(json.dumps({"date": "2026-11-30", "rows": {"voc-mini": row, "gone": row}}))
+    out = tmp_path / "sweep"
+    assert sweep.main(["--out", str(out), "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert sorted(json.loads(out.with_suffix(".json").read_text())["rows"]) == ["topk-3", "voc-mini"]  # "gone" dropped
+    table = out.with_suffix(".md").read_text()
+    assert table.count("| 40.0 |") == 2 and table.index("| voc-mini (") < table.index("| topk-3 (")  # VARIANTS' order
