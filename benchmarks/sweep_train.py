@@ -97,10 +97,13 @@ def render(doc: dict) -> str:
              f"with `{' '.join(SHARED)}`; one seed each (voc-mini's seed spread is ±5).", "",
              "| variant | overrides | mIoU | object/background IoU | wrong present class | train s |",
              "|---|---|---:|---:|---:|---:|"]
+    footer = ["", "train s: wall seconds of `cpcx train` (a few for a finished run that was kept). Invocations that "
+              "wrote this file, in order (parallel ones share the 2 cores, so their seconds are about doubled):", ""]
+    footer += [f"- `{command}`" for command in doc.get("invocations", [])]
     for name, row in doc["rows"].items():
-        lines.append(f"| {name} ({row['why']}) | `{' '.join(row['overrides']) or '—'}` | {100 * row['miou']:.1f} | "
+        lines.append(f"| {name}: {row['why']} | `{' '.join(row['overrides']) or '—'}` | {100 * row['miou']:.1f} | "
                      f"{100 * row['fg_iou']:.1f} | {100 * row['wrong_class_in_fg']:.1f} % | {row['train_seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + footer) + "\n"
 
 
 def main(argv=None) -> int:
@@ -122,18 +125,23 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     path = args.out.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    command = " ".join([".venv/bin/python", "benchmarks/sweep_train.py", *(sys.argv[1:] if argv is None else argv)])
     if args.merge:
         for other in args.merge:
             theirs = json.loads(other.read_text())
             doc["rows"].update({k: v for k, v in theirs["rows"].items() if k in VARIANTS})
+            doc.setdefault("invocations", []).extend(theirs.get("invocations", []))
             doc["date"] = max(doc.get("date", ""), theirs.get("date", ""))
         doc["rows"] = {k: doc["rows"][k] for k in VARIANTS if k in doc["rows"]}
+        doc.setdefault("invocations", []).append(command)
+        doc["invocations"] = list(dict.fromkeys(doc["invocations"]))  # merging the same files again adds nothing
         atomic.write_json(path, doc)
         atomic.write_text(args.out.with_suffix(".md"), render(doc))
         print(render(doc))
         return 0
     logs = ROOT / "runs-bench" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    doc.setdefault("invocations", []).append(command)
     for name in wanted:
         overrides, why = VARIANTS[name]
         if doc["rows"].get(name, {}).get("overrides") == overrides:

@@ -27,7 +27,7 @@ def test_render_lists_each_row_with_its_overrides_and_scores():
     doc = {"rows": {"topk-3": {"overrides": ["model.topk=3"], "why": "fewer patches", "train_seconds": 151.2,
                                "miou": 0.4012, "fg_iou": 0.605, "wrong_class_in_fg": 0.218}}}
     table = sweep.render(doc)
-    assert "| topk-3 (fewer patches) | `model.topk=3` | 40.1 | 60.5 | 21.8 % | 151 |" in table
+    assert "| topk-3: fewer patches | `model.topk=3` | 40.1 | 60.5 | 21.8 % | 151 |" in table
 
 
 def test_unknown_variant_is_refused_with_the_list(capsys):
@@ -46,4 +46,4 @@ def test_merge_folds_parallel_outputs_in_variant_order(tmp_path):
     assert sweep.main(["--out", str(out), "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     assert sorted(json.loads(out.with_suffix(".json").read_text())["rows"]) == ["topk-3", "voc-mini"]  # "gone" dropped
     table = out.with_suffix(".md").read_text()
-    assert table.count("| 40.0 |") == 2 and table.index("| voc-mini (") < table.index("| topk-3 (")  # VARIANTS' order
+    assert table.count("| 40.0 |") == 2 and table.index("| voc-mini:") < table.index("| topk-3:")  # VARIANTS' order
