@@ -95,14 +95,17 @@ def render(doc: dict) -> str:
     lines = ["# Training variants of voc-mini (seed 0, no-CRF pseudo mIoU on the 311 training images)", "",
              "`.venv/bin/python benchmarks/sweep_train.py` — each row is `recipes/voc-mini.yaml` plus the overrides, "
              f"with `{' '.join(SHARED)}`; one seed each (voc-mini's seed spread is ±5).", "",
-             "| variant | overrides | mIoU | object/background IoU | wrong present class | train s |",
-             "|---|---|---:|---:|---:|---:|"]
-    footer = ["", "train s: wall seconds of `cpcx train` (a few for a finished run that was kept). Invocations that "
-              "wrote this file, in order (parallel ones share the 2 cores, so their seconds are about doubled):", ""]
+             "| variant | overrides | mIoU | object/background IoU | object recall / precision | wrong present class "
+             "| train s |", "|---|---|---:|---:|---:|---:|---:|"]
+    footer = ["", "train s: wall seconds of `cpcx train` (a few for a finished run that was kept; with the one-time "
+              "extraction of a token cache, ≈ 4 min on 2 cores, for the first variant that needs it unless "
+              "runs-bench/features-voc held it already). Invocations that wrote this file, in order (parallel ones "
+              "share the 2 cores, so their seconds are about doubled):", ""]
     footer += [f"- `{command}`" for command in doc.get("invocations", [])]
     for name, row in doc["rows"].items():
         lines.append(f"| {name}: {row['why']} | `{' '.join(row['overrides']) or '—'}` | {100 * row['miou']:.1f} | "
-                     f"{100 * row['fg_iou']:.1f} | {100 * row['wrong_class_in_fg']:.1f} % | {row['train_seconds']:.0f} |")
+                     f"{100 * row['fg_iou']:.1f} | {100 * row['fg_recall']:.1f} / {100 * row['fg_precision']:.1f} | "
+                     f"{100 * row['wrong_class_in_fg']:.1f} % | {row['train_seconds']:.0f} |")
     return "\n".join(lines + footer) + "\n"
 
 

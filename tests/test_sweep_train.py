@@ -25,9 +25,10 @@ def test_every_variant_is_a_valid_recipe_that_changes_it(name, voc_root):
 
 def test_render_lists_each_row_with_its_overrides_and_scores():
     doc = {"rows": {"topk-3": {"overrides": ["model.topk=3"], "why": "fewer patches", "train_seconds": 151.2,
-                               "miou": 0.4012, "fg_iou": 0.605, "wrong_class_in_fg": 0.218}}}
+                               "miou": 0.4012, "fg_iou": 0.605, "fg_recall": 0.758, "fg_precision": 0.751,
+                               "wrong_class_in_fg": 0.218}}}
     table = sweep.render(doc)
-    assert "| topk-3: fewer patches | `model.topk=3` | 40.1 | 60.5 | 21.8 % | 151 |" in table
+    assert "| topk-3: fewer patches | `model.topk=3` | 40.1 | 60.5 | 75.8 / 75.1 | 21.8 % | 151 |" in table
 
 
 def test_unknown_variant_is_refused_with_the_list(capsys):
@@ -39,7 +40,8 @@ def test_unknown_variant_is_refused_with_the_list(capsys):
 def test_merge_folds_parallel_outputs_in_variant_order(tmp_path):
     import json
 
-    row = {"overrides": [], "why": "w", "train_seconds": 1.0, "miou": 0.4, "fg_iou": 0.6, "wrong_class_in_fg": 0.2}
+    row = {"overrides": [], "why": "w", "train_seconds": 1.0, "miou": 0.4, "fg_iou": 0.6, "fg_recall": 0.7,
+           "fg_precision": 0.7, "wrong_class_in_fg": 0.2}
     (tmp_path / "a.json").write_text(json.dumps({"date": "2026-11-30", "rows": {"topk-3": row}}))
     (tmp_path / "b.json").write_text(json.dumps({"date": "2026-11-30", "rows": {"voc-mini": row, "gone": row}}))
     out = tmp_path / "sweep"
