@@ -141,6 +141,7 @@ def open_token_cache(recipe, net, dataset, size: int, flip: bool) -> TokenCache 
 
     wanted = ["orig", "hflip"] if flip else ["orig"]
     ids_hash = hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()
+    found: list[TokenCache] = []
     for meta_path in sorted(recipe.feature_cache_root().glob("*/meta.json")):
         try:
             key = json.loads(meta_path.read_text())["key"]
@@ -155,8 +156,11 @@ def open_token_cache(recipe, net, dataset, size: int, flip: bool) -> TokenCache 
         if key.get("weights") != weights_digest(net.backbone, net.backbone.outside_trunk(depth)):
             continue
         tokens = np.load(meta_path.parent / "tokens.npy", mmap_mode="r")
-        return TokenCache(tokens, [key["views"].index(v) for v in wanted], trunk)
-    return None
+        found.append(TokenCache(tokens, [key["views"].index(v) for v in wanted], trunk))
+    # The deepest match: a frozen run whose shared cache folder also holds trunk caches reads its final tokens,
+    # not a trunk it would have to finish (same answer up to float16 rounding, but it should not depend on
+    # which other caches happen to sit in the folder).
+    return max(found, key=lambda c: net.backbone.num_blocks if c.trunk is None else c.trunk, default=None)
 
 
 def channel_argmax(probs: torch.Tensor) -> np.ndarray:

@@ -248,6 +248,14 @@ def test_trunk_cache_trains_the_last_block_from_stored_tokens(tmp_path, voc_root
     tokens = np.asarray(found.tokens[[0, 1, 2]])[:, found.views]
     torch.testing.assert_close(predictor(images, dataset.labels[:3], u[:3], tokens, found.trunk),
                                predictor(images, dataset.labels[:3], u[:3]), atol=2e-3, rtol=0)
+    # a frozen run sharing the folder: its untouched backbone matches the trunk cache too, but it reads the
+    # full-depth cache as soon as one is there
+    frozen = make_recipe(tmp_path, voc_root, "frozen", train={**common, "unfreeze_blocks": 0,
+                                                              "feature_cache_dir": str(folder.parent)})
+    run_train(frozen)
+    frozen_net, _ = load_checkpoint(frozen.run_dir("train") / "weights" / "last.pt")
+    assert len(list(folder.parent.iterdir())) == 2
+    assert open_token_cache(frozen, frozen_net, dataset, 64, True).trunk is None
     with torch.no_grad():
         net.backbone.vit.blocks[3].mlp.fc2.bias.add_(0.1)  # a block inside the trunk changed: not usable
     assert open_token_cache(trunk, net, dataset, 64, True) is None
