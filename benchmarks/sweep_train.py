@@ -46,6 +46,13 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "dropout-0.4": (["model.dropout=0.4"], "twice the dropout"),
     "warmup-lr-3e-3": (["train.lr=0.003"], "a faster warm-up"),
     "epochs-10-lr-3e-4": (["train.epochs=10", "train.lr_after_warmup=0.0003"], "longer, slower second phase"),
+    "clusters-8": (["llm.clusters={road: [bicycle, bus, car, motorbike], transport: [aeroplane, boat, train], "
+                    "pet: [cat, dog], farm: [cow, horse, sheep], bird: [bird], person: [person], "
+                    "furniture: [chair, diningtable, sofa], household: [bottle, pottedplant, tvmonitor]}"],
+                   "8 finer hand-made groups instead of voc-mini's 4"),
+    "clusters-2": (["llm.clusters={living: [bird, cat, cow, dog, horse, person, sheep], "
+                    "object: [aeroplane, bicycle, boat, bottle, bus, car, chair, diningtable, motorbike, pottedplant, "
+                    "sofa, train, tvmonitor]}"], "2 coarse groups: living things and objects"),
     "finetune-1": (["train.unfreeze_blocks=1", *FINETUNE], "the last ViT block trains after the warm-up"),
     "finetune-2": (["train.unfreeze_blocks=2", *FINETUNE], "the last two blocks train"),
     "finetune-1-epochs-10": (["train.unfreeze_blocks=1", *FINETUNE, "train.epochs=10"], "the last block, longer"),
