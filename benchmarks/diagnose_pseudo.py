@@ -63,9 +63,8 @@ def load_run(recipe):
                                            cache.trunk))
         orig = torch.from_numpy(batch[:, 0]).float()
         if cache.trunk is not None:  # a trunk cache: the final tokens come out of the (fine-tuned) last blocks
-            side = int(round((orig.shape[1] - net.backbone.vit.num_prefix_tokens) ** 0.5))
             with torch.inference_mode():
-                orig = net.backbone.forward_from(orig, cache.trunk, (side, side))
+                orig = net.backbone.forward_from(orig, cache.trunk)
         feats.append(orig)
     return dataset, torch.cat(probs), torch.cat(feats)
 
@@ -106,6 +105,17 @@ class Scorer:
             wrong += int((truth_fg & pred_fg & (prediction != mask)).sum())
         return {"fg_iou": tp / max(1, tp + fp + fn), "fg_recall": tp / max(1, tp + fn),
                 "fg_precision": tp / max(1, tp + fp), "wrong_class_in_fg": wrong / max(1, tp)}
+
+
+def score_as_pseudo(scorer: Scorer, probs, class_max_norm: bool):
+    """The no-CRF pseudo-labels as ``cpcx pseudo`` decodes ``probs`` → (label-conditioned maps, mIoU and error
+    split): the row every other decoding here, and every variant of ``sweep_train.py``, is compared with."""
+    import torch
+
+    from cpcx.pseudo_infer import condition_on_labels
+
+    maps = condition_on_labels(probs, torch.tensor(scorer.dataset.labels).float(), class_max_norm)
+    return maps, {**scorer.miou(maps), **scorer.error_split(maps)}
 
 
 def truth_on_grid(masks, num_classes: int, grid: tuple[int, int]):
@@ -189,7 +199,6 @@ def main(argv=None) -> int:
 
     from cpcx import atomic
     from cpcx.errors import CpcxError
-    from cpcx.pseudo_infer import condition_on_labels
     from cpcx.recipe import load_recipe
 
     torch.set_num_threads(1)
@@ -202,8 +211,8 @@ def main(argv=None) -> int:
         return 2
     labels = torch.tensor(dataset.labels).float()
     scorer = Scorer(dataset)
-    base = condition_on_labels(probs, labels, recipe.pseudo.class_max_norm)
-    rows = [{"variant": "as cpcx pseudo (no CRF)", **scorer.miou(base), **scorer.error_split(base)}]
+    base, first = score_as_pseudo(scorer, probs, recipe.pseudo.class_max_norm)
+    rows = [{"variant": "as cpcx pseudo (no CRF)", **first}]
     truth = truth_on_grid(scorer.masks, dataset.num_classes, tuple(probs.shape[2:]))
     rows.append({"variant": f"ground truth averaged on the {probs.shape[2]}×{probs.shape[3]} patch grid "
                  "(resolution ceiling)", **scorer.miou(truth)})

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # results_exec, diagnose_pseudo: siblings of this script
 RECIPE = "recipes/voc-mini.yaml"
 SHARED = ["runs_dir=runs-bench", "seed=0", "train.feature_cache_dir=runs-bench/features-voc"]
 FINETUNE = ["train.trunk_cache=true", "train.backbone_lr=0.0001"]
@@ -59,43 +59,37 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
 }
 
 
-def run_cpcx(args: list[str], log: Path) -> None:
-    with open(log, "a") as handle:
-        handle.write(f"$ cpcx {' '.join(args)}\n")
-        handle.flush()
-        done = subprocess.run([sys.executable, "-m", "cpcx", *args], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"cpcx {' '.join(args)} failed (exit {done.returncode}); see {log}")
+def run_cpcx(args: list[str], log: Path) -> float:
+    """One ``cpcx`` command as results.py runs its stages (same environment, output to ``log``) → wall seconds."""
+    from results_exec import child_env, cpcx_argv, run_measured
+
+    measured = run_measured([*cpcx_argv(), *args], log, child_env())
+    if measured.returncode:
+        raise SystemExit(f"cpcx {' '.join(args)} failed (exit {measured.returncode}); see {log}")
+    return measured.seconds
 
 
-def train(name: str, overrides: list[str], log: Path) -> float:
+def train(name: str, overrides: list[str], logs: Path) -> float:
     """cpcx clusters + cpcx train for one variant → seconds in cpcx train (a few for a finished run kept)."""
     args = ["-r", RECIPE, f"name=sweep-{name}", *SHARED, *overrides]
-    run_cpcx(["clusters", *args], log)
-    start = time.perf_counter()
+    run_cpcx(["clusters", *args], logs / f"sweep-{name}-clusters.log")
+    log = logs / f"sweep-{name}-train.log"
     if (ROOT / "runs-bench" / f"sweep-{name}" / "train" / "weights" / "last.pt").is_file():
         try:  # --resume refuses a changed recipe (then we train afresh) and stops at once when it is done
-            run_cpcx(["train", "--resume", *args], log)
-            return time.perf_counter() - start
+            return run_cpcx(["train", "--resume", *args], log)
         except SystemExit:
-            start = time.perf_counter()
-    run_cpcx(["train", *args], log)
-    return time.perf_counter() - start
+            pass
+    return run_cpcx(["train", *args], log)
 
 
 def score(name: str, overrides: list[str]) -> dict:
     """No-CRF mIoU and error split of the variant's pseudo-labels (diagnose_pseudo.py's first row)."""
-    import torch
-
-    from cpcx.pseudo_infer import condition_on_labels
     from cpcx.recipe import load_recipe
-    from diagnose_pseudo import Scorer, load_run
+    from diagnose_pseudo import Scorer, load_run, score_as_pseudo
 
     recipe = load_recipe(ROOT / RECIPE, [f"name=sweep-{name}", *SHARED, *overrides])
     dataset, probs, _ = load_run(recipe)
-    maps = condition_on_labels(probs, torch.tensor(dataset.labels).float(), recipe.pseudo.class_max_norm)
-    scorer = Scorer(dataset)
-    return {**scorer.miou(maps), **scorer.error_split(maps)}
+    return score_as_pseudo(Scorer(dataset), probs, recipe.pseudo.class_max_norm)[1]
 
 
 def render(doc: dict) -> str:
@@ -132,7 +126,6 @@ def main(argv=None) -> int:
     from cpcx import atomic
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     path = args.out.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
     command = " ".join([".venv/bin/python", "benchmarks/sweep_train.py", *(sys.argv[1:] if argv is None else argv)])
@@ -157,7 +150,7 @@ def main(argv=None) -> int:
         if doc["rows"].get(name, {}).get("overrides") == overrides:
             continue
         print(f"{name}: {' '.join(overrides) or '(voc-mini as it ships)'}", flush=True)
-        seconds = train(name, overrides, logs / f"sweep-{name}.log")
+        seconds = train(name, overrides, logs)
         doc["rows"][name] = {"overrides": overrides, "why": why, "train_seconds": seconds, **score(name, overrides)}
         doc["rows"] = {k: doc["rows"][k] for k in VARIANTS if k in doc["rows"]}  # the table keeps VARIANTS' order
         doc["date"] = time.strftime("%Y-%m-%d")

@@ -54,6 +54,11 @@ def weights_digest(module: torch.nn.Module, skip: Callable[[str], bool] = lambda
     return digest.hexdigest()
 
 
+def cache_digest(backbone: ViTBackbone, depth: int | None) -> str:
+    """Digest of the weights a cache of ``depth`` blocks depends on (None: the whole ViT, final tokens)."""
+    return weights_digest(backbone, backbone.outside_trunk(backbone.num_blocks if depth is None else depth))
+
+
 def trunk_depth(backbone: ViTBackbone, unfreeze_blocks: int) -> int:
     """The blocks a trunk cache computes: all but the ``unfreeze_blocks`` trained ones."""
     return max(0, backbone.num_blocks - unfreeze_blocks)
@@ -66,7 +71,7 @@ def cache_key(backbone_name: str, backbone: ViTBackbone, img_size: int, views: S
     key = {
         "format": FORMAT,
         "backbone": backbone_name,
-        "weights": weights_digest(backbone, backbone.outside_trunk(depth if trunk else backbone.num_blocks)),
+        "weights": cache_digest(backbone, depth if trunk else None),
         "img_size": img_size,
         "views": list(views),
         "mean": list(backbone.mean),

@@ -137,7 +137,7 @@ def open_token_cache(recipe, net, dataset, size: int, flip: bool) -> TokenCache 
     matches the cached tokens, whatever the schedule says; a trunk cache is compared on the weights of its
     own blocks only (the ones after it may have trained).
     """
-    from cpcx.feature_cache import weights_digest
+    from cpcx.feature_cache import cache_digest
 
     wanted = ["orig", "hflip"] if flip else ["orig"]
     ids_hash = hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()
@@ -152,8 +152,7 @@ def open_token_cache(recipe, net, dataset, size: int, flip: bool) -> TokenCache 
                 or list(key.get("mean", [])) != list(net.mean) or list(key.get("std", [])) != list(net.std)):
             continue
         trunk = key.get("trunk_blocks")
-        depth = net.backbone.num_blocks if trunk is None else trunk
-        if key.get("weights") != weights_digest(net.backbone, net.backbone.outside_trunk(depth)):
+        if key.get("weights") != cache_digest(net.backbone, trunk):
             continue
         tokens = np.load(meta_path.parent / "tokens.npy", mmap_mode="r")
         found.append(TokenCache(tokens, [key["views"].index(v) for v in wanted], trunk))

@@ -7,6 +7,7 @@ embeddings are interpolated to the patch grid at each call: train at 384/448, in
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -103,8 +104,12 @@ class ViTBackbone(nn.Module):
             x = block(x)
         return x
 
-    def forward_from(self, tokens: torch.Tensor, start: int, grid: tuple[int, int]) -> torch.Tensor:
-        """Blocks ``start..`` and the final norm on ``forward_trunk``'s output → patch tokens (B, h, w, e)."""
+    def forward_from(self, tokens: torch.Tensor, start: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Blocks ``start..`` and the final norm on ``forward_trunk``'s output → patch tokens (B, h, w, e);
+        without ``grid`` the patches are taken to form a square (as in every token cache)."""
+        if grid is None:
+            side = math.isqrt(tokens.shape[1] - self.vit.num_prefix_tokens)
+            grid = (side, side)
         x = tokens
         for block in self.vit.blocks[start:]:
             x = block(x)

@@ -1,7 +1,6 @@
 """The CPC network: ViT patch tokens ⊕ cluster token → HV-BiLSTM → patch classifier → softmax → top-k."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +79,7 @@ class CPCNet(nn.Module):
                 raise ValueError("pass images (B, 3, H, W) or tokens (B, h, w, e)")
             tokens = self.backbone(images)
         elif trunk is not None:
-            side = math.isqrt(tokens.shape[1] - self.backbone.vit.num_prefix_tokens)
-            tokens = self.backbone.forward_from(tokens, trunk, (side, side))
+            tokens = self.backbone.forward_from(tokens, trunk)
         return self.forward_tokens(tokens, u)
 
     def forward_tokens(self, tokens: torch.Tensor, u: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
