@@ -60,6 +60,19 @@ def _load(recipe: Path, overrides: Optional[List[str]]):
     return load_recipe(recipe, overrides or [])
 
 
+def _run_stage(stage: str, recipe, body: Callable[[], object]) -> None:
+    """Run one stage and record it done with its time, as ``cpcx run`` does, so that a later ``cpcx run`` (or
+    the benchmark) skips it. Under torchrun only rank 0 writes; an exception leaves the stage ``running``."""
+    import time
+
+    from cpcx.runs import mark_stage_done
+
+    start = time.perf_counter()
+    body()
+    if os.environ.get("RANK", "0") == "0":
+        mark_stage_done(recipe, stage, seconds=round(time.perf_counter() - start, 1))
+
+
 # ------------------------------------------------------------------------------------ recipe tools
 @app.command()
 @user_errors
@@ -118,7 +131,8 @@ def train(
         raise typer.Exit(relaunch_with_torchrun(gpus))
     from cpcx.train import run_train
 
-    run_train(_load(recipe, overrides), resume=resume, console=console)
+    loaded = _load(recipe, overrides)
+    _run_stage("train", loaded, lambda: run_train(loaded, resume=resume, console=console))
 
 
 @app.command()
@@ -127,7 +141,8 @@ def pseudo(recipe: Path = RecipeOpt, overrides: Optional[List[str]] = OverridesA
     """Write pseudo-labels (high-res patch probabilities + dense CRF) and score them if masks exist."""
     from cpcx.pseudo import run_pseudo
 
-    run_pseudo(_load(recipe, overrides), console=console)
+    loaded = _load(recipe, overrides)
+    _run_stage("pseudo", loaded, lambda: run_pseudo(loaded, console=console))
 
 
 @app.command()
@@ -145,7 +160,8 @@ def segment(
         raise typer.Exit(relaunch_with_torchrun(gpus))
     from cpcx.segment import run_segment
 
-    run_segment(_load(recipe, overrides), resume=resume, console=console)
+    loaded = _load(recipe, overrides)
+    _run_stage("segment", loaded, lambda: run_segment(loaded, resume=resume, console=console))
 
 
 @app.command()

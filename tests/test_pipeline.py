@@ -87,3 +87,21 @@ def test_run_resumes_after_a_kill_during_pseudo(tmp_path, data_root, voc_root):
     # labels finished before the kill were kept, not redone
     assert all((labels / name).stat().st_mtime_ns == stamps[name] for name in written if name in final)
     assert json.loads((runs / "smoke" / "summary.json").read_text())["val_miou"] is not None
+
+
+def test_standalone_stage_commands_record_their_stage_done(tmp_path, data_root, voc_root):
+    """`cpcx clusters`, `cpcx train`, `cpcx pseudo` one by one leave their stages `done` with their time, so a
+    later `cpcx run` skips them instead of redoing them as interrupted work."""
+    from cpcx.pipeline import plan
+    from cpcx.recipe import load_recipe
+
+    overrides = [f"runs_dir={tmp_path / 'runs'}", "train.epochs=1", "crf.enabled=false", "pseudo.figures=0"]
+    for stage in ("clusters", "train", "pseudo"):
+        done = subprocess.run([sys.executable, "-m", "cpcx", stage, "-r", str(SMOKE), *overrides],
+                              capture_output=True, text=True, env=_env(data_root), timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    recipe = load_recipe(SMOKE, overrides)
+    for stage in ("train", "pseudo"):
+        state = json.loads((recipe.run_dir(stage) / "stage.json").read_text())
+        assert state["status"] == "done" and state["seconds"] > 0
+    assert plan(recipe) == {"clusters": "skip", "train": "skip", "pseudo": "skip", "segment": "run"}
