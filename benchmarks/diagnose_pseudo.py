@@ -107,6 +107,33 @@ class Scorer:
                 "fg_precision": tp / max(1, tp + fp), "wrong_class_in_fg": wrong / max(1, tp)}
 
 
+    def oracles(self, maps) -> dict:
+        """mIoU with one half of the decision taken from the ground truth: ``truth_background`` keeps the
+        network's choice among the present object classes but takes object-vs-background from the mask (what
+        a perfect background would give); ``truth_class`` keeps the network's object-vs-background but gives
+        every pixel it calls object, where the truth is an object, its true class (no confusion between
+        objects). Where the gap to 100 lies, the other half is the limit."""
+        import numpy as np
+
+        from cpcx.metrics import ConfusionMatrix
+
+        perfect_bg, perfect_class = (ConfusionMatrix(self.dataset.num_classes) for _ in range(2))
+        for i, (mask, prediction) in enumerate(self.predictions(maps)):
+            classes = np.flatnonzero(self.dataset.labels[i] > 0)
+            objects = classes[classes > 0]
+            truth_fg = (mask > 0) & (mask != 255)
+            if len(objects):
+                import torch.nn.functional as F
+
+                full = F.interpolate(maps[i][objects][None], size=mask.shape, mode="bilinear", align_corners=False)[0]
+                best_object = objects[full.argmax(0).numpy()]
+            else:
+                best_object = np.zeros_like(mask)
+            perfect_bg.update(mask, np.where(truth_fg, best_object, 0))
+            perfect_class.update(mask, np.where((prediction > 0) & truth_fg, mask, prediction))
+        return {"truth_background": perfect_bg.result().miou, "truth_class": perfect_class.result().miou}
+
+
 def score_as_pseudo(scorer: Scorer, probs, class_max_norm: bool):
     """The no-CRF pseudo-labels as ``cpcx pseudo`` decodes ``probs`` → (label-conditioned maps, mIoU and error
     split): the row every other decoding here, and every variant of ``sweep_train.py``, is compared with."""
@@ -216,6 +243,11 @@ def main(argv=None) -> int:
     truth = truth_on_grid(scorer.masks, dataset.num_classes, tuple(probs.shape[2:]))
     rows.append({"variant": f"ground truth averaged on the {probs.shape[2]}×{probs.shape[3]} patch grid "
                  "(resolution ceiling)", **scorer.miou(truth)})
+    oracle = scorer.oracles(base)
+    rows.append({"variant": "oracle: object vs background from the ground truth, object class from the maps",
+                 "miou": oracle["truth_background"]})
+    rows.append({"variant": "oracle: object vs background from the maps, object class from the ground truth",
+                 "miou": oracle["truth_class"]})
     wanted = [] if args.variants == "none" else args.variants.split(",")
     if probs.shape[2:] != feats.shape[1:3] and {"affinity", "selftrain"} & set(wanted):
         print(f"pseudo.scales: the maps are on a {tuple(probs.shape[2:])} grid, the tokens on {tuple(feats.shape[1:3])};"

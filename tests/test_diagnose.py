@@ -84,3 +84,22 @@ def test_truth_on_grid_is_exact_when_objects_follow_the_patches_and_ignores_255(
     mask[:4, 4:] = 0  # now an object in one corner patch: bilinear decoding rounds its inner corner off
     corner = scorer.miou(diag.truth_on_grid([mask], num_classes=4, grid=(2, 2)))["miou"]
     assert 0.9 < corner < 1.0
+
+
+def test_oracles_fix_one_half_of_the_decision_each():
+    mask = np.array([[0, 1], [2, 2]], dtype=np.uint8)
+    dataset = SimpleNamespace(labels=np.array([[1, 1, 1]]), classes=("background", "a", "b"), num_classes=3,
+                              load_mask=lambda i: mask)
+    scorer = diag.Scorer(dataset)
+    maps = torch.zeros(1, 3, 2, 2)
+    maps[0, 0, 0, 1] = 1.0  # a pixel → background (object/background error); its best object is a
+    maps[0, 1, 0, 1] = 0.5
+    maps[0, 1, 1, 0] = 1.0  # b pixel → a (class error)
+    maps[0, 2, 1, 1] = 1.0  # b pixel → b
+    maps[0, 2, 0, 0] = 1.0  # background pixel → b (object/background error)
+    oracle = scorer.oracles(maps)
+    # truth's background: [[0, a], [a, b]] → IoU background 1, a 1/2, b 1/2
+    assert oracle["truth_background"] == pytest.approx(2 / 3)
+    # truth's classes where both call it object: [[b, 0], [b, b]] → background 0, a 0, b 2/3
+    assert oracle["truth_class"] == pytest.approx(2 / 9)
+    assert scorer.miou(maps)["miou"] == pytest.approx(1 / 9)  # both halves wrong somewhere: below both oracles
