@@ -53,12 +53,16 @@ def test_selftrain_probe_follows_the_confident_patches():
     assert torch.equal(predicted == 1, group)  # the probe fixes the unconfident patch too
 
 
-def test_error_split_counts_background_misses_and_wrong_classes():
+def _two_by_two_scorer():
+    """One 2×2 image: background, an `a` pixel and two `b` pixels; all three classes present."""
     mask = np.array([[0, 1], [2, 2]], dtype=np.uint8)
     dataset = SimpleNamespace(labels=np.array([[1, 1, 1]]), classes=("background", "a", "b"), num_classes=3,
                               load_mask=lambda i: mask)
-    scorer = diag.Scorer(dataset)
-    maps = torch.zeros(1, 3, 2, 2)
+    return diag.Scorer(dataset), torch.zeros(1, 3, 2, 2)
+
+
+def test_error_split_counts_background_misses_and_wrong_classes():
+    scorer, maps = _two_by_two_scorer()
     maps[0, 0, 0, 1] = 1.0  # object pixel a → background (a miss)
     maps[0, 1, 1, 0] = 1.0  # b pixel → a (wrong class)
     maps[0, 2, 1, 1] = 1.0  # b pixel → b
@@ -87,11 +91,7 @@ def test_truth_on_grid_is_exact_when_objects_follow_the_patches_and_ignores_255(
 
 
 def test_oracles_fix_one_half_of_the_decision_each():
-    mask = np.array([[0, 1], [2, 2]], dtype=np.uint8)
-    dataset = SimpleNamespace(labels=np.array([[1, 1, 1]]), classes=("background", "a", "b"), num_classes=3,
-                              load_mask=lambda i: mask)
-    scorer = diag.Scorer(dataset)
-    maps = torch.zeros(1, 3, 2, 2)
+    scorer, maps = _two_by_two_scorer()
     maps[0, 0, 0, 1] = 1.0  # a pixel → background (object/background error); its best object is a
     maps[0, 1, 0, 1] = 0.5
     maps[0, 1, 1, 0] = 1.0  # b pixel → a (class error)
