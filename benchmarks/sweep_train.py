@@ -59,6 +59,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "clusters-2": (["llm.clusters={living: [bird, cat, cow, dog, horse, person, sheep], "
                     "object: [aeroplane, bicycle, boat, bottle, bus, car, chair, diningtable, motorbike, pottedplant, "
                     "sofa, train, tvmonitor]}"], "2 coarse groups, living things and objects (voc-mini's since)"),
+    "img-448": (["model.img_size=448", "pseudo.img_size=448", "model.topk=11"],
+                "a 32×32 patch grid instead of 24×24 (k scaled with the patch count)"),
     "finetune-1": (["train.unfreeze_blocks=1", *FINETUNE], "the last ViT block trains after the warm-up"),
     "finetune-2": (["train.unfreeze_blocks=2", *FINETUNE], "the last two blocks train"),
     "finetune-1-epochs-10": (["train.unfreeze_blocks=1", *FINETUNE, "train.epochs=10"], "the last block, longer"),
