@@ -13,7 +13,8 @@ first line must equal the run's "mIoU without CRF"), and reports, without CRF, o
 * the resolution ceiling: the ground truth itself averaged over the same patch grid and decoded the same way;
 * decoding variants that need no retraining: a fixed background threshold on the max-normalised class maps
   (CAM style), propagation of the maps along DINOv2 token affinities (random walk, as AffinityNet/PAR), and
-  self-training a linear probe on the confident patches (only the image's classes compete).
+  self-training a linear probe on the confident patches (only the image's classes compete), and taking
+  object-vs-background from the tokens alone (first PCA component per image, or a class-agnostic probe).
 
 Results go to ``benchmarks/results/diagnose.{json,md}`` (``--out``). Minutes on 2 CPU cores.
 """
@@ -30,7 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("threshold", "affinity", "selftrain")
+VARIANTS = ("threshold", "affinity", "selftrain", "objectness")
 
 
 def load_run(recipe):
@@ -214,6 +215,67 @@ def selftrain_maps(maps, feats, labels, confidence: float, epochs: int = 30, see
     return q.reshape(maps.shape[0], *maps.shape[2:], c).permute(0, 3, 1, 2), float(keep.float().mean())
 
 
+def object_share(maps):
+    """Per patch, the share of the label-conditioned score that goes to objects (N, h, w)."""
+    return 1 - maps[:, 0] / maps.sum(1).clamp_min(1e-12)
+
+
+def with_objectness(maps, objectness):
+    """Maps whose object-vs-background call is ``objectness > 0.5`` and whose object class is the network's:
+    the background scores 1 - o, the present object classes o × their score over the best object's."""
+    out = maps.clone()
+    objects = maps[:, 1:]
+    out[:, 1:] = objectness[:, None] * objects / objects.amax(1, keepdim=True).clamp_min(1e-12)
+    out[:, 0] = 1 - objectness
+    return out
+
+
+def pca_objectness(maps, feats):
+    """Per image, the first principal component of its DINOv2 tokens (the DINOv2 paper's unsupervised
+    foreground cue), standardised, signed to agree with the network's object share, squashed to (0, 1)."""
+    import torch
+
+    share = object_share(maps)
+    out = []
+    for f, s in zip(feats, share):
+        x = f.flatten(0, 1).float()
+        x = x - x.mean(0)
+        _, _, v = torch.pca_lowrank(x, q=3, center=False)
+        c = x @ v[:, 0]
+        c = (c - c.mean()) / c.std().clamp_min(1e-6)
+        if torch.corrcoef(torch.stack([c, s.flatten()]))[0, 1] < 0:
+            c = -c
+        out.append(torch.sigmoid(2 * c).reshape(s.shape))
+    return torch.stack(out)
+
+
+def probe_objectness(maps, feats, low: float = 0.2, high: float = 0.8, epochs: int = 30, seed: int = 0):
+    """A class-agnostic linear probe on the tokens, trained on the patches the network calls object (share >
+    ``high``) or background (< ``low``); its probability averaged with the network's object share."""
+    import torch
+    import torch.nn.functional as F
+
+    share = object_share(maps)
+    x = F.normalize(feats.flatten(0, 2).float(), dim=-1) * 10.0
+    s = share.flatten()
+    keep = (s < low) | (s > high)
+    xk, yk = x[keep], (s[keep] > 0.5).float()
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], 1)
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    for _ in range(epochs):
+        order = torch.randperm(len(xk))
+        for start in range(0, len(xk), 4096):
+            idx = order[start:start + 4096]
+            loss = F.binary_cross_entropy_with_logits(head(xk[idx])[:, 0], yk[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        probe = torch.sigmoid(head(x)[:, 0]).reshape(share.shape)
+    return (probe + share) / 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-r", "--recipe", required=True)
@@ -249,10 +311,10 @@ def main(argv=None) -> int:
     rows.append({"variant": "oracle: object vs background from the maps, object class from the ground truth",
                  "miou": oracle["truth_class"]})
     wanted = [] if args.variants == "none" else args.variants.split(",")
-    if probs.shape[2:] != feats.shape[1:3] and {"affinity", "selftrain"} & set(wanted):
+    if probs.shape[2:] != feats.shape[1:3] and {"affinity", "selftrain", "objectness"} & set(wanted):
         print(f"pseudo.scales: the maps are on a {tuple(probs.shape[2:])} grid, the tokens on {tuple(feats.shape[1:3])};"
-              " the affinity and self-training variants are skipped", file=sys.stderr)
-        wanted = [w for w in wanted if w not in ("affinity", "selftrain")]
+              " the token-based variants are skipped", file=sys.stderr)
+        wanted = [w for w in wanted if w not in ("affinity", "selftrain", "objectness")]
     if "threshold" in wanted:
         for background in (0.1, 0.2, 0.3, 0.5):
             rows.append({"variant": f"fixed background score {background}",
@@ -267,6 +329,11 @@ def main(argv=None) -> int:
             maps, kept = selftrain_maps(base, feats, labels, confidence)
             rows.append({"variant": f"linear probe self-trained on patches with p > {confidence} ({100 * kept:.0f} %)",
                          **scorer.miou(maps)})
+    if "objectness" in wanted:
+        rows.append({"variant": "object vs background from the first PCA component of each image's tokens",
+                     **scorer.miou(with_objectness(base, pca_objectness(base, feats)))})
+        rows.append({"variant": "object vs background from a class-agnostic probe self-trained on the confident "
+                     "patches (averaged with the maps)", **scorer.miou(with_objectness(base, probe_objectness(base, feats)))})
     doc = {"command": " ".join(["benchmarks/diagnose_pseudo.py", "-r", args.recipe, *args.overrides]),
            "run": str(recipe.run_dir()), "images": len(dataset), "seconds": time.perf_counter() - start, "rows": rows}
     atomic.write_json(args.out.with_suffix(".json"), doc)

@@ -103,3 +103,25 @@ def test_oracles_fix_one_half_of_the_decision_each():
     # truth's classes where both call it object: [[b, 0], [b, b]] → background 0, a 0, b 2/3
     assert oracle["truth_class"] == pytest.approx(2 / 9)
     assert scorer.miou(maps)["miou"] == pytest.approx(1 / 9)  # both halves wrong somewhere: below both oracles
+
+
+def test_objectness_decides_object_vs_background_and_keeps_the_networks_class():
+    maps = torch.zeros(1, 3, 1, 3)
+    maps[0, :, 0, 0] = torch.tensor([0.9, 0.1, 0.0])  # the network: background
+    maps[0, :, 0, 1] = torch.tensor([0.1, 0.2, 0.7])  # the network: b
+    maps[0, :, 0, 2] = torch.tensor([0.1, 0.6, 0.3])  # the network: a
+    objectness = torch.tensor([[[0.8, 0.3, 0.6]]])
+    out = diag.with_objectness(maps, objectness)
+    assert out[0].argmax(0).tolist() == [[1, 0, 1]]  # object where o > 0.5, with the network's best object
+    assert diag.object_share(maps)[0, 0].tolist() == pytest.approx([0.1, 0.9, 0.9])
+
+
+def test_pca_objectness_follows_the_token_split_signed_by_the_maps():
+    torch.manual_seed(0)
+    feats = torch.randn(1, 4, 4, 8) * 0.01
+    feats[0, :2, :, 0] += 1.0  # the top half's tokens differ from the bottom half's along one direction
+    maps = torch.zeros(1, 2, 4, 4)
+    maps[0, 1, :2] = 1.0  # the network calls the top half object...
+    maps[0, 0] = 0.5
+    o = diag.pca_objectness(maps, feats)
+    assert bool((o[0, :2] > 0.5).all() and (o[0, 2:] < 0.5).all())  # ...and the component is signed to agree
