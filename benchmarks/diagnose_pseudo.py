@@ -14,7 +14,9 @@ first line must equal the run's "mIoU without CRF"), and reports, without CRF, o
 * decoding variants that need no retraining: a fixed background threshold on the max-normalised class maps
   (CAM style), propagation of the maps along DINOv2 token affinities (random walk, as AffinityNet/PAR), and
   self-training a linear probe on the confident patches (only the image's classes compete), and taking
-  object-vs-background from the tokens alone (first PCA component per image, or a class-agnostic probe).
+  object-vs-background from the tokens alone (first PCA component per image, or a class-agnostic probe), and
+  the object class from dataset-level token prototypes (``decode_variants.py`` holds them all);
+* the largest confusions between objects (which class takes whose pixels).
 
 Results go to ``benchmarks/results/diagnose.{json,md}`` (``--out``). Minutes on 2 CPU cores.
 """
@@ -31,7 +33,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("threshold", "affinity", "selftrain", "objectness")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+VARIANTS = ("threshold", "affinity", "selftrain", "objectness", "prototypes")
+
+from decode_variants import (  # noqa: E402  (re-exported: the tests and the sweep reach them through here)
+    affinity_maps, object_share, pca_objectness, probe_objectness, prototype_maps, selftrain_maps,
+    threshold_maps, with_objectness)
 
 
 def load_run(recipe):
@@ -108,6 +115,22 @@ class Scorer:
                 "fg_precision": tp / max(1, tp + fp), "wrong_class_in_fg": wrong / max(1, tp)}
 
 
+    def confusions(self, maps, top: int = 8) -> list[dict]:
+        """The ``top`` largest flows of object pixels into another object class: truth, predicted, and the
+        share of the truth class's pixels (ignored pixels left out) that went there."""
+        import numpy as np
+
+        c = self.dataset.num_classes
+        counts = np.zeros((c, c), dtype=np.int64)
+        for mask, prediction in self.predictions(maps):
+            valid = mask != 255
+            counts += np.bincount(mask[valid].astype(np.int64) * c + prediction[valid], minlength=c * c).reshape(c, c)
+        share = counts / np.maximum(1, counts.sum(1, keepdims=True))
+        pairs = [(t, p) for t in range(1, c) for p in range(1, c) if t != p]
+        pairs.sort(key=lambda tp: -share[tp])
+        names = self.dataset.classes
+        return [{"truth": names[t], "predicted": names[p], "share": float(share[t, p])} for t, p in pairs[:top]]
+
     def oracles(self, maps) -> dict:
         """mIoU with one half of the decision taken from the ground truth: ``truth_background`` keeps the
         network's choice among the present object classes but takes object-vs-background from the mask (what
@@ -162,120 +185,6 @@ def truth_on_grid(masks, num_classes: int, grid: tuple[int, int]):
     return torch.stack(maps)
 
 
-def threshold_maps(probs, labels, background: float):
-    """CAM-style decoding: present classes max-normalised per image, the background a fixed score."""
-    maps = probs * labels[:, :, None, None]
-    maps = maps / maps.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
-    maps[:, 0] = background
-    return maps
-
-
-def affinity_maps(maps, feats, tau: float, steps: int):
-    """maps ← A^steps maps, A = row-softmax of the cosine similarity of the DINOv2 tokens / tau (per image)."""
-    import torch
-    import torch.nn.functional as F
-
-    out = []
-    for m, f in zip(maps, feats):
-        x = F.normalize(f.flatten(0, 1), dim=-1)
-        a = (x @ x.T / tau).softmax(-1)
-        p = m.flatten(1).T
-        for _ in range(steps):
-            p = a @ p
-        out.append(p.T.reshape(m.shape))
-    return torch.stack(out)
-
-
-def selftrain_maps(maps, feats, labels, confidence: float, epochs: int = 30, seed: int = 0):
-    """A linear probe on the (normalised) tokens, trained on the patches whose label-conditioned probability
-    exceeds ``confidence``, predicting over the image's classes only; its softmax is the new map."""
-    import torch
-    import torch.nn.functional as F
-
-    c = maps.shape[1]
-    x = F.normalize(feats.flatten(0, 2), dim=-1) * 10.0
-    p = maps.permute(0, 2, 3, 1).reshape(-1, c)
-    present = labels[:, None, None, :].expand(-1, *maps.shape[2:], -1).reshape(-1, c) > 0
-    conf, target = p.max(1)
-    keep = conf > confidence
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], c)
-    opt = torch.optim.Adam(head.parameters(), 1e-2)
-    xk, yk, mk = x[keep], target[keep], present[keep]
-    for _ in range(epochs):
-        order = torch.randperm(len(xk))
-        for s in range(0, len(xk), 4096):
-            idx = order[s:s + 4096]
-            loss = F.cross_entropy(head(xk[idx]).masked_fill(~mk[idx], -1e4), yk[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        q = head(x).masked_fill(~present, -1e4).softmax(-1)
-    return q.reshape(maps.shape[0], *maps.shape[2:], c).permute(0, 3, 1, 2), float(keep.float().mean())
-
-
-def object_share(maps):
-    """Per patch, the share of the label-conditioned score that goes to objects (N, h, w)."""
-    return 1 - maps[:, 0] / maps.sum(1).clamp_min(1e-12)
-
-
-def with_objectness(maps, objectness):
-    """Maps whose object-vs-background call is ``objectness > 0.5`` and whose object class is the network's:
-    the background scores 1 - o, the present object classes o × their score over the best object's."""
-    out = maps.clone()
-    objects = maps[:, 1:]
-    out[:, 1:] = objectness[:, None] * objects / objects.amax(1, keepdim=True).clamp_min(1e-12)
-    out[:, 0] = 1 - objectness
-    return out
-
-
-def pca_objectness(maps, feats):
-    """Per image, the first principal component of its DINOv2 tokens (the DINOv2 paper's unsupervised
-    foreground cue), standardised, signed to agree with the network's object share, squashed to (0, 1)."""
-    import torch
-
-    share = object_share(maps)
-    out = []
-    for f, s in zip(feats, share):
-        x = f.flatten(0, 1).float()
-        x = x - x.mean(0)
-        _, _, v = torch.pca_lowrank(x, q=3, center=False)
-        c = x @ v[:, 0]
-        c = (c - c.mean()) / c.std().clamp_min(1e-6)
-        if torch.corrcoef(torch.stack([c, s.flatten()]))[0, 1] < 0:
-            c = -c
-        out.append(torch.sigmoid(2 * c).reshape(s.shape))
-    return torch.stack(out)
-
-
-def probe_objectness(maps, feats, low: float = 0.2, high: float = 0.8, epochs: int = 30, seed: int = 0):
-    """A class-agnostic linear probe on the tokens, trained on the patches the network calls object (share >
-    ``high``) or background (< ``low``); its probability averaged with the network's object share."""
-    import torch
-    import torch.nn.functional as F
-
-    share = object_share(maps)
-    x = F.normalize(feats.flatten(0, 2).float(), dim=-1) * 10.0
-    s = share.flatten()
-    keep = (s < low) | (s > high)
-    xk, yk = x[keep], (s[keep] > 0.5).float()
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], 1)
-    opt = torch.optim.Adam(head.parameters(), 1e-2)
-    for _ in range(epochs):
-        order = torch.randperm(len(xk))
-        for start in range(0, len(xk), 4096):
-            idx = order[start:start + 4096]
-            loss = F.binary_cross_entropy_with_logits(head(xk[idx])[:, 0], yk[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        probe = torch.sigmoid(head(x)[:, 0]).reshape(share.shape)
-    return (probe + share) / 2
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-r", "--recipe", required=True)
@@ -311,10 +220,10 @@ def main(argv=None) -> int:
     rows.append({"variant": "oracle: object vs background from the maps, object class from the ground truth",
                  "miou": oracle["truth_class"]})
     wanted = [] if args.variants == "none" else args.variants.split(",")
-    if probs.shape[2:] != feats.shape[1:3] and {"affinity", "selftrain", "objectness"} & set(wanted):
+    if probs.shape[2:] != feats.shape[1:3] and {"affinity", "selftrain", "objectness", "prototypes"} & set(wanted):
         print(f"pseudo.scales: the maps are on a {tuple(probs.shape[2:])} grid, the tokens on {tuple(feats.shape[1:3])};"
               " the token-based variants are skipped", file=sys.stderr)
-        wanted = [w for w in wanted if w not in ("affinity", "selftrain", "objectness")]
+        wanted = [w for w in wanted if w not in ("affinity", "selftrain", "objectness", "prototypes")]
     if "threshold" in wanted:
         for background in (0.1, 0.2, 0.3, 0.5):
             rows.append({"variant": f"fixed background score {background}",
@@ -334,8 +243,14 @@ def main(argv=None) -> int:
                      **scorer.miou(with_objectness(base, pca_objectness(base, feats)))})
         rows.append({"variant": "object vs background from a class-agnostic probe self-trained on the confident "
                      "patches (averaged with the maps)", **scorer.miou(with_objectness(base, probe_objectness(base, feats)))})
+    if "prototypes" in wanted:
+        for confidence in (0.5, 0.8):
+            rows.append({"variant": f"object class from dataset-level token prototypes (patches won with p > "
+                         f"{confidence}), object vs background from the maps",
+                         **scorer.miou(prototype_maps(base, feats, labels, confidence))})
     doc = {"command": " ".join(["benchmarks/diagnose_pseudo.py", "-r", args.recipe, *args.overrides]),
-           "run": str(recipe.run_dir()), "images": len(dataset), "seconds": time.perf_counter() - start, "rows": rows}
+           "run": str(recipe.run_dir()), "images": len(dataset), "seconds": time.perf_counter() - start,
+           "rows": rows, "confusions": scorer.confusions(base)}
     atomic.write_json(args.out.with_suffix(".json"), doc)
     first = rows[0]
     lines = [f"# Pseudo-label diagnosis of `{doc['run']}` ({len(dataset)} images, no CRF)", "",
@@ -346,6 +261,8 @@ def main(argv=None) -> int:
              "foreground in both truth and prediction get another present class.", "",
              "| decoding | mIoU |", "|---|---:|"]
     lines += [f"| {row['variant']} | {100 * row['miou']:.1f} |" for row in rows]
+    lines += ["", "Largest confusions between objects (share of the truth class's pixels, as `cpcx pseudo`):", "",
+              ", ".join(f"{c['truth']} → {c['predicted']} {100 * c['share']:.0f} %" for c in doc["confusions"])]
     atomic.write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -125,3 +125,34 @@ def test_pca_objectness_follows_the_token_split_signed_by_the_maps():
     maps[0, 0] = 0.5
     o = diag.pca_objectness(maps, feats)
     assert bool((o[0, :2] > 0.5).all() and (o[0, 2:] < 0.5).all())  # ...and the component is signed to agree
+
+
+def test_prototypes_fix_the_class_of_a_confused_patch_and_keep_the_background():
+    # Two images of classes a (1) and b (2): tokens of a point along e0, of b along e1, background along e2.
+    feats = torch.zeros(2, 1, 4, 3)
+    feats[:, 0, 0, 2] = 1.0  # patch 0: background
+    feats[:, 0, 1:3, 0] = 1.0  # patches 1, 2: a
+    feats[:, 0, 3, 1] = 1.0  # patch 3: b
+    maps = torch.zeros(2, 3, 1, 4)
+    maps[:, 0, 0, 0] = 1.0
+    maps[:, 1, 0, 1:3] = 1.0  # a won confidently on its patches
+    maps[:, 2, 0, 3] = 0.9  # b won confidently on its patch in image 0...
+    maps[1, 1, 0, 3] = 0.95  # ...but in image 1 a takes b's patch by a hair
+    labels = torch.ones(2, 3)
+    out = diag.prototype_maps(maps, feats, labels, confidence=0.8)
+    assert maps[1].argmax(0).tolist() == [[0, 1, 1, 1]]
+    assert out[1].argmax(0).tolist() == [[0, 1, 1, 2]]  # the b patch gets its class back from the prototypes
+    assert out[0].argmax(0).tolist() == [[0, 1, 1, 2]]
+    assert torch.equal(out[:, 0], maps[:, 0])  # the background is the network's
+    assert torch.allclose(out[:, 1:].amax(1), maps[:, 1:].amax(1))  # the strongest object score is kept
+
+
+def test_confusions_rank_object_to_object_flows_by_share_of_the_truth():
+    scorer, maps = _two_by_two_scorer()
+    maps[0, 0, 0, 0] = 1.0  # background → background
+    maps[0, 2, 0, 1] = 1.0  # the a pixel → b: all of a
+    maps[0, 1, 1, 0] = 1.0  # one b pixel → a: half of b
+    maps[0, 0, 1, 1] = 1.0  # the other b pixel → background (not an object-to-object flow)
+    top = scorer.confusions(maps, top=2)
+    assert [(c["truth"], c["predicted"]) for c in top] == [("a", "b"), ("b", "a")]
+    assert [c["share"] for c in top] == pytest.approx([1.0, 0.5])
