@@ -23,7 +23,6 @@ Results go to ``benchmarks/results/diagnose.{json,md}`` (``--out``). Minutes on 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -185,6 +184,20 @@ def truth_on_grid(masks, num_classes: int, grid: tuple[int, int]):
     return torch.stack(maps)
 
 
+def open_run(args, loader):
+    """(recipe, ``loader(recipe)``) for the command line's recipe and overrides, or None after one line on
+    stderr for a bad recipe or a run that is not there (no traceback)."""
+    from cpcx.errors import CpcxError
+    from cpcx.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        return recipe, loader(recipe)
+    except CpcxError as exc:
+        print(f"✘ {exc}", file=sys.stderr)
+        return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-r", "--recipe", required=True)
@@ -196,17 +209,13 @@ def main(argv=None) -> int:
     import torch
 
     from cpcx import atomic
-    from cpcx.errors import CpcxError
-    from cpcx.recipe import load_recipe
 
     torch.set_num_threads(1)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        start = time.perf_counter()
-        dataset, probs, feats = load_run(recipe)
-    except CpcxError as exc:
-        print(f"✘ {exc}", file=sys.stderr)
+    start = time.perf_counter()
+    opened = open_run(args, load_run)
+    if opened is None:
         return 2
+    recipe, (dataset, probs, feats) = opened
     labels = torch.tensor(dataset.labels).float()
     scorer = Scorer(dataset)
     base, first = score_as_pseudo(scorer, probs, recipe.pseudo.class_max_norm)
@@ -261,6 +270,9 @@ def main(argv=None) -> int:
              "foreground in both truth and prediction get another present class.", "",
              "| decoding | mIoU |", "|---|---:|"]
     lines += [f"| {row['variant']} | {100 * row['miou']:.1f} |" for row in rows]
+    per_class = sorted(first["per_class_iou"].items(), key=lambda kv: (kv[1] is None, kv[1] or 0.0))
+    lines += ["", "Per-class IoU as `cpcx pseudo` (no CRF), worst first:", "",
+              ", ".join(f"{name} {'–' if iou is None else f'{100 * iou:.1f}'}" for name, iou in per_class)]
     lines += ["", "Largest confusions between objects (share of the truth class's pixels, as `cpcx pseudo`):", "",
               ", ".join(f"{c['truth']} → {c['predicted']} {100 * c['share']:.0f} %" for c in doc["confusions"])]
     atomic.write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")

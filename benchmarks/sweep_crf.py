@@ -135,8 +135,7 @@ def main(argv=None) -> int:
     import torch
 
     from cpcx.crf import CRFParams
-    from cpcx.errors import CpcxError
-    from cpcx.recipe import load_recipe
+    from diagnose_pseudo import open_run
 
     torch.set_num_threads(1)
     names = [name for name, _, _ in SETTINGS]
@@ -150,13 +149,11 @@ def main(argv=None) -> int:
     if doc.get("command") != command:
         doc = {"command": command, "rows": []}
     done = {row["setting"] for row in doc["rows"]}
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        start = time.perf_counter()
-        dataset, masks, items = load_probabilities(recipe)
-    except CpcxError as exc:
-        print(f"✘ {exc}", file=sys.stderr)
+    start = time.perf_counter()
+    opened = open_run(args, load_probabilities)
+    if opened is None:
         return 2
+    recipe, (dataset, masks, items) = opened
     doc.update(run=str(recipe.run_dir()), images=len(dataset), load_seconds=time.perf_counter() - start)
     if "no CRF" not in done:
         argmax = [classes[np.asarray(probs, dtype=np.float32).argmax(0)] for _, probs, classes in items]

@@ -75,3 +75,11 @@ def test_unknown_setting_is_refused_with_the_list(capsys):
     with pytest.raises(SystemExit):
         sweep_crf.main(["-r", "recipes/voc-mini.yaml", "--only", "nope"])
     assert "recipe" in capsys.readouterr().err
+
+
+def test_a_run_that_is_not_there_is_one_line_and_exit_2(tmp_path, voc_root, capsys):
+    code = sweep_crf.main(["-r", str(ROOT / "recipes/voc-mini.yaml"), "name=nope", f"runs_dir={tmp_path}",
+                           "--out", str(tmp_path / "crf")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("✘") and err.count("\n") == 1
+    assert not (tmp_path / "crf.json").exists()
