@@ -263,6 +263,15 @@ _TORCH_INFO = ("import json, torch; n = torch.cuda.device_count(); print(json.du
                "'gpu': ', '.join(torch.cuda.get_device_name(i) for i in range(n)) or None}))")
 
 
+def llm_record(previous: dict | None, available: bool, note: str) -> dict:
+    """The header's local LLM: this invocation's, or, when it started none, the one of the earlier invocation
+    whose LLM rows the merged file keeps (a ``--no-llm`` merge must not erase what those rows were made with)."""
+    if available or not (previous or {}).get("available"):
+        return {"available": available, "note": note}
+    first = previous["note"].split(" (an earlier invocation")[0]  # merged again: one parenthesis, not nested
+    return {"available": True, "note": f"{first} (an earlier invocation; the latest: {note})"}
+
+
 def machine_info() -> dict:
     import platform
 
@@ -359,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = [".venv/bin/python", "benchmarks/results.py", *(sys.argv[1:] if argv is None else argv)]
     store.doc.setdefault("invocations", []).append(shlex.join(command))  # the last one is this benchmark's command
     store.doc.pop("benchmark_command", None)  # files written before invocations were recorded
+    previous_llm = store.doc.get("llm")
     store.doc.update(settings=vars(settings), machine=machine_info(),
                      git_sha=git_describe(), llm={"available": False, "note": "not started yet"},
                      bench_files={n: read_json(ROOT / "benchmarks" / "results" / f"{n}.json")
@@ -368,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     llm_ok = needs_llm and not args.no_llm and llm.start()
     if args.no_llm:
         llm.note = "none (--no-llm)"
-    store.doc["llm"] = {"available": llm_ok, "note": llm.note}
+    store.doc["llm"] = llm_record(previous_llm, llm_ok, llm.note)
     print(f"results → {store.md_path} (raw: {store.json_path}); runs in {settings.work_dir}/; LLM: {llm.note}",
           flush=True)
     runner = Runner(settings, store, llm_ok, rows=[r for r in args.rows.split(",") if r])
