@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 VARIANTS = ("threshold", "affinity", "selftrain", "objectness", "prototypes")
+TOKEN_VARIANTS = ("affinity", "selftrain", "objectness", "prototypes")  # need the tokens on the maps' grid
 
 from decode_variants import (  # noqa: E402  (re-exported: the tests and the sweep reach them through here)
     affinity_maps, object_share, pca_objectness, probe_objectness, prototype_maps, selftrain_maps,
@@ -76,8 +77,45 @@ def load_run(recipe):
     return dataset, torch.cat(probs), torch.cat(feats)
 
 
+def confusion_of(pairs, num_classes: int):
+    """The C×C confusion matrix (rows: truth) of (mask, predicted label map) pairs; 255 is ignored."""
+    from cpcx.metrics import ConfusionMatrix
+
+    confusion = ConfusionMatrix(num_classes)
+    for mask, prediction in pairs:
+        confusion.update(mask, prediction)
+    return confusion.matrix
+
+
+def scores_of(matrix, names) -> dict:
+    """Everything this diagnosis reports of one decoding, from its confusion matrix alone: mIoU, per-class IoU
+    and the error split (object/background IoU, recall, precision; the share of the pixels that are object in
+    both truth and prediction but get another class)."""
+    import numpy as np
+
+    from cpcx.metrics import scores_from_confusion
+
+    tp, fp, fn = int(matrix[1:, 1:].sum()), int(matrix[0, 1:].sum()), int(matrix[1:, 0].sum())
+    wrong = tp - int(np.trace(matrix[1:, 1:]))
+    scores = scores_from_confusion(matrix)
+    return {"miou": scores.miou, "per_class_iou": scores.as_dict(names)["per_class_iou"],
+            "fg_iou": tp / max(1, tp + fp + fn), "fg_recall": tp / max(1, tp + fn),
+            "fg_precision": tp / max(1, tp + fp), "wrong_class_in_fg": wrong / max(1, tp)}
+
+
+def top_confusions(matrix, names, top: int = 8) -> list[dict]:
+    """The ``top`` largest flows of object pixels into another object class: truth, predicted, and the share of
+    the truth class's pixels (ignored pixels left out) that went there."""
+    import numpy as np
+
+    share = matrix / np.maximum(1, matrix.sum(1, keepdims=True))
+    pairs = [(t, p) for t in range(1, len(names)) for p in range(1, len(names)) if t != p]
+    pairs.sort(key=lambda tp: -share[tp])
+    return [{"truth": names[t], "predicted": names[p], "share": float(share[t, p])} for t, p in pairs[:top]]
+
+
 class Scorer:
-    """mIoU (and the error split) of patch-grid score maps, upsampled and argmaxed over the present classes."""
+    """Scores of patch-grid score maps, upsampled and argmaxed over the present classes as ``cpcx pseudo`` does."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -85,50 +123,19 @@ class Scorer:
 
     def predictions(self, maps):
         import numpy as np
-        import torch.nn.functional as F
+
+        from cpcx.pseudo_infer import channel_argmax, upsample
 
         for i, mask in enumerate(self.masks):
             classes = np.flatnonzero(self.dataset.labels[i] > 0)
-            full = F.interpolate(maps[i][classes][None], size=mask.shape, mode="bilinear", align_corners=False)[0]
-            yield mask, classes[full.argmax(0).numpy()]
+            yield mask, classes[channel_argmax(upsample(maps[i], classes, mask.shape))]
 
-    def miou(self, maps) -> dict:
-        from cpcx.metrics import ConfusionMatrix
+    def confusion(self, maps):
+        return confusion_of(self.predictions(maps), self.dataset.num_classes)
 
-        confusion = ConfusionMatrix(self.dataset.num_classes)
-        for mask, prediction in self.predictions(maps):
-            confusion.update(mask, prediction)
-        scores = confusion.result()
-        return {"miou": scores.miou, "per_class_iou": scores.as_dict(self.dataset.classes)["per_class_iou"]}
-
-    def error_split(self, maps) -> dict:
-        tp = fp = fn = wrong = 0
-        for mask, prediction in self.predictions(maps):
-            valid = mask != 255
-            truth_fg, pred_fg = (mask > 0) & valid, (prediction > 0) & valid
-            tp += int((truth_fg & pred_fg).sum())
-            fp += int((~truth_fg & pred_fg & valid).sum())
-            fn += int((truth_fg & ~pred_fg).sum())
-            wrong += int((truth_fg & pred_fg & (prediction != mask)).sum())
-        return {"fg_iou": tp / max(1, tp + fp + fn), "fg_recall": tp / max(1, tp + fn),
-                "fg_precision": tp / max(1, tp + fp), "wrong_class_in_fg": wrong / max(1, tp)}
-
-
-    def confusions(self, maps, top: int = 8) -> list[dict]:
-        """The ``top`` largest flows of object pixels into another object class: truth, predicted, and the
-        share of the truth class's pixels (ignored pixels left out) that went there."""
-        import numpy as np
-
-        c = self.dataset.num_classes
-        counts = np.zeros((c, c), dtype=np.int64)
-        for mask, prediction in self.predictions(maps):
-            valid = mask != 255
-            counts += np.bincount(mask[valid].astype(np.int64) * c + prediction[valid], minlength=c * c).reshape(c, c)
-        share = counts / np.maximum(1, counts.sum(1, keepdims=True))
-        pairs = [(t, p) for t in range(1, c) for p in range(1, c) if t != p]
-        pairs.sort(key=lambda tp: -share[tp])
-        names = self.dataset.classes
-        return [{"truth": names[t], "predicted": names[p], "share": float(share[t, p])} for t, p in pairs[:top]]
+    def scores(self, maps) -> dict:
+        """mIoU, per-class IoU and the error split (``scores_of``), in one decoding pass."""
+        return scores_of(self.confusion(maps), self.dataset.classes)
 
     def oracles(self, maps) -> dict:
         """mIoU with one half of the decision taken from the ground truth: ``truth_background`` keeps the
@@ -158,14 +165,15 @@ class Scorer:
 
 
 def score_as_pseudo(scorer: Scorer, probs, class_max_norm: bool):
-    """The no-CRF pseudo-labels as ``cpcx pseudo`` decodes ``probs`` → (label-conditioned maps, mIoU and error
-    split): the row every other decoding here, and every variant of ``sweep_train.py``, is compared with."""
+    """The no-CRF pseudo-labels as ``cpcx pseudo`` decodes ``probs`` → (label-conditioned maps, their scores, their
+    confusion matrix): the row every other decoding here, and every variant of ``sweep_train.py``, is compared with."""
     import torch
 
     from cpcx.pseudo_infer import condition_on_labels
 
     maps = condition_on_labels(probs, torch.tensor(scorer.dataset.labels).float(), class_max_norm)
-    return maps, {**scorer.miou(maps), **scorer.error_split(maps)}
+    matrix = scorer.confusion(maps)
+    return maps, scores_of(matrix, scorer.dataset.classes), matrix
 
 
 def truth_on_grid(masks, num_classes: int, grid: tuple[int, int]):
@@ -218,48 +226,48 @@ def main(argv=None) -> int:
     recipe, (dataset, probs, feats) = opened
     labels = torch.tensor(dataset.labels).float()
     scorer = Scorer(dataset)
-    base, first = score_as_pseudo(scorer, probs, recipe.pseudo.class_max_norm)
+    base, first, base_confusion = score_as_pseudo(scorer, probs, recipe.pseudo.class_max_norm)
     rows = [{"variant": "as cpcx pseudo (no CRF)", **first}]
     truth = truth_on_grid(scorer.masks, dataset.num_classes, tuple(probs.shape[2:]))
     rows.append({"variant": f"ground truth averaged on the {probs.shape[2]}×{probs.shape[3]} patch grid "
-                 "(resolution ceiling)", **scorer.miou(truth)})
+                 "(resolution ceiling)", **scorer.scores(truth)})
     oracle = scorer.oracles(base)
     rows.append({"variant": "oracle: object vs background from the ground truth, object class from the maps",
                  "miou": oracle["truth_background"]})
     rows.append({"variant": "oracle: object vs background from the maps, object class from the ground truth",
                  "miou": oracle["truth_class"]})
     wanted = [] if args.variants == "none" else args.variants.split(",")
-    if probs.shape[2:] != feats.shape[1:3] and {"affinity", "selftrain", "objectness", "prototypes"} & set(wanted):
+    if probs.shape[2:] != feats.shape[1:3] and set(TOKEN_VARIANTS) & set(wanted):
         print(f"pseudo.scales: the maps are on a {tuple(probs.shape[2:])} grid, the tokens on {tuple(feats.shape[1:3])};"
               " the token-based variants are skipped", file=sys.stderr)
-        wanted = [w for w in wanted if w not in ("affinity", "selftrain", "objectness", "prototypes")]
+        wanted = [w for w in wanted if w not in TOKEN_VARIANTS]
     if "threshold" in wanted:
         for background in (0.1, 0.2, 0.3, 0.5):
             rows.append({"variant": f"fixed background score {background}",
-                         **scorer.miou(threshold_maps(probs, labels, background))})
+                         **scorer.scores(threshold_maps(probs, labels, background))})
     if "affinity" in wanted:
         for tau in (0.02, 0.05, 0.1):
             for steps in (1, 2):
                 rows.append({"variant": f"token-affinity walk, tau {tau}, {steps} step(s)",
-                             **scorer.miou(affinity_maps(base, feats, tau, steps))})
+                             **scorer.scores(affinity_maps(base, feats, tau, steps))})
     if "selftrain" in wanted:
         for confidence in (0.5, 0.8):
             maps, kept = selftrain_maps(base, feats, labels, confidence)
             rows.append({"variant": f"linear probe self-trained on patches with p > {confidence} ({100 * kept:.0f} %)",
-                         **scorer.miou(maps)})
+                         **scorer.scores(maps)})
     if "objectness" in wanted:
         rows.append({"variant": "object vs background from the first PCA component of each image's tokens",
-                     **scorer.miou(with_objectness(base, pca_objectness(base, feats)))})
+                     **scorer.scores(with_objectness(base, pca_objectness(base, feats)))})
         rows.append({"variant": "object vs background from a class-agnostic probe self-trained on the confident "
-                     "patches (averaged with the maps)", **scorer.miou(with_objectness(base, probe_objectness(base, feats)))})
+                     "patches (averaged with the maps)", **scorer.scores(with_objectness(base, probe_objectness(base, feats)))})
     if "prototypes" in wanted:
         for confidence in (0.5, 0.8):
             rows.append({"variant": f"object class from dataset-level token prototypes (patches won with p > "
                          f"{confidence}), object vs background from the maps",
-                         **scorer.miou(prototype_maps(base, feats, labels, confidence))})
+                         **scorer.scores(prototype_maps(base, feats, labels, confidence))})
     doc = {"command": " ".join(["benchmarks/diagnose_pseudo.py", "-r", args.recipe, *args.overrides]),
            "run": str(recipe.run_dir()), "images": len(dataset), "seconds": time.perf_counter() - start,
-           "rows": rows, "confusions": scorer.confusions(base)}
+           "rows": rows, "confusions": top_confusions(base_confusion, dataset.classes)}
     atomic.write_json(args.out.with_suffix(".json"), doc)
     first = rows[0]
     lines = [f"# Pseudo-label diagnosis of `{doc['run']}` ({len(dataset)} images, no CRF)", "",

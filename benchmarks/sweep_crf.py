@@ -106,22 +106,6 @@ def load_probabilities(recipe):
     return dataset, masks, items
 
 
-def score(dataset, masks, predictions) -> dict:
-    """mIoU and object-vs-background IoU of label maps against the masks."""
-    from cpcx.metrics import ConfusionMatrix
-
-    confusion = ConfusionMatrix(dataset.num_classes)
-    tp = fp = fn = 0
-    for mask, prediction in zip(masks, predictions):
-        confusion.update(mask, prediction)
-        valid = mask != 255
-        truth_fg, pred_fg = (mask > 0) & valid, (prediction > 0) & valid
-        tp += int((truth_fg & pred_fg).sum())
-        fp += int((~truth_fg & pred_fg).sum())
-        fn += int((truth_fg & ~pred_fg).sum())
-    return {"miou": confusion.result().miou, "fg_iou": tp / max(1, tp + fp + fn)}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-r", "--recipe", required=True)
@@ -135,7 +119,7 @@ def main(argv=None) -> int:
     import torch
 
     from cpcx.crf import CRFParams
-    from diagnose_pseudo import open_run
+    from diagnose_pseudo import confusion_of, open_run, scores_of
 
     torch.set_num_threads(1)
     names = [name for name, _, _ in SETTINGS]
@@ -154,11 +138,14 @@ def main(argv=None) -> int:
     if opened is None:
         return 2
     recipe, (dataset, masks, items) = opened
+
+    def score(predictions) -> dict:  # mIoU, per-class IoU and the error split, as diagnose_pseudo.py reports them
+        return scores_of(confusion_of(zip(masks, predictions), dataset.num_classes), dataset.classes)
     doc.update(run=str(recipe.run_dir()), images=len(dataset), load_seconds=time.perf_counter() - start)
     if "no CRF" not in done:
         argmax = [classes[np.asarray(probs, dtype=np.float32).argmax(0)] for _, probs, classes in items]
         doc["rows"].insert(0, {"setting": "no CRF", "why": "argmax of the upsampled maps", "params": None,
-                               **score(dataset, masks, argmax), "seconds": 0.0})
+                               **score(argmax), "seconds": 0.0})
     base = CRFParams.from_config(recipe.crf)
     for name, changes, why in SETTINGS:
         if name not in wanted or name in done:
@@ -166,7 +153,7 @@ def main(argv=None) -> int:
         params = replace(base, **changes)
         began = time.perf_counter()
         predictions = crf_all(items, params, args.workers)
-        row = {"setting": name, "why": why, "params": asdict(params), **score(dataset, masks, predictions),
+        row = {"setting": name, "why": why, "params": asdict(params), **score(predictions),
                "seconds": time.perf_counter() - began}
         doc["rows"].append(row)
         print(f"{name:12s} mIoU {100 * row['miou']:.1f}  object/background IoU {100 * row['fg_iou']:.1f}  "

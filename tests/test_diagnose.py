@@ -67,11 +67,11 @@ def test_error_split_counts_background_misses_and_wrong_classes():
     maps[0, 1, 1, 0] = 1.0  # b pixel → a (wrong class)
     maps[0, 2, 1, 1] = 1.0  # b pixel → b
     maps[0, 0, 0, 0] = 1.0  # background → background
-    split = scorer.error_split(maps)
+    split = scorer.scores(maps)
     assert split["fg_recall"] == pytest.approx(2 / 3)
     assert split["fg_precision"] == pytest.approx(1.0)
     assert split["wrong_class_in_fg"] == pytest.approx(0.5)
-    assert scorer.miou(maps)["miou"] == pytest.approx(1 / 3)  # IoU background 1/2, a 0, b 1/2
+    assert scorer.scores(maps)["miou"] == pytest.approx(1 / 3)  # IoU background 1/2, a 0, b 1/2
 
 
 def test_truth_on_grid_is_exact_when_objects_follow_the_patches_and_ignores_255():
@@ -84,9 +84,9 @@ def test_truth_on_grid_is_exact_when_objects_follow_the_patches_and_ignores_255(
     assert maps[0, 0, 0, 0] == pytest.approx(15 / 16)  # the ignored pixel counts for no class
     scorer = diag.Scorer(SimpleNamespace(labels=np.array([[1, 0, 0, 1]]), num_classes=4,
                                          classes=("background", "a", "b", "c"), load_mask=lambda i: mask))
-    assert scorer.miou(maps)["miou"] == pytest.approx(1.0)  # an edge along the grid survives bilinear decoding
+    assert scorer.scores(maps)["miou"] == pytest.approx(1.0)  # an edge along the grid survives bilinear decoding
     mask[:4, 4:] = 0  # now an object in one corner patch: bilinear decoding rounds its inner corner off
-    corner = scorer.miou(diag.truth_on_grid([mask], num_classes=4, grid=(2, 2)))["miou"]
+    corner = scorer.scores(diag.truth_on_grid([mask], num_classes=4, grid=(2, 2)))["miou"]
     assert 0.9 < corner < 1.0
 
 
@@ -102,7 +102,7 @@ def test_oracles_fix_one_half_of_the_decision_each():
     assert oracle["truth_background"] == pytest.approx(2 / 3)
     # truth's classes where both call it object: [[b, 0], [b, b]] → background 0, a 0, b 2/3
     assert oracle["truth_class"] == pytest.approx(2 / 9)
-    assert scorer.miou(maps)["miou"] == pytest.approx(1 / 9)  # both halves wrong somewhere: below both oracles
+    assert scorer.scores(maps)["miou"] == pytest.approx(1 / 9)  # both halves wrong somewhere: below both oracles
 
 
 def test_objectness_decides_object_vs_background_and_keeps_the_networks_class():
@@ -153,6 +153,6 @@ def test_confusions_rank_object_to_object_flows_by_share_of_the_truth():
     maps[0, 2, 0, 1] = 1.0  # the a pixel → b: all of a
     maps[0, 1, 1, 0] = 1.0  # one b pixel → a: half of b
     maps[0, 0, 1, 1] = 1.0  # the other b pixel → background (not an object-to-object flow)
-    top = scorer.confusions(maps, top=2)
+    top = diag.top_confusions(scorer.confusion(maps), scorer.dataset.classes, top=2)
     assert [(c["truth"], c["predicted"]) for c in top] == [("a", "b"), ("b", "a")]
     assert [c["share"] for c in top] == pytest.approx([1.0, 0.5])
