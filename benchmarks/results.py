@@ -264,12 +264,11 @@ _TORCH_INFO = ("import json, torch; n = torch.cuda.device_count(); print(json.du
 
 
 def llm_record(previous: dict | None, available: bool, note: str) -> dict:
-    """The header's local LLM: this invocation's, or, when it started none, the one of the earlier invocation
-    whose LLM rows the merged file keeps (a ``--no-llm`` merge must not erase what those rows were made with)."""
+    """The header's local LLM: this invocation's, or, when it started none, the earlier one that the merged
+    file's LLM rows were made with (a ``--no-llm`` merge must not erase it; the Commands list shows the merge)."""
     if available or not (previous or {}).get("available"):
         return {"available": available, "note": note}
-    first = previous["note"].split(" (an earlier invocation")[0]  # merged again: one parenthesis, not nested
-    return {"available": True, "note": f"{first} (an earlier invocation; the latest: {note})"}
+    return previous
 
 
 def machine_info() -> dict:

@@ -247,9 +247,7 @@ def test_rows_option_runs_only_those_table4_rows(tmp_path):
 
 def test_a_merge_without_the_llm_keeps_the_llm_its_kept_rows_were_made_with():
     gemma = {"available": True, "note": "Gemma-3-270M at http://127.0.0.1:8766/v1"}
-    merged = results.llm_record(gemma, False, "none (--no-llm)")
-    assert merged == {"available": True,
-                      "note": "Gemma-3-270M at http://127.0.0.1:8766/v1 (an earlier invocation; the latest: none (--no-llm))"}
-    assert results.llm_record(merged, False, "none (--no-llm)") == merged  # merged again: not nested
+    assert results.llm_record(gemma, False, "none (--no-llm)") == gemma
     assert results.llm_record(gemma, True, "Gemma, new server") == {"available": True, "note": "Gemma, new server"}
     assert results.llm_record(None, False, "none (--no-llm)") == {"available": False, "note": "none (--no-llm)"}
+    assert results.llm_record({"available": False, "note": "none"}, False, "none (--no-llm)")["note"] == "none (--no-llm)"
