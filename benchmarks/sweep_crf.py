@@ -34,20 +34,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 #: ViT-PCM/voc-mini (bilateral xy 67, rgb 3, w 4; Gaussian 1, 3), DeepLab v2 on VOC (121, 5, 4; 3, 3) and the
 #: AffinityNet/IRN post-processing (80, 13, 10; 3, 3). The unary temperature decides how far the pairwise
 #: terms may move a boundary of maps upsampled from a 24×24 grid: T > 1 lets them move it further.
+_DEEPLAB = {"bi_xy": 121.0, "bi_rgb": 5.0, "bi_w": 4.0, "pos_xy": 3.0, "pos_w": 3.0}
+_IRN = {"bi_xy": 80.0, "bi_rgb": 13.0, "bi_w": 10.0, "pos_xy": 3.0, "pos_w": 3.0}
 SETTINGS: tuple[tuple[str, dict, str], ...] = (
     ("recipe", {}, "voc-mini as it ships: ViT-PCM kernels, unary T 0.5"),
     ("T1", {"unary_temperature": 1.0}, "ViT-PCM kernels, plain unary"),
     ("T2", {"unary_temperature": 2.0}, "ViT-PCM kernels, flattened unary"),
-    ("deeplab", {"bi_xy": 121.0, "bi_rgb": 5.0, "bi_w": 4.0, "pos_xy": 3.0, "pos_w": 3.0, "unary_temperature": 1.0},
-     "DeepLab v2's VOC kernels"),
-    ("deeplab-T2", {"bi_xy": 121.0, "bi_rgb": 5.0, "bi_w": 4.0, "pos_xy": 3.0, "pos_w": 3.0, "unary_temperature": 2.0},
-     "DeepLab v2's VOC kernels, flattened unary"),
-    ("irn", {"bi_xy": 80.0, "bi_rgb": 13.0, "bi_w": 10.0, "pos_xy": 3.0, "pos_w": 3.0, "unary_temperature": 1.0},
-     "AffinityNet/IRN kernels"),
-    ("irn-T0.5", {"bi_xy": 80.0, "bi_rgb": 13.0, "bi_w": 10.0, "pos_xy": 3.0, "pos_w": 3.0, "unary_temperature": 0.5},
-     "AffinityNet/IRN kernels, sharpened unary"),
-    ("irn-T2", {"bi_xy": 80.0, "bi_rgb": 13.0, "bi_w": 10.0, "pos_xy": 3.0, "pos_w": 3.0, "unary_temperature": 2.0},
-     "AffinityNet/IRN kernels, flattened unary"),
+    ("deeplab", {**_DEEPLAB, "unary_temperature": 1.0}, "DeepLab v2's VOC kernels"),
+    ("deeplab-T2", {**_DEEPLAB, "unary_temperature": 2.0}, "DeepLab v2's VOC kernels, flattened unary"),
+    ("irn", {**_IRN, "unary_temperature": 1.0}, "AffinityNet/IRN kernels"),
+    ("irn-T0.5", {**_IRN, "unary_temperature": 0.5}, "AffinityNet/IRN kernels, sharpened unary"),
+    ("irn-T2", {**_IRN, "unary_temperature": 2.0}, "AffinityNet/IRN kernels, flattened unary"),
     ("rgb13", {"bi_rgb": 13.0, "unary_temperature": 1.0}, "ViT-PCM kernels with IRN's colour std"),
     ("rgb13-w10", {"bi_rgb": 13.0, "bi_w": 10.0, "unary_temperature": 1.0}, "ViT-PCM kernels, IRN's colour std and weight"),
 )
@@ -141,6 +138,7 @@ def main(argv=None) -> int:
 
     def score(predictions) -> dict:  # mIoU, per-class IoU and the error split, as diagnose_pseudo.py reports them
         return scores_of(confusion_of(zip(masks, predictions), dataset.num_classes), dataset.classes)
+
     doc.update(run=str(recipe.run_dir()), images=len(dataset), load_seconds=time.perf_counter() - start)
     if "no CRF" not in done:
         argmax = [classes[np.asarray(probs, dtype=np.float32).argmax(0)] for _, probs, classes in items]
