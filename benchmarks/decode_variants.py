@@ -32,6 +32,25 @@ def affinity_maps(maps, feats, tau: float, steps: int):
     return torch.stack(out)
 
 
+def _train_linear(x, out_features: int, batch_loss, epochs: int, seed: int):
+    """A linear head on the rows of ``x``, Adam at 1e-2 over shuffled batches of 4096 rows for ``epochs`` epochs;
+    ``batch_loss(logits, idx)`` is the loss of the batch of rows ``idx`` (the probes of this module)."""
+    import torch
+
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], out_features)
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), 4096):
+            idx = order[start:start + 4096]
+            loss = batch_loss(head(x[idx]), idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return head
+
+
 def selftrain_maps(maps, feats, labels, confidence: float, epochs: int = 30, seed: int = 0):
     """A linear probe on the (normalised) tokens, trained on the patches whose label-conditioned probability
     exceeds ``confidence``, predicting over the image's classes only; its softmax is the new map."""
@@ -44,18 +63,9 @@ def selftrain_maps(maps, feats, labels, confidence: float, epochs: int = 30, see
     present = labels[:, None, None, :].expand(-1, *maps.shape[2:], -1).reshape(-1, c) > 0
     conf, target = p.max(1)
     keep = conf > confidence
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], c)
-    opt = torch.optim.Adam(head.parameters(), 1e-2)
     xk, yk, mk = x[keep], target[keep], present[keep]
-    for _ in range(epochs):
-        order = torch.randperm(len(xk))
-        for s in range(0, len(xk), 4096):
-            idx = order[s:s + 4096]
-            loss = F.cross_entropy(head(xk[idx]).masked_fill(~mk[idx], -1e4), yk[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    head = _train_linear(xk, c, lambda logits, idx: F.cross_entropy(logits.masked_fill(~mk[idx], -1e4), yk[idx]),
+                         epochs, seed)
     with torch.no_grad():
         q = head(x).masked_fill(~present, -1e4).softmax(-1)
     return q.reshape(maps.shape[0], *maps.shape[2:], c).permute(0, 3, 1, 2), float(keep.float().mean())
@@ -106,17 +116,8 @@ def probe_objectness(maps, feats, low: float = 0.2, high: float = 0.8, epochs: i
     s = share.flatten()
     keep = (s < low) | (s > high)
     xk, yk = x[keep], (s[keep] > 0.5).float()
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], 1)
-    opt = torch.optim.Adam(head.parameters(), 1e-2)
-    for _ in range(epochs):
-        order = torch.randperm(len(xk))
-        for start in range(0, len(xk), 4096):
-            idx = order[start:start + 4096]
-            loss = F.binary_cross_entropy_with_logits(head(xk[idx])[:, 0], yk[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    head = _train_linear(xk, 1, lambda logits, idx: F.binary_cross_entropy_with_logits(logits[:, 0], yk[idx]),
+                         epochs, seed)
     with torch.no_grad():
         probe = torch.sigmoid(head(x)[:, 0]).reshape(share.shape)
     return (probe + share) / 2
