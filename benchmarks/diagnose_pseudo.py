@@ -16,6 +16,9 @@ first line must equal the run's "mIoU without CRF"), and reports, without CRF, o
   self-training a linear probe on the confident patches (only the image's classes compete), and taking
   object-vs-background from the tokens alone (first PCA component per image, or a class-agnostic probe), and
   the object class from dataset-level token prototypes (``decode_variants.py`` holds them all);
+* a bound, not a decoding: a linear head on the same tokens trained on the ground-truth masks of the other
+  images (10-fold cross-validation), label-conditioned the same way, with the background score scaled by a
+  factor (the factors are compared on these images, so its best row is an optimistic bound);
 * the largest confusions between objects (which class takes whose pixels).
 
 Results go to ``benchmarks/results/diagnose.{json,md}`` (``--out``). Minutes on 2 CPU cores.
@@ -33,12 +36,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-VARIANTS = ("threshold", "affinity", "selftrain", "objectness", "prototypes")
-TOKEN_VARIANTS = ("affinity", "selftrain", "objectness", "prototypes")  # need the tokens on the maps' grid
+VARIANTS = ("threshold", "affinity", "selftrain", "objectness", "prototypes", "supervised")
+TOKEN_VARIANTS = ("affinity", "selftrain", "objectness", "prototypes", "supervised")  # need the tokens on the maps' grid
 
 from decode_variants import (  # noqa: E402  (re-exported: the tests and the sweep reach them through here)
     affinity_maps, object_share, pca_objectness, probe_objectness, prototype_maps, selftrain_maps,
-    threshold_maps, with_objectness)
+    supervised_probe_probs, threshold_maps, with_objectness)
 
 
 def load_run(recipe):
@@ -265,6 +268,15 @@ def main(argv=None) -> int:
             rows.append({"variant": f"object class from dataset-level token prototypes (patches won with p > "
                          f"{confidence}), object vs background from the maps",
                          **scorer.scores(prototype_maps(base, feats, labels, confidence))})
+    if "supervised" in wanted:
+        from cpcx.pseudo_infer import condition_on_labels
+
+        supervised = condition_on_labels(supervised_probe_probs(feats, truth), labels, recipe.pseudo.class_max_norm)
+        for factor in (1.0, 0.5, 0.2, 0.1):
+            scaled = supervised.clone()
+            scaled[:, 0] *= factor
+            rows.append({"variant": f"bound: linear probe trained on the ground truth of the other images (10-fold), "
+                         f"background × {factor}", **scorer.scores(scaled)})
     doc = {"command": " ".join(["benchmarks/diagnose_pseudo.py", "-r", args.recipe, *args.overrides]),
            "run": str(recipe.run_dir()), "images": len(dataset), "seconds": time.perf_counter() - start,
            "rows": rows, "confusions": top_confusions(base_confusion, dataset.classes)}

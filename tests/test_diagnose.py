@@ -156,3 +156,30 @@ def test_confusions_rank_object_to_object_flows_by_share_of_the_truth():
     top = diag.top_confusions(scorer.confusion(maps), scorer.dataset.classes, top=2)
     assert [(c["truth"], c["predicted"]) for c in top] == [("a", "b"), ("b", "a")]
     assert [c["share"] for c in top] == pytest.approx([1.0, 0.5])
+
+
+def test_supervised_probe_predicts_held_out_images_from_the_other_folds_truth():
+    torch.manual_seed(0)
+    n, h, w, e = 12, 3, 3, 8
+    # class 1 patches carry token direction 0, class 2 direction 1, background direction 2 (plus noise)
+    truth_class = torch.randint(0, 3, (n, h, w))
+    feats = torch.nn.functional.one_hot(truth_class, e).float() + 0.05 * torch.randn(n, h, w, e)
+    truth = torch.nn.functional.one_hot(truth_class, 3).permute(0, 3, 1, 2).float()
+    truth[0, :, 0, 0] = 0.0  # a patch with no valid pixel: left out of training, still predicted
+    probs = diag.supervised_probe_probs(feats, truth, folds=3, epochs=20)
+    assert probs.shape == truth.shape
+    assert torch.allclose(probs.sum(1), torch.ones(n, h, w), atol=1e-5)
+    assert (probs.argmax(1) == truth_class).float().mean() > 0.95
+
+
+def test_supervised_probe_never_sees_the_image_it_predicts():
+    # each image has a token direction of its own (plus one shared by all) and one class on all its patches:
+    # image 0 class 2, the others class 1. A head that saw image 0 predicts 2 there; leave-one-out heads learned
+    # only the other images' class, on the shared direction.
+    n, h, w = 6, 2, 2
+    feats = (torch.eye(n + 1)[:n] + 2 * torch.eye(n + 1)[n])[:, None, None, :].expand(n, h, w, n + 1).clone()
+    truth = torch.zeros(n, 3, h, w)
+    truth[0, 2] = 1.0
+    truth[1:, 1] = 1.0
+    probs = diag.supervised_probe_probs(feats, truth, folds=n, epochs=300)
+    assert torch.all(probs[0].argmax(0) == 1)
