@@ -16,6 +16,8 @@ first line must equal the run's "mIoU without CRF"), and reports, without CRF, o
   self-training a linear probe on the confident patches (only the image's classes compete), and taking
   object-vs-background from the tokens alone (first PCA component per image, or a class-agnostic probe), and
   the object class from dataset-level token prototypes (``decode_variants.py`` holds them all);
+* the class probe of ``pseudo.class_probe`` (``cpcx/class_probe.py``), when the recipe does not enable it
+  (when it does, the first line is already decoded with it, as ``cpcx pseudo`` does);
 * a bound, not a decoding: a linear head on the same tokens trained on the ground-truth masks of the other
   images (10-fold cross-validation), label-conditioned the same way, with the background score scaled by a
   factor (the factors are compared on these images, so its best row is an optimistic bound);
@@ -36,8 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-VARIANTS = ("threshold", "affinity", "selftrain", "objectness", "prototypes", "supervised")
-TOKEN_VARIANTS = ("affinity", "selftrain", "objectness", "prototypes", "supervised")  # need the tokens on the maps' grid
+VARIANTS = ("threshold", "affinity", "selftrain", "objectness", "prototypes", "classprobe", "supervised")
+TOKEN_VARIANTS = ("affinity", "selftrain", "objectness", "prototypes", "classprobe", "supervised")  # need the tokens on the maps' grid
 
 from decode_variants import (  # noqa: E402  (re-exported: the tests and the sweep reach them through here)
     affinity_maps, object_share, pca_objectness, probe_objectness, prototype_maps, selftrain_maps,
@@ -78,6 +80,17 @@ def load_run(recipe):
                 orig = net.backbone.forward_from(orig, cache.trunk)
         feats.append(orig)
     return dataset, torch.cat(probs), torch.cat(feats)
+
+
+def with_class_probe(maps, feats, labels, recipe):
+    """The maps with the object class re-decided by ``pseudo.class_probe`` as ``cpcx pseudo`` does: the probe
+    trained (with the recipe's settings and seed) on the single-class images' maps and tokens, then applied."""
+    from cpcx.class_probe import fit_from_batches, single_class_images
+
+    chosen = single_class_images(labels)
+    probe, _ = fit_from_batches([(maps[chosen], feats[chosen], labels[chosen])], labels[chosen],
+                                recipe.pseudo.class_probe, recipe.seed)
+    return probe.redecide(maps, feats, labels)
 
 
 def confusion_of(pairs, num_classes: int):
@@ -230,6 +243,10 @@ def main(argv=None) -> int:
     labels = torch.tensor(dataset.labels).float()
     scorer = Scorer(dataset)
     base, first, base_confusion = score_as_pseudo(scorer, probs, recipe.pseudo.class_max_norm)
+    if recipe.pseudo.class_probe.enabled:  # as cpcx pseudo decodes this recipe: the probe's maps are the base
+        base = with_class_probe(base, feats, dataset.labels, recipe)
+        base_confusion = scorer.confusion(base)
+        first = scores_of(base_confusion, dataset.classes)
     rows = [{"variant": "as cpcx pseudo (no CRF)", **first}]
     truth = truth_on_grid(scorer.masks, dataset.num_classes, tuple(probs.shape[2:]))
     rows.append({"variant": f"ground truth averaged on the {probs.shape[2]}×{probs.shape[3]} patch grid "
@@ -268,6 +285,9 @@ def main(argv=None) -> int:
             rows.append({"variant": f"object class from dataset-level token prototypes (patches won with p > "
                          f"{confidence}), object vs background from the maps",
                          **scorer.scores(prototype_maps(base, feats, labels, confidence))})
+    if "classprobe" in wanted and not recipe.pseudo.class_probe.enabled:
+        rows.append({"variant": "object class re-decided by the class probe (pseudo.class_probe.enabled=true)",
+                     **scorer.scores(with_class_probe(base, feats, dataset.labels, recipe))})
     if "supervised" in wanted:
         from cpcx.pseudo_infer import condition_on_labels
 

@@ -94,12 +94,14 @@ def label_images(
     no_crf: NoCRFScores | None,
     progress=None,
     cache=None,
+    probe=None,
 ) -> ConfusionMatrix:
     """Write ``labels_dir/<id>.png`` for ``indices``; return the confusion of these labels (empty without masks).
 
     ``crf=None`` writes the argmax of the upsampled probabilities. With a CRF, workers write the PNGs and
     return the label maps; at most ``2 (workers + batch_size)`` images are in flight. ``cache`` is
-    ``open_token_cache``'s answer: patch tokens read from disk instead of computed by the ViT.
+    ``open_token_cache``'s answer: patch tokens read from disk instead of computed by the ViT. ``probe``: a
+    ``ClassProbe`` that re-decides the object class of every patch (``pseudo.class_probe``).
     """
     from cpcx.data.palette import save_label_png
 
@@ -133,8 +135,8 @@ def label_images(
 
     try:
         for chunk, images, masks, tokens in _prefetch(dataset, indices, batch_size, scored, cache):
-            probs = predictor(images, labels[chunk], None if u is None else u[chunk], tokens,
-                              None if cache is None else cache.trunk)
+            probs = _maps(predictor, probe, images, labels[chunk], None if u is None else u[chunk], tokens,
+                          None if cache is None else cache.trunk)
             for b, (i, image, mask) in enumerate(zip(chunk, images, masks)):
                 image_id = dataset.ids[i]
                 classes = np.flatnonzero(labels[i] > 0).astype(np.uint8)
@@ -165,6 +167,36 @@ def label_images(
         if no_crf is not None:
             no_crf.save()
     return confusion
+
+
+def _maps(predictor: PatchPredictor, probe, images, labels, u, tokens=None, trunk=None):
+    """The label-conditioned maps of a batch, the object class re-decided by ``probe`` when there is one."""
+    if probe is None:
+        return predictor(images, labels, u, tokens, trunk)
+    maps, final = predictor(images, labels, u, tokens, trunk, with_tokens=True)
+    return probe.redecide(maps, final, labels)
+
+
+def _class_probe(predictor: PatchPredictor, dataset, u, cache, cfg, seed: int, path: Path, console: Console):
+    """``pseudo.class_probe``: the probe saved by an earlier (interrupted) run of this stage, or one trained now on
+    the single-class images and saved beside the labels."""
+    from cpcx.class_probe import ClassProbe, fit_from_batches, single_class_images
+
+    if path.is_file():
+        return ClassProbe.load(path)
+    start = time.perf_counter()
+    chosen = single_class_images(dataset.labels)
+    batches = (
+        (*predictor(images, dataset.labels[chunk], None if u is None else u[chunk], tokens,
+                    None if cache is None else cache.trunk, with_tokens=True), dataset.labels[chunk])
+        for chunk, images, _, tokens in _prefetch(dataset, chosen, cfg.batch_size, False, cache)
+    )
+    probe, patches = fit_from_batches(batches, dataset.labels[chosen], cfg.class_probe, seed)
+    probe.save(path)
+    console.print(f"[dim]class probe: {len(chosen)} single-class images, {patches} object patches, "
+                  f"{int(probe.known.sum())} of {len(probe.known)} classes with ≥ {cfg.class_probe.min_images} "
+                  f"images ({time.perf_counter() - start:.1f} s)[/]")
+    return probe
 
 
 # -------------------------------------------------------------------------------------------- the stage
@@ -247,6 +279,8 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
         console.print(f"[dim]tokens after block {cache.trunk} from the training trunk cache: only the ViT's last "
                       f"{net.backbone.num_blocks - cache.trunk} block(s) run[/]")
 
+    probe = (_class_probe(predictor, dataset, u, cache, cfg, recipe.seed, stage_dir / "class_probe.pt", console)
+             if cfg.class_probe.enabled else None)
     todo = [i for i, image_id in enumerate(dataset.ids) if not (labels_dir / f"{image_id}.png").is_file()]
     done_before = [dataset.ids[i] for i in sorted(set(range(len(dataset))) - set(todo))]
     no_crf = NoCRFScores(stage_dir / "no_crf.json", dataset.num_classes) if dataset.has_masks else None
@@ -257,7 +291,8 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
     if todo:
         start = time.perf_counter()
         confusion = _with_progress(console, len(todo), lambda advance: label_images(
-            predictor, dataset, todo, u, labels_dir, crf, cfg.workers, cfg.batch_size, no_crf, advance, cache))
+            predictor, dataset, todo, u, labels_dir, crf, cfg.workers, cfg.batch_size, no_crf, advance, cache,
+            probe))
         seconds = time.perf_counter() - start
         console.print(f"[green]✔[/] {len(todo)} labels in {seconds:.1f} s ({len(todo) / seconds:.2f} images/s) "
                       f"→ {labels_dir}")
@@ -265,12 +300,13 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
     if dataset.has_masks:
         info = {"checkpoint": str(checkpoint), "img_size": predictor.size, "extra_sizes": predictor.extra_sizes,
                 "flip": cfg.flip,
-                "class_max_norm": cfg.class_max_norm, "feature_cache": cache is not None}
+                "class_max_norm": cfg.class_max_norm, "class_probe": cfg.class_probe.enabled,
+                "feature_cache": cache is not None}
         _score(stage_dir, dataset, labels_dir, done_before, confusion, no_crf, crf, info, console)
     else:
         console.print(f"[dim]{dataset.source}: no ground-truth masks, so no mIoU[/]")
     if cfg.figures:
-        draw_figures(predictor, dataset, u, labels_dir, stage_dir / "figures", cfg.figures)
+        draw_figures(predictor, dataset, u, labels_dir, stage_dir / "figures", cfg.figures, probe)
         console.print(f"[green]✔[/] figures of {min(cfg.figures, len(dataset))} images → {stage_dir / 'figures'}")
     return labels_dir
 
@@ -324,8 +360,10 @@ def _score(stage_dir, dataset, labels_dir, done_before, confusion, no_crf, crf, 
     return metrics
 
 
-def draw_figures(predictor: PatchPredictor, dataset, u, labels_dir: Path, folder: Path, count: int) -> None:
-    """Heat maps of Z and label overlays for an evenly spaced, fixed sample of the split."""
+def draw_figures(predictor: PatchPredictor, dataset, u, labels_dir: Path, folder: Path, count: int,
+                 probe=None) -> None:
+    """Heat maps of Z and label overlays for an evenly spaced, fixed sample of the split (the maps the labels were
+    decoded from: re-decided by the class ``probe`` when there is one)."""
     from cpcx import viz
     from cpcx.data.palette import load_label_png
 
@@ -336,7 +374,7 @@ def draw_figures(predictor: PatchPredictor, dataset, u, labels_dir: Path, folder
     for i in viz.sample_indices(len(dataset), count):
         image_id, image = dataset.ids[i], dataset.load_image(i)
         classes = np.flatnonzero(dataset.labels[i] > 0).astype(np.uint8)
-        probs = predictor([image], dataset.labels[i:i + 1], None if u is None else u[i:i + 1])
+        probs = _maps(predictor, probe, [image], dataset.labels[i:i + 1], None if u is None else u[i:i + 1])
         full = upsample(probs[0], classes, image.shape[:2])
         argmax = classes[channel_argmax(full)]
         viz.class_heatmaps(folder / "heatmaps" / f"{image_id}.png", image, full.cpu().numpy(), classes, names,

@@ -77,18 +77,22 @@ class PatchPredictor:
         return (torch.cat(batch) - self.mean) / self.std
 
     def __call__(self, images: Sequence[np.ndarray], labels: np.ndarray, u: np.ndarray | None,
-                 tokens: np.ndarray | None = None, trunk: int | None = None) -> torch.Tensor:
+                 tokens: np.ndarray | None = None, trunk: int | None = None, with_tokens: bool = False):
         """``tokens`` (B, V, h, w, e), views (orig[, hflip]) from the training feature cache, skip the ViT;
-        with ``trunk`` they are a trunk cache's (B, V, T, e) and only the blocks after it run."""
+        with ``trunk`` they are a trunk cache's (B, V, T, e) and only the blocks after it run. ``with_tokens``:
+        (maps, the final patch tokens of the original view at the base size (B, h, w, e))."""
         labels_t = torch.tensor(np.asarray(labels), dtype=torch.float32, device=self.device)
-        return condition_on_labels(self.patch_probs(images, u, tokens, trunk), labels_t, self.class_max_norm)
+        probs, final = self.patch_probs(images, u, tokens, trunk, with_tokens=True)
+        maps = condition_on_labels(probs, labels_t, self.class_max_norm)
+        return (maps, final) if with_tokens else maps
 
     @torch.inference_mode()
     def patch_probs(self, images: Sequence[np.ndarray] | None, u: np.ndarray | None,
-                    tokens: np.ndarray | None = None, trunk: int | None = None) -> torch.Tensor:
+                    tokens: np.ndarray | None = None, trunk: int | None = None, with_tokens: bool = False):
         """The patch softmax Z (B, C, h, w), averaged with the mirror image's, before label conditioning.
         ``images`` may be None when ``tokens`` are given and there are no extra scales. With extra scales the
-        maps of every size are resized (bilinear) to the finest patch grid among them and averaged."""
+        maps of every size are resized (bilinear) to the finest patch grid among them and averaged.
+        ``with_tokens``: (Z, the base size's final patch tokens of the original view (B, h, w, e))."""
         from cpcx.device import autocast
 
         if self.extra_sizes and images is None:
@@ -97,21 +101,25 @@ class PatchPredictor:
         u_t = None if u is None else torch.as_tensor(u, dtype=torch.float32, device=self.device)
         if self.flip and u_t is not None:
             u_t = torch.cat([u_t, u_t])
-        maps = []
         with autocast(self.device, self.precision):
             if tokens is None:
-                maps.append(self._images_probs(images, self.size, u_t))
+                x = self.prepare(images, self.size)
+                final = self.net.backbone(torch.cat([x, x.flip(-1)]) if self.flip else x)  # both views, one pass
             else:
                 t = torch.from_numpy(np.asarray(tokens)).to(self.device).float()
                 t = torch.cat([t[:, 0], t[:, 1]]) if self.flip else t[:, 0]
-                maps.append(self.net(tokens=t, u=u_t, trunk=trunk)["probs"].float())
+                final = t if trunk is None else self.net.backbone.forward_from(t, trunk)
+            maps = [self.net(tokens=final, u=u_t)["probs"].float()]
             maps += [self._images_probs(images, size, u_t) for size in self.extra_sizes]
         if self.flip:
             maps = [0.5 * (m[:n] + m[n:].flip(-1)) for m in maps]
         if len(maps) == 1:
-            return maps[0]
-        grid = max((m.shape[-2:] for m in maps), key=lambda g: g[0] * g[1])
-        return torch.stack([F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]).mean(0)
+            probs = maps[0]
+        else:
+            grid = max((m.shape[-2:] for m in maps), key=lambda g: g[0] * g[1])
+            probs = torch.stack([F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+                                 for m in maps]).mean(0)
+        return (probs, final[:n].float()) if with_tokens else probs
 
     def _images_probs(self, images: Sequence[np.ndarray], size: int, u_t: torch.Tensor | None) -> torch.Tensor:
         x = self.prepare(images, size)

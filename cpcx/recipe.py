@@ -255,6 +255,19 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, description="Steps between log lines when not on a terminal.")
 
 
+class ClassProbeConfig(Section):
+    """``pseudo.class_probe``: the object class re-decided by a linear head trained on single-class images."""
+
+    enabled: bool = Field(False, description="Re-decide which present object a patch belongs to with a linear head "
+                          "on the patch tokens, trained on the images labelled with one object class.")
+    min_images: int = Field(5, ge=1, description="Classes with fewer single-class images keep the network's choice.")
+    object_threshold: float = Field(0.5, ge=0, lt=1, description="A patch of a single-class image trains the probe "
+                                    "when this share of its score goes to the object.")
+    mix: float = Field(0.5, ge=0, le=1, description="Weight of the probe against the network among present objects.")
+    epochs: int = Field(20, ge=1, description="Training epochs of the probe (seconds on a CPU).")
+    max_patches: int = Field(200_000, ge=1, description="At most this many training patches (drawn with the seed).")
+
+
 class PseudoConfig(Section):
     img_size: int = Field(960, ge=32, description="Inference input size (paper: 960).")
     split: Literal["train", "val"] = Field("train", description="Which split gets pseudo-labels.")
@@ -264,6 +277,8 @@ class PseudoConfig(Section):
         "(e.g. [0.75, 1.0, 1.5]); each factor other than 1 costs a ViT pass (the token cache holds size 1 only).",
     )
     class_max_norm: bool = Field(True, description="Divide each class map by its maximum (ViT-PCM).")
+    class_probe: ClassProbeConfig = Field(default_factory=ClassProbeConfig,
+                                          description="Object class from a probe trained on single-class images.")
     batch_size: int = Field(4, ge=1, description="Images per forward pass.")
     workers: int = Field(2, ge=1, description="CRF worker processes (one thread each).")
     figures: int = Field(8, ge=0, description="Images drawn as heat maps and overlays.")

@@ -43,12 +43,14 @@ _ADDED_DEFAULTS: dict[str, Any] = {
     "train.trunk_cache": False,
     "train.backbone_lr": None,
     "pseudo.scales": [1.0],
+    "pseudo.class_probe": {"enabled": False, "min_images": 5, "object_threshold": 0.5, "mix": 0.5, "epochs": 20,
+                           "max_patches": 200_000},
 }
 #: Sub-folders derived from a stage's inputs that must go when the inputs change (resumable outputs that
 #: would otherwise be "skipped as finished" although they came from an older recipe).
 STALE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "clusters": ("clusters.json",),
-    "pseudo": ("labels", "figures", "metrics.json", "confusion.csv", "no_crf.json"),
+    "pseudo": ("labels", "figures", "metrics.json", "confusion.csv", "no_crf.json", "class_probe.pt"),
     "segment": ("predictions", "metrics.json", "confusion.csv"),
 }
 

@@ -67,8 +67,9 @@ def test_fingerprints_follow_upstream_sections_and_ignore_neutral_keys(recipe_pa
 
 
 def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(recipe_path):
-    """A recipe that does not use train.trunk_cache / train.backbone_lr / pseudo.scales hashes as it did before
-    those options existed (the dump without them); setting one changes the fingerprint of its stage."""
+    """A recipe that does not use train.trunk_cache / train.backbone_lr / pseudo.scales / pseudo.class_probe hashes
+    as it did before those options existed (the dump without them); setting one changes the fingerprint of its
+    stage."""
     import hashlib
     import json
 
@@ -76,7 +77,8 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
 
     base = load_recipe(recipe_path, [])
     dumped = base.model_dump(mode="json")
-    for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales")):
+    for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales"),
+                         ("pseudo", "class_probe")):
         del dumped[section][key]
     sections = [s for stage in ("clusters", "train", "pseudo") for s in STAGES[stage]]
     before = hashlib.sha256(json.dumps({s: _strip_neutral(dumped[s]) for s in sections}, sort_keys=True).encode())
@@ -86,6 +88,11 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     scaled = load_recipe(recipe_path, ["pseudo.scales=[1.0, 1.5]"])
     assert fingerprint(base, "train") == fingerprint(scaled, "train")
     assert fingerprint(base, "pseudo") != fingerprint(scaled, "pseudo")
+    probed = load_recipe(recipe_path, ["pseudo.class_probe.enabled=true"])
+    assert fingerprint(base, "train") == fingerprint(probed, "train")
+    assert fingerprint(base, "pseudo") != fingerprint(probed, "pseudo")
+    mixed = load_recipe(recipe_path, ["pseudo.class_probe.enabled=true", "pseudo.class_probe.mix=0.8"])
+    assert fingerprint(probed, "pseudo") != fingerprint(mixed, "pseudo")
 
 
 def test_plan_skips_done_stages_resumes_interrupted_and_redoes_changed(recipe_path):

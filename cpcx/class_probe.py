@@ -1,0 +1,134 @@
+"""The class probe of the pseudo-label stage (``pseudo.class_probe``): which present object a patch belongs to,
+learned from the images that hold a single object class.
+
+Why: with image-level labels a class that co-occurs with another takes its pixels (on the VOC slice person takes
+28 % of the car pixels, 25 % of motorbike, 18 % of horse: ``benchmarks/results/diagnose.md``). In an image
+labelled with one object class there is no such ambiguity: every patch the network calls object is that class.
+A linear head on the frozen patch tokens of those patches (a few seconds on a CPU) then re-decides, wherever
+several present objects compete, how the network's object score is shared among them. Object-vs-background
+stays the network's call; classes with fewer than ``min_images`` single-class images keep the network's share.
+
+``fit_class_probe`` trains it from (conditioned maps, tokens, labels) of the single-class images;
+``ClassProbe.redecide`` applies it to a batch of conditioned maps; ``single_class_images`` says which images
+train it. The stage saves the probe beside the labels (``class_probe.pt``) so that a resumed run uses the same one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Token scale before the linear head: unit tokens × 10 give logits in a useful range at Adam's 1e-2.
+_TOKEN_SCALE = 10.0
+
+
+def single_class_images(labels: np.ndarray) -> list[int]:
+    """Indices of the images whose label row (background first) holds exactly one object class."""
+    return [int(i) for i in np.flatnonzero((np.asarray(labels)[:, 1:] > 0).sum(1) == 1)]
+
+
+def object_patches(maps: torch.Tensor, tokens: torch.Tensor, labels: np.ndarray, threshold: float):
+    """Training rows of single-class images: (tokens (n, e), object class index among the objects (n,)).
+
+    ``maps`` (B, C, h, w) label-conditioned as ``cpcx pseudo`` makes them, ``tokens`` (B, h, w, e) on the same
+    grid, ``labels`` (B, C) with one object class each. A patch counts when the share of its score that goes to
+    the object exceeds ``threshold``. Maps on a finer grid than the tokens (multi-scale inference) are resized
+    to the tokens' grid first."""
+    if maps.shape[-2:] != tokens.shape[1:3]:
+        maps = F.interpolate(maps, size=tokens.shape[1:3], mode="bilinear", align_corners=False)
+    share = 1 - maps[:, 0] / maps.sum(1).clamp_min(1e-12)
+    objects = torch.as_tensor(np.asarray(labels)[:, 1:].argmax(1), dtype=torch.long, device=maps.device)
+    chosen = share > threshold
+    target = objects[:, None, None].expand_as(share)
+    return tokens[chosen].float().cpu(), target[chosen].cpu()
+
+
+@dataclass
+class ClassProbe:
+    """A linear head over the object classes (``weight`` (K, e), ``bias`` (K,), K = C - 1) and the classes it
+    may decide (``known`` (K,) bool: enough single-class images); ``mix`` weighs it against the network."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    known: torch.Tensor
+    mix: float
+
+    def redecide(self, maps: torch.Tensor, tokens: torch.Tensor, labels) -> torch.Tensor:
+        """Conditioned maps (B, C, h, w) → the same with the object classes' shares re-decided.
+
+        Per patch the network's object mass (the sum over present objects) and the background are kept; the
+        part of it that the network gives to known present classes is shared among them by the probe's softmax
+        over the known present classes (weight ``mix``, the network's own shares the rest). Sums are unchanged,
+        so the maps stay distributions for the CRF. ``tokens`` (B, h', w', e) are resized to the maps' grid when
+        it differs (multi-scale inference)."""
+        dev = maps.device
+        present = torch.as_tensor(np.asarray(labels)[:, 1:] > 0, device=dev)[:, :, None, None]
+        logits = F.normalize(tokens.float(), dim=-1) @ self.weight.to(dev).T * _TOKEN_SCALE + self.bias.to(dev)
+        logits = logits.permute(0, 3, 1, 2)  # (B, K, h', w')
+        if logits.shape[-2:] != maps.shape[-2:]:
+            logits = F.interpolate(logits, size=maps.shape[-2:], mode="bilinear", align_corners=False)
+        decidable = present & self.known.to(dev)[None, :, None, None]
+        objects = maps[:, 1:]
+        mass = objects.sum(1, keepdim=True)
+        network = objects / mass.clamp_min(1e-12)
+        probe = logits.masked_fill(~decidable, -1e4).softmax(1) * decidable
+        probe = torch.where(decidable, probe * (network * decidable).sum(1, keepdim=True), network)
+        out = maps.clone()
+        out[:, 1:] = mass * (self.mix * probe + (1 - self.mix) * network)
+        return out
+
+    def save(self, path: Path) -> None:
+        from cpcx import atomic
+
+        atomic.save_torch(path, {"weight": self.weight, "bias": self.bias, "known": self.known, "mix": self.mix})
+
+    @classmethod
+    def load(cls, path: Path) -> "ClassProbe":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(state["weight"], state["bias"], state["known"], float(state["mix"]))
+
+
+def fit_from_batches(batches, labels: np.ndarray, cfg, seed: int) -> tuple[ClassProbe, int]:
+    """The probe from ``batches`` of (label-conditioned maps, tokens, label rows) of the single-class images
+    (``single_class_images``); ``labels`` are those images' label rows. → (probe, training patches)."""
+    rows = [object_patches(maps, tokens, batch_labels, cfg.object_threshold) for maps, tokens, batch_labels in batches]
+    images_per_class = (np.asarray(labels)[:, 1:] > 0).sum(0)
+    return fit_class_probe(rows, images_per_class, cfg, seed), sum(len(r[1]) for r in rows)
+
+
+def fit_class_probe(rows: list[tuple[torch.Tensor, torch.Tensor]], images_per_class: np.ndarray, cfg,
+                    seed: int) -> ClassProbe:
+    """Train the probe on the ``object_patches`` rows of the single-class images.
+
+    ``images_per_class`` (K,) counts the single-class images of each object class; ``cfg`` is the recipe's
+    ``pseudo.class_probe``. Class-balanced cross-entropy (a frequent class must not win the shared patches by
+    count), Adam at 1e-2, batches of 4096 rows, ``cfg.epochs`` epochs; at most ``cfg.max_patches`` rows, drawn
+    with ``seed``."""
+    k = len(images_per_class)
+    x = torch.cat([r[0] for r in rows]) if rows else torch.zeros(0, 1)
+    y = torch.cat([r[1] for r in rows]) if rows else torch.zeros(0, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    if len(x) > cfg.max_patches:
+        keep = torch.randperm(len(x), generator=generator)[:cfg.max_patches]
+        x, y = x[keep], y[keep]
+    known = torch.as_tensor(np.asarray(images_per_class) >= cfg.min_images)
+    x = F.normalize(x, dim=-1) * _TOKEN_SCALE
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], k)
+    if len(x):
+        counts = torch.bincount(y, minlength=k).float()
+        weight = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros(k))
+        weight = weight / weight[counts > 0].mean()
+        optimizer = torch.optim.Adam(head.parameters(), 1e-2)
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(x), 4096):
+                idx = order[start:start + 4096]
+                loss = F.cross_entropy(head(x[idx]), y[idx], weight=weight)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    return ClassProbe(head.weight.detach().clone(), head.bias.detach().clone(), known, cfg.mix)
