@@ -101,6 +101,9 @@ class Runner:
         entries = self.store.doc["experiments"]
         old = entries.get(exp.key) or {}
         if old.get("status") == render.DONE and old.get("fingerprints") == prints:
+            # Same fingerprints, same numbers; but the row's spelling may have changed (an override that restates
+            # an option's old behaviour, a new label): show the command that reproduces it today.
+            old.update(label=exp.label, overrides=overrides, command=exp.command(self.settings))
             print(f"[{exp.key}] done before, skipped", flush=True)
             return old
         entry = entries[exp.key] = {

@@ -46,15 +46,19 @@ def _by_row(experiments):
 
 def test_table4_rows_hold_the_ablation_overrides():
     table = rows.table4(SETTINGS)
-    assert len(table) == 6 * 3 and {e.seed for e in table} == {0, 1, 2}
-    a, b, c, d, e, f = (_by_row(table)[r] for r in "abcdef")
-    assert set(a.overrides) == {"model.cluster_token=false", "loss.pce_weight=0"} and not a.needs_llm
+    assert len(table) == 7 * 3 and {e.seed for e in table} == {0, 1, 2}
+    a, b, c, d, e, f, g = (_by_row(table)[r] for r in "abcdefg")
+    # (a)-(f) decode without voc-mini's class probe, (g) is (f) with it, in a run folder of its own
+    assert all(rows.NO_PROBE in x.overrides for x in (a, b, c, d, e, f)) and rows.NO_PROBE not in g.overrides
+    assert g.overrides == () and g.run_name != f.run_name
+    assert set(a.overrides) == {"model.cluster_token=false", "loss.pce_weight=0", rows.NO_PROBE} and not a.needs_llm
     assert {"clustering.queries=1", "clustering.refine=false", "loss.pce_weight=0"} <= set(b.overrides)
     assert {"clustering.queries=10", "clustering.refine=true", "loss.pce_weight=0"} <= set(c.overrides)
     assert "loss.pce_weight=0" not in d.overrides and "clustering.queries=10" in d.overrides
     assert b.needs_llm and c.needs_llm and d.needs_llm
     # (e), (f): the recipe's static clusters, without then with PCE; (f) is the static source's run folder
-    assert e.overrides == ("loss.pce_weight=0",) and f.overrides == () and not (e.needs_llm or f.needs_llm)
+    assert e.overrides == ("loss.pce_weight=0", rows.NO_PROBE) and f.overrides == (rows.NO_PROBE,)
+    assert not (e.needs_llm or f.needs_llm or g.needs_llm)
     assert f.run_name == _by_row(rows.sources(SETTINGS, VOC_CLASSES))["static"].run_name
     # DeepLab only for the segment seeds; one token cache for every VOC row
     assert [e.segment for e in table if e.row == "a"] == [True, False, False]
@@ -199,9 +203,14 @@ def test_finished_row_with_the_same_fingerprints_is_skipped(voc_root, tmp_path, 
     exp = rows.table4(SETTINGS)[0]
     recipe = runner.recipe(exp.recipe, exp.all_overrides(SETTINGS))
     prints = {s: fingerprint(recipe, s) for s in ("clusters", "train", "pseudo", "segment")}
-    store.doc["experiments"][exp.key] = {"status": "done", "fingerprints": prints, "pseudo_miou": 0.3}
+    store.doc["experiments"][exp.key] = {"status": "done", "fingerprints": prints, "pseudo_miou": 0.3,
+                                         "command": "cpcx run (as spelled when it ran)", "overrides": []}
     monkeypatch.setattr(results, "run_measured", lambda *a, **k: pytest.fail("a finished row ran again"))
-    assert runner.experiment(exp)["pseudo_miou"] == 0.3
+    kept = runner.experiment(exp)
+    assert kept["pseudo_miou"] == 0.3
+    # the numbers are kept, the command is today's (here with the class probe switched off, as measured)
+    assert kept["command"] == exp.command(SETTINGS) and rows.NO_PROBE in kept["command"]
+    assert kept["overrides"] == exp.all_overrides(SETTINGS) and kept["label"] == exp.label
     # another recipe (more epochs) is not the finished row; without the LLM an LLM row is marked, never run
     store.doc["experiments"][exp.key]["fingerprints"]["train"] = "other"
     llm_row = rows.table4(SETTINGS)[3]
@@ -242,7 +251,7 @@ def test_rows_option_runs_only_those_table4_rows(tmp_path):
     assert ran == [f"table4/{r}/s{s}" for r in "ef" for s in (0, 1, 2)]
     ran.clear()
     results.run_sections(Recording(SETTINGS, store, llm_ok=False), ["table4"])
-    assert len(ran) == 6 * 3
+    assert len(ran) == 7 * 3
 
 
 def test_a_merge_without_the_llm_keeps_the_llm_its_kept_rows_were_made_with():
