@@ -180,14 +180,23 @@ class Scorer:
         return {"truth_background": perfect_bg.result().miou, "truth_class": perfect_class.result().miou}
 
 
-def score_as_pseudo(scorer: Scorer, probs, class_max_norm: bool):
-    """The no-CRF pseudo-labels as ``cpcx pseudo`` decodes ``probs`` → (label-conditioned maps, their scores, their
-    confusion matrix): the row every other decoding here, and every variant of ``sweep_train.py``, is compared with."""
+def decode_as_pseudo(probs, feats, labels, recipe):
+    """The label-conditioned maps ``cpcx pseudo`` decodes for this recipe: ``probs`` conditioned on the image
+    labels, and with ``pseudo.class_probe`` enabled the object class re-decided by the probe."""
     import torch
 
     from cpcx.pseudo_infer import condition_on_labels
 
-    maps = condition_on_labels(probs, torch.tensor(scorer.dataset.labels).float(), class_max_norm)
+    maps = condition_on_labels(probs, torch.as_tensor(labels).float(), recipe.pseudo.class_max_norm)
+    if recipe.pseudo.class_probe.enabled:
+        maps = with_class_probe(maps, feats, labels, recipe)
+    return maps
+
+
+def score_as_pseudo(scorer: Scorer, probs, feats, recipe):
+    """The no-CRF pseudo-labels as ``cpcx pseudo`` decodes ``probs`` → (label-conditioned maps, their scores, their
+    confusion matrix): the row every other decoding here, and every variant of ``sweep_train.py``, is compared with."""
+    maps = decode_as_pseudo(probs, feats, scorer.dataset.labels, recipe)
     matrix = scorer.confusion(maps)
     return maps, scores_of(matrix, scorer.dataset.classes), matrix
 
@@ -242,11 +251,7 @@ def main(argv=None) -> int:
     recipe, (dataset, probs, feats) = opened
     labels = torch.tensor(dataset.labels).float()
     scorer = Scorer(dataset)
-    base, first, base_confusion = score_as_pseudo(scorer, probs, recipe.pseudo.class_max_norm)
-    if recipe.pseudo.class_probe.enabled:  # as cpcx pseudo decodes this recipe: the probe's maps are the base
-        base = with_class_probe(base, feats, dataset.labels, recipe)
-        base_confusion = scorer.confusion(base)
-        first = scores_of(base_confusion, dataset.classes)
+    base, first, base_confusion = score_as_pseudo(scorer, probs, feats, recipe)
     rows = [{"variant": "as cpcx pseudo (no CRF)", **first}]
     truth = truth_on_grid(scorer.masks, dataset.num_classes, tuple(probs.shape[2:]))
     rows.append({"variant": f"ground truth averaged on the {probs.shape[2]}×{probs.shape[3]} patch grid "

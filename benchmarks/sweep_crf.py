@@ -87,13 +87,12 @@ def crf_all(items: list, params, workers: int) -> list:
 def load_probabilities(recipe):
     """(dataset, masks, [(image, present-class probs (k, H, W) float16, classes)]) as ``cpcx pseudo`` sees them."""
     import numpy as np
-    import torch
 
-    from cpcx.pseudo_infer import condition_on_labels, upsample
-    from diagnose_pseudo import load_run
+    from cpcx.pseudo_infer import upsample
+    from diagnose_pseudo import decode_as_pseudo, load_run
 
-    dataset, probs, _ = load_run(recipe)
-    maps = condition_on_labels(probs, torch.tensor(dataset.labels).float(), recipe.pseudo.class_max_norm)
+    dataset, probs, feats = load_run(recipe)
+    maps = decode_as_pseudo(probs, feats, dataset.labels, recipe)
     items, masks = [], []
     for i in range(len(dataset)):
         image = dataset.load_image(i)

@@ -183,3 +183,25 @@ def test_supervised_probe_never_sees_the_image_it_predicts():
     truth[1:, 1] = 1.0
     probs = diag.supervised_probe_probs(feats, truth, folds=n, epochs=300)
     assert torch.all(probs[0].argmax(0) == 1)
+
+
+def test_decode_as_pseudo_applies_the_class_probe_only_when_the_recipe_enables_it():
+    from cpcx.pseudo_infer import condition_on_labels
+    from cpcx.recipe import ClassProbeConfig
+
+    torch.manual_seed(0)
+    n, h, w = 6, 3, 3
+    probs = torch.rand(n, 4, h, w).softmax(1)
+    feats = torch.randn(n, h, w, 5)
+    labels = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [1, 1, 1, 0], [1, 0, 1, 1], [1, 1, 0, 1]])
+
+    def recipe(enabled: bool):
+        probe = ClassProbeConfig(enabled=enabled, min_images=1, object_threshold=0.0, epochs=5)
+        return SimpleNamespace(seed=0, pseudo=SimpleNamespace(class_max_norm=True, class_probe=probe))
+
+    plain = condition_on_labels(probs, torch.tensor(labels).float(), True)
+    assert torch.equal(diag.decode_as_pseudo(probs, feats, labels, recipe(False)), plain)
+    probed = diag.decode_as_pseudo(probs, feats, labels, recipe(True))
+    assert torch.equal(probed, diag.with_class_probe(plain, feats, labels, recipe(True)))
+    assert not torch.allclose(probed[3:], plain[3:])  # the images with two objects are re-decided
+    assert torch.allclose(probed[:3], plain[:3])  # one object: nothing to decide
