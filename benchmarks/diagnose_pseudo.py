@@ -39,7 +39,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 VARIANTS = ("threshold", "affinity", "selftrain", "objectness", "prototypes", "classprobe", "supervised")
-TOKEN_VARIANTS = ("affinity", "selftrain", "objectness", "prototypes", "classprobe", "supervised")  # need the tokens on the maps' grid
+# The variants that need the tokens on the maps' grid:
+TOKEN_VARIANTS = ("affinity", "selftrain", "objectness", "prototypes", "classprobe", "supervised")
 
 from decode_variants import (  # noqa: E402  (re-exported: the tests and the sweep reach them through here)
     affinity_maps, object_share, pca_objectness, probe_objectness, prototype_maps, selftrain_maps,
@@ -187,7 +188,8 @@ def decode_as_pseudo(probs, feats, labels, recipe):
 
     from cpcx.pseudo_infer import condition_on_labels
 
-    maps = condition_on_labels(probs, torch.as_tensor(labels).float(), recipe.pseudo.class_max_norm)
+    # torch.tensor copies: the data set's label array may be read-only
+    maps = condition_on_labels(probs, torch.tensor(labels).float(), recipe.pseudo.class_max_norm)
     if recipe.pseudo.class_probe.enabled:
         maps = with_class_probe(maps, feats, labels, recipe)
     return maps
