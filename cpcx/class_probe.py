@@ -93,8 +93,20 @@ class ClassProbe:
 
 def fit_from_batches(batches, labels: np.ndarray, cfg, seed: int) -> tuple[ClassProbe, int]:
     """The probe from ``batches`` of (label-conditioned maps, tokens, label rows) of the single-class images
-    (``single_class_images``); ``labels`` are those images' label rows. → (probe, training patches)."""
-    rows = [object_patches(maps, tokens, batch_labels, cfg.object_threshold) for maps, tokens, batch_labels in batches]
+    (``single_class_images``); ``labels`` are those images' label rows. → (probe, training patches).
+
+    Each batch keeps at most its share of ``cfg.max_patches`` (drawn with ``seed``), so memory stays bounded on
+    a full-size data set (10 000 images at 960 px would otherwise hold millions of token rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = max(1, len(labels))
+    rows = []
+    for maps, tokens, batch_labels in batches:
+        x, y = object_patches(maps, tokens, batch_labels, cfg.object_threshold)
+        cap = -(-cfg.max_patches * len(batch_labels) // total)  # ceil: the shares add up to at least max_patches
+        if len(y) > cap:
+            keep = torch.randperm(len(y), generator=generator)[:cap]
+            x, y = x[keep], y[keep]
+        rows.append((x, y))
     images_per_class = (np.asarray(labels)[:, 1:] > 0).sum(0)
     return fit_class_probe(rows, images_per_class, cfg, seed), sum(len(r[1]) for r in rows)
 

@@ -135,3 +135,18 @@ def test_object_patches_bring_finer_maps_to_the_tokens_grid():
     maps[0, 1] = 0.8  # every patch object, class 1
     x, y = object_patches(maps, torch.ones(1, 2, 2, 5), np.array([[1, 1, 0]]), threshold=0.5)
     assert x.shape == (4, 5) and y.tolist() == [0, 0, 0, 0]
+
+
+def test_fit_from_batches_keeps_each_batch_to_its_share_of_max_patches():
+    from cpcx.class_probe import fit_from_batches
+
+    maps = torch.zeros(2, 3, 10, 10)
+    maps[:, 1] = 1.0  # every patch object, class 1
+    labels = np.array([[1, 1, 0], [1, 1, 0]])
+    batches = [(maps, torch.randn(2, 10, 10, 4), labels) for _ in range(3)]  # 3 batches × 200 object patches
+    cfg = ClassProbeConfig(enabled=True, min_images=1, epochs=1, max_patches=90)
+    probe, patches = fit_from_batches(iter(batches), np.concatenate([labels] * 3), cfg, seed=0)
+    assert patches == 90  # 30 per batch of 2 of the 6 images
+    _, everything = fit_from_batches(iter(batches), np.concatenate([labels] * 3),
+                                     ClassProbeConfig(enabled=True, epochs=1), seed=0)
+    assert everything == 600
