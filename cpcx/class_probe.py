@@ -64,6 +64,8 @@ class ClassProbe:
         over the known present classes (weight ``mix``, the network's own shares the rest). Sums are unchanged,
         so the maps stay distributions for the CRF. ``tokens`` (B, h', w', e) are resized to the maps' grid when
         it differs (multi-scale inference)."""
+        if not bool(self.known.any()):  # nothing it may decide (e.g. no single-class images at all)
+            return maps
         dev = maps.device
         present = torch.as_tensor(np.asarray(labels)[:, 1:] > 0, device=dev)[:, :, None, None]
         logits = F.normalize(tokens.float(), dim=-1) @ self.weight.to(dev).T * _TOKEN_SCALE + self.bias.to(dev)

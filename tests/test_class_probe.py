@@ -150,3 +150,13 @@ def test_fit_from_batches_keeps_each_batch_to_its_share_of_max_patches():
     _, everything = fit_from_batches(iter(batches), np.concatenate([labels] * 3),
                                      ClassProbeConfig(enabled=True, epochs=1), seed=0)
     assert everything == 600
+
+
+def test_a_data_set_without_single_class_images_gets_a_probe_that_changes_nothing():
+    from cpcx.class_probe import fit_from_batches
+
+    cfg = ClassProbeConfig(enabled=True)
+    probe, patches = fit_from_batches(iter([]), np.zeros((0, 4)), cfg, seed=0)
+    assert patches == 0 and not probe.known.any()
+    maps = torch.rand(2, 4, 3, 3).softmax(1)
+    assert torch.equal(probe.redecide(maps, torch.randn(2, 3, 3, 8), np.ones((2, 4))), maps)
