@@ -86,9 +86,9 @@ def load_run(recipe):
 def with_class_probe(maps, feats, labels, recipe):
     """The maps with the object class re-decided by ``pseudo.class_probe`` as ``cpcx pseudo`` does: the probe
     trained (with the recipe's settings and seed) on the single-class images' maps and tokens, then applied."""
-    from cpcx.class_probe import fit_from_batches, single_class_images
+    from cpcx.class_probe import fit_from_batches, probe_images
 
-    chosen = single_class_images(labels)
+    chosen = probe_images(labels, recipe.pseudo.class_probe)
     probe, _ = fit_from_batches([(maps[chosen], feats[chosen], labels[chosen])], labels[chosen],
                                 recipe.pseudo.class_probe, recipe.seed)
     return probe.redecide(maps, feats, labels)

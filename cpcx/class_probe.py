@@ -6,11 +6,13 @@ Why: with image-level labels a class that co-occurs with another takes its pixel
 labelled with one object class there is no such ambiguity: every patch the network calls object is that class.
 A linear head on the frozen patch tokens of those patches (a few seconds on a CPU) then re-decides, wherever
 several present objects compete, how the network's object score is shared among them. Object-vs-background
-stays the network's call; classes with fewer than ``min_images`` single-class images keep the network's share.
+stays the network's call. A class with fewer than ``min_images`` single-class images (on the VOC slice chair has
+none, car one) also learns from the patches of multi-object images where it takes more than ``multi_confidence``
+of the object score; a class still short of ``min_images`` images keeps the network's share.
 
-``fit_class_probe`` trains it from (conditioned maps, tokens, labels) of the single-class images;
-``ClassProbe.redecide`` applies it to a batch of conditioned maps; ``single_class_images`` says which images
-train it. The stage saves the probe beside the labels (``class_probe.pt``) so that a resumed run uses the same one.
+``fit_from_batches`` trains it from batches of (conditioned maps, tokens, labels); ``ClassProbe.redecide``
+applies it to a batch of conditioned maps; ``probe_images`` says which images train it. The stage saves the probe
+beside the labels (``class_probe.pt``) so that a resumed run uses the same one.
 """
 from __future__ import annotations
 
@@ -30,20 +32,35 @@ def single_class_images(labels: np.ndarray) -> list[int]:
     return [int(i) for i in np.flatnonzero((np.asarray(labels)[:, 1:] > 0).sum(1) == 1)]
 
 
-def object_patches(maps: torch.Tensor, tokens: torch.Tensor, labels: np.ndarray, threshold: float):
-    """Training rows of single-class images: (tokens (n, e), object class index among the objects (n,)).
+def probe_images(labels: np.ndarray, cfg) -> list[int]:
+    """The images the probe learns from: the single-class ones, and all others too with ``multi_confidence``."""
+    return single_class_images(labels) if cfg.multi_confidence is None else list(range(len(labels)))
 
-    ``maps`` (B, C, h, w) label-conditioned as ``cpcx pseudo`` makes them, ``tokens`` (B, h, w, e) on the same
-    grid, ``labels`` (B, C) with one object class each. A patch counts when the share of its score that goes to
-    the object exceeds ``threshold``. Maps on a finer grid than the tokens (multi-scale inference) are resized
-    to the tokens' grid first."""
+
+def object_patches(maps: torch.Tensor, tokens: torch.Tensor, labels: np.ndarray, threshold: float,
+                   confidence: float | None = None):
+    """Training rows → (tokens (n, e), object class index among the objects (n,), image index in the batch (n,),
+    from a single-class image (n,) bool).
+
+    ``maps`` (B, C, h, w) label-conditioned as ``cpcx pseudo`` makes them, ``tokens`` (B, h, w, e), ``labels``
+    (B, C). A patch counts when the share of its score that goes to objects exceeds ``threshold``; in a
+    single-class image it is that class; in a multi-object image (only with ``confidence``) it counts when one
+    present object takes more than ``confidence`` of its object score, and is that object. Maps on a finer grid
+    than the tokens (multi-scale inference) are resized to the tokens' grid first."""
     if maps.shape[-2:] != tokens.shape[1:3]:
         maps = F.interpolate(maps, size=tokens.shape[1:3], mode="bilinear", align_corners=False)
-    share = 1 - maps[:, 0] / maps.sum(1).clamp_min(1e-12)
-    objects = torch.as_tensor(np.asarray(labels)[:, 1:].argmax(1), dtype=torch.long, device=maps.device)
-    chosen = share > threshold
-    target = objects[:, None, None].expand_as(share)
-    return tokens[chosen].float().cpu(), target[chosen].cpu()
+    present = np.asarray(labels)[:, 1:] > 0
+    objects = maps[:, 1:]
+    share = objects.sum(1) / maps.sum(1).clamp_min(1e-12)
+    top, best = (objects / objects.sum(1, keepdim=True).clamp_min(1e-12)).max(1)
+    count = torch.as_tensor(present.sum(1), device=maps.device)[:, None, None].expand_as(share)
+    only = torch.as_tensor(present.argmax(1), device=maps.device)[:, None, None].expand_as(share)
+    single = count == 1
+    chosen = (share > threshold) & (single | ((count > 1) & (top > confidence) if confidence is not None
+                                              else torch.zeros_like(single)))
+    target = torch.where(single, only, best)
+    image = torch.arange(len(maps), device=maps.device)[:, None, None].expand_as(share)
+    return tokens[chosen].float().cpu(), target[chosen].cpu(), image[chosen].cpu(), single[chosen].cpu()
 
 
 @dataclass
@@ -94,30 +111,40 @@ class ClassProbe:
 
 
 def fit_from_batches(batches, labels: np.ndarray, cfg, seed: int) -> tuple[ClassProbe, int]:
-    """The probe from ``batches`` of (label-conditioned maps, tokens, label rows) of the single-class images
-    (``single_class_images``); ``labels`` are those images' label rows. → (probe, training patches).
+    """The probe from ``batches`` of (label-conditioned maps, tokens, label rows) of the ``probe_images``, in
+    order; ``labels`` are those images' label rows. → (probe, training patches).
 
-    Each batch keeps at most its share of ``cfg.max_patches`` (drawn with ``seed``), so memory stays bounded on
-    a full-size data set (10 000 images at 960 px would otherwise hold millions of token rows)."""
+    Multi-object images' rows are kept only for the classes with fewer than ``cfg.min_images`` single-class
+    images; a class is known (may be decided) when its single-class images plus the multi-object images that
+    gave it rows reach ``cfg.min_images``. Each batch keeps at most its share of ``cfg.max_patches`` (drawn with
+    ``seed``), so memory stays bounded on a full-size data set (10 000 images at 960 px would otherwise hold
+    millions of token rows)."""
+    present = np.asarray(labels)[:, 1:] > 0
+    singles = present[present.sum(1) == 1].sum(0)
+    rare = torch.as_tensor(singles < cfg.min_images)
     generator = torch.Generator().manual_seed(seed)
     total = max(1, len(labels))
-    rows = []
+    rows, pairs, offset = [], set(), 0
     for maps, tokens, batch_labels in batches:
-        x, y = object_patches(maps, tokens, batch_labels, cfg.object_threshold)
+        x, y, image, single = object_patches(maps, tokens, batch_labels, cfg.object_threshold, cfg.multi_confidence)
+        keep = single | rare[y]
+        x, y, image, single = x[keep], y[keep], image[keep], single[keep]
+        pairs.update((offset + int(i), int(c)) for i, c in zip(image[~single], y[~single]))
+        offset += len(batch_labels)
         cap = -(-cfg.max_patches * len(batch_labels) // total)  # ceil: the shares add up to at least max_patches
         if len(y) > cap:
             keep = torch.randperm(len(y), generator=generator)[:cap]
             x, y = x[keep], y[keep]
         rows.append((x, y))
-    images_per_class = (np.asarray(labels)[:, 1:] > 0).sum(0)
+    images_per_class = singles + np.bincount([c for _, c in pairs], minlength=present.shape[1])
     return fit_class_probe(rows, images_per_class, cfg, seed), sum(len(r[1]) for r in rows)
 
 
 def fit_class_probe(rows: list[tuple[torch.Tensor, torch.Tensor]], images_per_class: np.ndarray, cfg,
                     seed: int) -> ClassProbe:
-    """Train the probe on the ``object_patches`` rows of the single-class images.
+    """Train the probe on ``object_patches`` rows (tokens, object class index).
 
-    ``images_per_class`` (K,) counts the single-class images of each object class; ``cfg`` is the recipe's
+    ``images_per_class`` (K,) counts the images that gave each object class rows; ``cfg`` is the recipe's
     ``pseudo.class_probe``. Class-balanced cross-entropy (a frequent class must not win the shared patches by
     count), Adam at 1e-2, batches of 4096 rows, ``cfg.epochs`` epochs; at most ``cfg.max_patches`` rows, drawn
     with ``seed``."""

@@ -180,12 +180,12 @@ def _maps(predictor: PatchPredictor, probe, images, labels, u, tokens=None, trun
 def _class_probe(predictor: PatchPredictor, dataset, u, cache, cfg, seed: int, path: Path, console: Console):
     """``pseudo.class_probe``: the probe saved by an earlier (interrupted) run of this stage, or one trained now on
     the single-class images and saved beside the labels."""
-    from cpcx.class_probe import ClassProbe, fit_from_batches, single_class_images
+    from cpcx.class_probe import ClassProbe, fit_from_batches, probe_images, single_class_images
 
     if path.is_file():
         return ClassProbe.load(path)
     start = time.perf_counter()
-    chosen = single_class_images(dataset.labels)
+    chosen = probe_images(dataset.labels, cfg.class_probe)
     batches = (
         (*predictor(images, dataset.labels[chunk], None if u is None else u[chunk], tokens,
                     None if cache is None else cache.trunk, with_tokens=True), dataset.labels[chunk])
@@ -193,7 +193,8 @@ def _class_probe(predictor: PatchPredictor, dataset, u, cache, cfg, seed: int, p
     )
     probe, patches = fit_from_batches(batches, dataset.labels[chosen], cfg.class_probe, seed)
     probe.save(path)
-    console.print(f"[dim]class probe: {len(chosen)} single-class images, {patches} object patches, "
+    console.print(f"[dim]class probe: {len(single_class_images(dataset.labels))} single-class images of "
+                  f"{len(chosen)} read, {patches} object patches, "
                   f"{int(probe.known.sum())} of {len(probe.known)} classes with ≥ {cfg.class_probe.min_images} "
                   f"images ({time.perf_counter() - start:.1f} s)[/]")
     return probe

@@ -263,6 +263,10 @@ class ClassProbeConfig(Section):
     min_images: int = Field(5, ge=1, description="Classes with fewer single-class images keep the network's choice.")
     object_threshold: float = Field(0.5, ge=0, lt=1, description="A patch of a single-class image trains the probe "
                                     "when this share of its score goes to the object.")
+    multi_confidence: Optional[float] = Field(
+        0.8, gt=0, lt=1, description="A class with fewer than min_images single-class images also learns from the "
+        "patches of multi-object images where it takes more than this share of the object score (null: "
+        "single-class images only).")
     mix: float = Field(0.5, ge=0, le=1, description="Weight of the probe against the network among present objects.")
     epochs: int = Field(20, ge=1, description="Training epochs of the probe (seconds on a CPU).")
     max_patches: int = Field(200_000, ge=1, description="At most this many training patches (drawn with the seed).")

@@ -43,8 +43,8 @@ _ADDED_DEFAULTS: dict[str, Any] = {
     "train.trunk_cache": False,
     "train.backbone_lr": None,
     "pseudo.scales": [1.0],
-    "pseudo.class_probe": {"enabled": False, "min_images": 5, "object_threshold": 0.5, "mix": 0.5, "epochs": 20,
-                           "max_patches": 200_000},
+    "pseudo.class_probe": {"enabled": False, "min_images": 5, "object_threshold": 0.5, "multi_confidence": 0.8,
+                           "mix": 0.5, "epochs": 20, "max_patches": 200_000},
 }
 #: Sub-folders derived from a stage's inputs that must go when the inputs change (resumable outputs that
 #: would otherwise be "skipped as finished" although they came from an older recipe).

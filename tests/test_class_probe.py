@@ -24,9 +24,22 @@ def test_object_patches_keep_the_patches_the_network_calls_object():
     maps[0, 2] = 1 - maps[0, 0]
     maps[1, 3] = 1 - maps[1, 0]
     tokens = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 1, 3, 2)
-    x, y = object_patches(maps, tokens, np.array([[1, 0, 1, 0], [1, 0, 0, 1]]), threshold=0.5)
+    x, y, image, single = object_patches(maps, tokens, np.array([[1, 0, 1, 0], [1, 0, 0, 1]]), threshold=0.5)
     assert y.tolist() == [1, 1, 2, 2]  # object index among the objects (class - 1), patches 1 and 2 of each image
     assert torch.equal(x, tokens[:, 0, 1:].reshape(4, 2))
+    assert image.tolist() == [0, 0, 1, 1] and single.all()
+
+
+def test_object_patches_of_multi_object_images_need_a_confident_object():
+    maps = torch.zeros(1, 4, 1, 3)
+    maps[0, 0] = torch.tensor([0.1, 0.1, 0.9])  # patch 2 is background
+    maps[0, 1] = torch.tensor([0.85, 0.45, 0.05])
+    maps[0, 2] = torch.tensor([0.05, 0.45, 0.05])
+    labels = np.array([[1, 1, 1, 0]])
+    tokens = torch.randn(1, 1, 3, 2)
+    assert len(object_patches(maps, tokens, labels, threshold=0.5)[1]) == 0  # without a confidence: none
+    x, y, image, single = object_patches(maps, tokens, labels, threshold=0.5, confidence=0.8)
+    assert y.tolist() == [0] and not single.any()  # patch 0 (class 1 takes 94 %); patch 1 is a tie
 
 
 def _probe(mix: float, known=(True, True, True)) -> ClassProbe:
@@ -133,8 +146,32 @@ def test_object_patches_bring_finer_maps_to_the_tokens_grid():
     maps = torch.zeros(1, 3, 4, 4)
     maps[0, 0] = 0.2
     maps[0, 1] = 0.8  # every patch object, class 1
-    x, y = object_patches(maps, torch.ones(1, 2, 2, 5), np.array([[1, 1, 0]]), threshold=0.5)
+    x, y, _, _ = object_patches(maps, torch.ones(1, 2, 2, 5), np.array([[1, 1, 0]]), threshold=0.5)
     assert x.shape == (4, 5) and y.tolist() == [0, 0, 0, 0]
+
+
+def test_multi_object_rows_teach_only_the_classes_short_of_single_class_images():
+    from cpcx.class_probe import fit_from_batches
+
+    # class 1 (object 0): 2 single-class images; class 2 (object 1): none, but confident in 2 two-object images
+    labels = np.array([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]])
+    maps = torch.zeros(4, 3, 2, 2)
+    maps[:2, 1] = 1.0
+    maps[2:, 1, 0] = 1.0  # top row: class 1, confidently
+    maps[2:, 2, 1] = 1.0  # bottom row: class 2, confidently
+    tokens = torch.zeros(4, 2, 2, 2)
+    tokens[:, 0, :, 0] = 1.0
+    tokens[:, 1, :, 1] = 1.0
+    cfg = ClassProbeConfig(enabled=True, min_images=2, epochs=30)
+    probe, patches = fit_from_batches(iter([(maps[:2], tokens[:2], labels[:2]), (maps[2:], tokens[2:], labels[2:])]),
+                                      labels, cfg, seed=0)
+    # class 1 has its 2 single-class images, so the multi-object images add only class 2's rows (2 per image)
+    assert patches == 2 * 4 + 2 * 2
+    assert probe.known.tolist() == [True, True]
+    single_only = ClassProbeConfig(enabled=True, min_images=2, epochs=30, multi_confidence=None)
+    probe, patches = fit_from_batches(iter([(maps[:2], tokens[:2], labels[:2]), (maps[2:], tokens[2:], labels[2:])]),
+                                      labels, single_only, seed=0)
+    assert patches == 8 and probe.known.tolist() == [True, False]
 
 
 def test_fit_from_batches_keeps_each_batch_to_its_share_of_max_patches():
