@@ -176,7 +176,7 @@ def table4(settings: Settings) -> list[Experiment]:
         ("e", "+ cluster token (static hand-made clusters), no PCE", "t4e-static-nopce",
          ("loss.pce_weight=0", NO_PROBE), False),
         ("f", "+ PCE with the static clusters (voc-mini without its class probe)", "cpc-static", (NO_PROBE,), False),
-        ("g", "+ class probe on the single-class images: voc-mini as it ships", "cpc-static-probe", (), False),
+        ("g", "+ class probe (pseudo.class_probe): voc-mini as it ships", "cpc-static-probe", (), False),
     ]
     return [e for row, label, run_id, overrides, llm_row in rows
             for e in _per_seed(settings, "table4", row, label, run_id, overrides, llm_row)]
