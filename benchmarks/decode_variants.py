@@ -33,22 +33,10 @@ def affinity_maps(maps, feats, tau: float, steps: int):
 
 
 def _train_linear(x, out_features: int, batch_loss, epochs: int, seed: int):
-    """A linear head on the rows of ``x``, Adam at 1e-2 over shuffled batches of 4096 rows for ``epochs`` epochs;
-    ``batch_loss(logits, idx)`` is the loss of the batch of rows ``idx`` (the probes of this module)."""
-    import torch
+    """The class probe's linear trainer (``cpcx.class_probe.train_linear_head``), shuffling with the global RNG."""
+    from cpcx.class_probe import train_linear_head
 
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], out_features)
-    opt = torch.optim.Adam(head.parameters(), 1e-2)
-    for _ in range(epochs):
-        order = torch.randperm(len(x))
-        for start in range(0, len(x), 4096):
-            idx = order[start:start + 4096]
-            loss = batch_loss(head(x[idx]), idx)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return head
+    return train_linear_head(x, out_features, batch_loss, epochs, seed)
 
 
 def selftrain_maps(maps, feats, labels, confidence: float, epochs: int = 30, seed: int = 0):

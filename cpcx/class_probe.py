@@ -66,7 +66,8 @@ def object_patches(maps: torch.Tensor, tokens: torch.Tensor, labels: np.ndarray,
 @dataclass
 class ClassProbe:
     """A linear head over the object classes (``weight`` (K, e), ``bias`` (K,), K = C - 1) and the classes it
-    may decide (``known`` (K,) bool: enough single-class images); ``mix`` weighs it against the network."""
+    may decide (``known`` (K,) bool: at least ``min_images`` images gave it training rows); ``mix`` weighs it
+    against the network."""
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -108,6 +109,25 @@ class ClassProbe:
     def load(cls, path: Path) -> "ClassProbe":
         state = torch.load(path, map_location="cpu", weights_only=True)
         return cls(state["weight"], state["bias"], state["known"], float(state["mix"]))
+
+
+def train_linear_head(x: torch.Tensor, out_features: int, batch_loss, epochs: int, seed: int,
+                      generator: torch.Generator | None = None) -> torch.nn.Linear:
+    """A linear head on the rows of ``x`` (initialised under ``seed``), Adam at 1e-2 over batches of 4096 rows
+    shuffled by ``generator`` (the global RNG when None), ``epochs`` epochs; ``batch_loss(logits, idx)`` is the
+    loss of the batch of rows ``idx``. Shared by the class probe and the benchmarks' probes."""
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], out_features)
+    optimizer = torch.optim.Adam(head.parameters(), 1e-2)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 4096):
+            idx = order[start:start + 4096]
+            loss = batch_loss(head(x[idx]), idx)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return head
 
 
 def fit_from_batches(batches, labels: np.ndarray, cfg, seed: int) -> tuple[ClassProbe, int]:
@@ -157,19 +177,11 @@ def fit_class_probe(rows: list[tuple[torch.Tensor, torch.Tensor]], images_per_cl
         x, y = x[keep], y[keep]
     known = torch.as_tensor(np.asarray(images_per_class) >= cfg.min_images)
     x = F.normalize(x, dim=-1) * _TOKEN_SCALE
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], k)
+    weight = None
     if len(x):
         counts = torch.bincount(y, minlength=k).float()
         weight = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros(k))
         weight = weight / weight[counts > 0].mean()
-        optimizer = torch.optim.Adam(head.parameters(), 1e-2)
-        for _ in range(cfg.epochs):
-            order = torch.randperm(len(x), generator=generator)
-            for start in range(0, len(x), 4096):
-                idx = order[start:start + 4096]
-                loss = F.cross_entropy(head(x[idx]), y[idx], weight=weight)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+    head = train_linear_head(x, k, lambda logits, idx: F.cross_entropy(logits, y[idx], weight=weight), cfg.epochs,
+                             seed, generator)
     return ClassProbe(head.weight.detach().clone(), head.bias.detach().clone(), known, cfg.mix)
