@@ -11,8 +11,8 @@ CPU time and peak RSS from ``wait4``), with HF_HUB_OFFLINE=1 and OMP_WAIT_POLICY
 written atomically and after every row the markdown is re-rendered, so a killed benchmark loses at most the
 stage it was in: a re-run skips rows whose JSON entry is done for the same recipe fingerprints, and stages whose
 ``stage.json`` is done (the same rule as ``cpcx run``), and resumes an interrupted train/segment.
-Rows that need the local LLM (base Gemma-3-270M, ``tests/llm/serve_gemma.sh``) are marked "not run (no local
-LLM)" when it cannot be started.
+Rows that need a local LLM (base Gemma-3-270M or Qwen2.5-Coder-0.5B-Instruct, ``tests/llm/serve.sh``) are
+marked "not run (no local LLM)" when it cannot be started.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import results_render as render
 import results_rows as rows
@@ -78,8 +78,8 @@ def _now() -> str:
 
 # ------------------------------------------------------------------------------------ experiments
 class Runner:
-    def __init__(self, settings: Settings, store: Store, llm_ok: bool, rows: Sequence[str] = ()):
-        self.settings, self.store, self.llm_ok = settings, store, llm_ok
+    def __init__(self, settings: Settings, store: Store, llms: Collection[str] = (), rows: Sequence[str] = ()):
+        self.settings, self.store, self.llms = settings, store, set(llms)  # llms: the local models serving
         self.logs = ROOT / settings.work_dir / "logs"
         self.failed = 0
         self.rows = set(rows)  # --rows: only these Table 4 rows (empty: all)
@@ -110,7 +110,7 @@ class Runner:
             "section": exp.section, "row": exp.row, "label": exp.label, "seed": exp.seed, "recipe": exp.recipe,
             "dataset": exp.dataset, "provider": recipe.llm.provider, "run": exp.run_name, "overrides": overrides,
             "command": exp.command(self.settings), "fingerprints": prints, "stages": {}, "status": "running"}
-        if exp.needs_llm and not self.llm_ok:
+        if exp.needs_llm and exp.llm not in self.llms:
             entry["status"] = "not run (no local LLM)"
             self.store.render()
             print(f"[{exp.key}] not run (no local LLM)", flush=True)
@@ -172,10 +172,10 @@ class Runner:
         if old.get("status") == render.DONE and old.get("command") == command:
             print(f"[{run.key}] done before, skipped", flush=True)
             return old
-        entry = {"section": run.section, "queries": run.queries, "repeat": run.repeat,
+        entry = {"section": run.section, "llm": run.llm, "queries": run.queries, "repeat": run.repeat,
                  "temperature": run.temperature, "command": command, "status": "running"}
         runs[run.key] = entry
-        if not self.llm_ok:
+        if run.llm not in self.llms:
             entry["status"] = "not run (no local LLM)"
             self.store.render()
             return entry
@@ -241,12 +241,14 @@ def run_sections(runner: Runner, only: Sequence[str]) -> None:
         for exp in rows.sources(s, VOC_CLASSES):
             runner.experiment(exp)
     if "table5" in only:
-        for queries in s.t5_queries:
-            repeats = [runner.clusters(run) for run in rows.table5_runs(s) if run.queries == queries]
-            first = repeats[0]
-            if first.get("status") == render.DONE and first.get("clusters"):
-                clusters = [(c["name"], c["members"]) for c in first["clusters"]]
-                runner.experiment(rows.table5_training(s, queries, clusters))
+        for model in s.t5_llms:
+            for queries in s.t5_queries:
+                repeats = [runner.clusters(run) for run in rows.table5_runs(s)
+                           if run.queries == queries and run.llm == model]
+                first = repeats[0]
+                if first.get("status") == render.DONE and first.get("clusters"):
+                    clusters = [(c["name"], c["members"]) for c in first["clusters"]]
+                    runner.experiment(rows.table5_training(s, queries, clusters, model))
     if "coco" in only:
         for exp in rows.coco(s):
             runner.experiment(exp)
@@ -264,6 +266,16 @@ def run_sections(runner: Runner, only: Sequence[str]) -> None:
 #: Asked in a child process: this one stays small (torch alone holds ~500 MiB) and never touches a GPU.
 _TORCH_INFO = ("import json, torch; n = torch.cuda.device_count(); print(json.dumps({'torch': torch.__version__, "
                "'gpu': ', '.join(torch.cuda.get_device_name(i) for i in range(n)) or None}))")
+
+
+def llms_needed(settings: Settings, only: Sequence[str], row_filter: Sequence[str]) -> set[str]:
+    """The local models the chosen sections (and Table 4 rows) ask: only those servers are started."""
+    from cpcx.data.classes import VOC_CLASSES
+
+    experiments = [e for e in rows.table4(settings) if not row_filter or e.row in row_filter] if "table4" in only else []
+    experiments += rows.sources(settings, VOC_CLASSES) if "sources" in only else []
+    runs = (rows.table5_runs(settings) if "table5" in only else []) + (rows.speed_runs(settings) if "speed" in only else [])
+    return {e.llm for e in experiments if e.llm} | {r.llm for r in runs}
 
 
 def llm_record(previous: dict | None, available: bool, note: str) -> dict:
@@ -333,6 +345,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t5-queries", type=int, nargs="+", default=None, help="R values of Table 5 (default 2 6 10)")
     p.add_argument("--t5-repeats", type=int, default=None, help="cpcx clusters repeats per R (default 3)")
     p.add_argument("--t5-temperature", type=float, default=0.7, help="sampling temperature of the Table 5 repeats")
+    p.add_argument("--t5-llms", default="gemma,qwen", help="the local models Table 5 asks (comma-separated)")
     p.add_argument("--rows", default="", help="only these Table 4 rows, e.g. e,f (default: all)")
     p.add_argument("--llm-port", type=int, default=8766)
     p.add_argument("--no-llm", action="store_true", help="do not start the local LLM (its rows are marked not run)")
@@ -340,6 +353,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = set(args.only.split(",")) - set(rows.SECTIONS)
     if unknown:
         p.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; use {', '.join(rows.SECTIONS)}")
+    unknown = {m for m in args.t5_llms.split(",") if m} - set(rows.LOCAL_LLMS)
+    if unknown:
+        p.error(f"--t5-llms: unknown model(s) {', '.join(sorted(unknown))}; use {', '.join(rows.LOCAL_LLMS)}")
     return args
 
 
@@ -352,6 +368,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                                          ("t5_queries", args.t5_queries)) if v}
     if args.t5_repeats:
         changes["t5_repeats"] = args.t5_repeats
+    changes["t5_llms"] = tuple(m for m in args.t5_llms.split(",") if m)
     return replace(base, **changes)
 
 
@@ -375,15 +392,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                      git_sha=git_describe(), llm={"available": False, "note": "not started yet"},
                      bench_files={n: read_json(ROOT / "benchmarks" / "results" / f"{n}.json")
                                   for n in ("train", "pseudo")})
-    llm = LocalLLM(settings.llm_port, ROOT / settings.work_dir / "logs" / "llm-server.log")
-    needs_llm = any(s in only for s in ("table4", "sources", "table5", "speed"))
-    llm_ok = needs_llm and not args.no_llm and llm.start()
-    if args.no_llm:
-        llm.note = "none (--no-llm)"
-    store.doc["llm"] = llm_record(previous_llm, llm_ok, llm.note)
-    print(f"results → {store.md_path} (raw: {store.json_path}); runs in {settings.work_dir}/; LLM: {llm.note}",
+    row_filter = [r for r in args.rows.split(",") if r]
+    servers = [LocalLLM(model, rows.llm_port(settings, model),
+                        ROOT / settings.work_dir / "logs" / f"llm-server-{model}.log")
+               for model in sorted(llms_needed(settings, only, row_filter))] if not args.no_llm else []
+    serving = {server.model for server in servers if server.start()}
+    note = "; ".join(server.note for server in servers) or ("none (--no-llm)" if args.no_llm else "not needed")
+    store.doc["llm"] = llm_record(previous_llm, bool(serving), note)
+    print(f"results → {store.md_path} (raw: {store.json_path}); runs in {settings.work_dir}/; LLM: {note}",
           flush=True)
-    runner = Runner(settings, store, llm_ok, rows=[r for r in args.rows.split(",") if r])
+    runner = Runner(settings, store, serving, rows=row_filter)
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: stop the stage, keep the JSON, stop the LLM
     try:
@@ -395,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(f"✘ {line}" for line in str(exc).splitlines()), file=sys.stderr)
         return exc.code
     finally:
-        llm.stop()
+        for server in servers:
+            server.stop()
         store.render()
     print(f"done in {time.perf_counter() - start:.0f} s; {runner.failed} failed → {store.md_path}", flush=True)
     return 1 if runner.failed else 0

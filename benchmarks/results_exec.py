@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from results_rows import ROOT
+from results_rows import LOCAL_LLMS, ROOT
 
 
 # ----------------------------------------------------------------------------------- measured runs
@@ -88,30 +88,34 @@ def read_json(path: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ the LLM
 class LocalLLM:
-    """Base Gemma-3-270M behind llama-cpp-python's server (tests/llm/serve_gemma.sh); stopped at the end only if
-    this script started it."""
+    """One local model of tests/llm/serve.sh (``model``: gemma or qwen) behind llama-cpp-python's server; stopped
+    at the end only if this script started it."""
 
-    SCRIPT = ROOT / "tests" / "llm" / "serve_gemma.sh"
+    SCRIPT = ROOT / "tests" / "llm" / "serve.sh"
+    #: model → what the header says of it
+    DESCRIPTIONS = {"gemma": "Gemma-3-270M (base, Q4_K_M)", "qwen": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M)"}
 
-    def __init__(self, port: int, log: Path):
-        self.port, self.log, self.started, self.note = port, log, False, "not needed"
+    def __init__(self, model: str, port: int, log: Path):
+        self.model, self.port, self.log, self.started, self.note = model, port, log, False, "not needed"
+        self.description = self.DESCRIPTIONS[model]
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def _up(self) -> bool:
-        """The server on our port answers and serves the model the rows name (not some other server)."""
+        """The server on our port answers and serves the model the rows name (not some other server). The
+        timeout is long because llama-cpp-python answers one request at a time: a server busy with another
+        benchmark's query answers once that is done (no server at all fails at once: connection refused)."""
         try:
-            with urllib.request.urlopen(f"{self.url}/models", timeout=2) as response:
-                return "gemma-3-270m" in response.read().decode("utf-8", "replace")
+            with urllib.request.urlopen(f"{self.url}/models", timeout=90) as response:
+                return LOCAL_LLMS[self.model][0] in response.read().decode("utf-8", "replace")
         except (OSError, ValueError):
             return False
 
-    @staticmethod
-    def _script_server_alive() -> bool:
-        """A server that serve_gemma.sh started before us (maybe on another port): never ours to stop."""
-        pidfile = Path(os.environ.get("CPCX_LLM_DIR", ROOT / ".cache" / "llm")) / "server.pid"
+    def _script_server_alive(self) -> bool:
+        """A server of this model that serve.sh started before us (maybe on another port): never ours to stop."""
+        pidfile = Path(os.environ.get("CPCX_LLM_DIR", ROOT / ".cache" / "llm")) / f"server-{self.model}.pid"
         try:
             os.kill(int(pidfile.read_text().strip()), 0)
             return True
@@ -120,25 +124,25 @@ class LocalLLM:
 
     def start(self) -> bool:
         if self._up():
-            self.note = f"Gemma-3-270M (base, Q4_K_M, llama-cpp-python) already serving at {self.url}"
+            self.note = f"{self.description} already serving at {self.url}"
             return True
         other = self._script_server_alive()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as out:
-            code = subprocess.run([str(self.SCRIPT), "start", str(self.port)], stdout=out, stderr=subprocess.STDOUT,
-                                  cwd=ROOT).returncode
+            code = subprocess.run([str(self.SCRIPT), self.model, "start", str(self.port)], stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=ROOT).returncode
         self.started = code == 0 and not other
         if other and not self._up():
-            self.note = ("none: a Gemma server started by serve_gemma.sh runs on another port; stop it "
-                         "(`tests/llm/serve_gemma.sh stop`) or pass its port with --llm-port")
+            self.note = (f"none: a {self.model} server started by serve.sh runs on another port; stop it "
+                         f"(`tests/llm/serve.sh {self.model} stop`) or pass its port")
             return False
         if code == 0 and self._up():
-            self.note = f"Gemma-3-270M (base, Q4_K_M) served by llama-cpp-python at {self.url}, 1 thread, seed 0"
+            self.note = f"{self.description} served by llama-cpp-python at {self.url}, 1 thread, seed 0"
             return True
-        self.note = f"none: `tests/llm/serve_gemma.sh start {self.port}` failed ({tail(self.log, 2)})"
+        self.note = f"none: `tests/llm/serve.sh {self.model} start {self.port}` failed ({tail(self.log, 2)})"
         return False
 
     def stop(self) -> None:
         if self.started:
-            subprocess.run([str(self.SCRIPT), "stop"], cwd=ROOT, capture_output=True)
+            subprocess.run([str(self.SCRIPT), self.model, "stop"], cwd=ROOT, capture_output=True)
             self.started = False

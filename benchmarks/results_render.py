@@ -68,7 +68,7 @@ def distinct_partitions(runs: Sequence[dict]) -> int:
     return len({_groups(r["clusters"]) for r in runs if r.get("clusters")})
 
 
-_ROW_ORDER = {"sources": ("gemma", "static", "one-per-class")}
+_ROW_ORDER = {"sources": ("gemma", "qwen", "static", "one-per-class")}
 
 
 def _row_key(section: str, row: str) -> tuple:
@@ -147,7 +147,7 @@ def table4(doc: dict) -> list[str]:
 
 def sources(doc: dict) -> list[str]:
     rows = rows_of(doc, "sources")
-    lines = ["## Cluster sources (full CPC = row d)", ""]
+    lines = ["## Cluster sources (full CPC = rows d and j)", ""]
     if not rows:
         return lines + ["_not run yet_", ""]
     lines += ["| source | clusters | " + _MIOU_HEAD, "|---|---|---:|---:|---:|---|"]
@@ -159,33 +159,38 @@ def sources(doc: dict) -> list[str]:
     return lines + [""]
 
 
+_LLM_NAMES = {"gemma": "Gemma-3-270M (base)", "qwen": "Qwen2.5-Coder-0.5B-Instruct"}
+
+
 def table5(doc: dict) -> list[str]:
     runs = [r for r in doc.get("clusters_runs", {}).values() if r.get("section") == "table5"]
     lines = ["## Table 5 analog: R queries, cluster stability and mIoU (VOC slice)", ""]
     if not runs:
         return lines + ["_not run yet_", ""]
-    by_r: dict[int, list[dict]] = {}
-    for run in runs:
-        by_r.setdefault(int(run["queries"]), []).append(run)
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for run in runs:  # runs recorded before a second model joined name none: they were Gemma's
+        groups.setdefault((run.get("llm", "gemma"), int(run["queries"])), []).append(run)
     training = {e["row"]: e for e in doc.get("experiments", {}).values() if e.get("section") == "table5"}
     temps = sorted({r.get("temperature") for r in runs})
-    lines += [f"`cpcx clusters` with Gemma-3-270M, temperature {', '.join(map(str, temps))}, repeat k sets "
+    lines += [f"`cpcx clusters` with each local model, temperature {', '.join(map(str, temps))}, repeat k sets "
               "`llm.seed=k` (generate query r of a run samples with seed k + r), always cold (`llm.cache_mode=refresh`). \"Distinct answers in a run\" "
               "counts the different partitions among the R generate answers of one run (the vote's histogram).",
-              "", "| R | repeats | distinct partitions over repeats | distinct answers in a run | clusters | "
+              "", "| model | R | repeats | distinct partitions over repeats | distinct answers in a run | clusters | "
               "refine iterations (converged) | s per clusters run | pseudo mIoU (CRF, seed 0) |",
-              "|---:|---:|---:|---|---|---|---:|---:|"]
-    for queries in sorted(by_r):
-        done = [r for r in by_r[queries] if r.get("status") == DONE]
+              "|---|---:|---:|---:|---|---|---|---:|---:|"]
+    order = list(_LLM_NAMES)
+    for model, queries in sorted(groups, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k)):
+        name = _LLM_NAMES.get(model, model)
+        done = [r for r in groups[model, queries] if r.get("status") == DONE]
         if not done:
-            lines.append(f"| {queries} | 0 | {_status(by_r[queries])} | | | | | |")
+            lines.append(f"| {name} | {queries} | 0 | {_status(groups[model, queries])} | | | | | |")
             continue
-        train = training.get(f"R={queries}")
+        train = training.get(f"{'' if model == 'gemma' else model + '/'}R={queries}")
         miou = (fmt_pm([train.get("pseudo_miou")]) if train and train.get("status") == DONE
                 else _cell((train or {}).get("status", "—")))
         refine = ", ".join(f"{r.get('refine_iterations')}{'' if r.get('converged') else ' (not conv.)'}" for r in done)
         lines.append(" | ".join([
-            f"| {queries}", str(len(done)), str(distinct_partitions(done)),
+            f"| {name}", str(queries), str(len(done)), str(distinct_partitions(done)),
             ", ".join(str(r.get("vote_distinct")) for r in done), ", ".join(str(len(r["clusters"])) for r in done),
             refine, _fmt_seconds([r.get("seconds") for r in done]), f"{miou} |"]))
     return lines + [""]

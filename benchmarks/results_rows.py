@@ -37,10 +37,12 @@ class Settings:
     extra: tuple[str, ...] = ()  # overrides added to every run (--quick)
     queries: int = 10  # R of the "full" Algorithm 1 rows (paper: 10)
     refine_iters: int | None = None  # clustering.max_refine_iters (None: the recipe's)
-    llm_port: int = 8766
+    llm_port: int = 8766  # Gemma's server
+    qwen_port: int = 8767
     t5_queries: tuple[int, ...] = (2, 6, 10)
     t5_repeats: int = 3
     t5_temperature: float = 0.7
+    t5_llms: tuple[str, ...] = ("gemma", "qwen")  # the local models whose stability Table 5 measures
 
 
 def flow(value: object) -> str:
@@ -50,15 +52,31 @@ def flow(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def gemma_llm(settings: Settings, recipe: str, cache: str, **extra: object) -> str:
-    """The ``llm=`` override for base Gemma-3-270M behind llama-cpp-python's OpenAI-compatible server, written
-    as tests/test_llm_gemma.py does. ``cache`` is a folder in the work dir; the recipe resolves relative
-    paths against its own folder, hence the relative path from there."""
+#: The local models of tests/llm/serve.sh: name → (the alias its server answers to, how the tables name it).
+LOCAL_LLMS = {"gemma": ("gemma-3-270m", "Gemma-3-270M"),
+              "qwen": ("qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct")}
+
+
+def llm_port(settings: Settings, model: str) -> int:
+    return settings.qwen_port if model == "qwen" else settings.llm_port
+
+
+def local_llm(settings: Settings, model: str, recipe: str, cache: str, **extra: object) -> str:
+    """The ``llm=`` override for a local model behind llama-cpp-python's OpenAI-compatible server, written as
+    tests/test_llm_local.py does. ``cache`` is a folder in the work dir; the recipe resolves relative paths
+    against its own folder, hence the relative path from there. The answer cache is keyed by the request, model
+    included, so the models can share one."""
     cache_dir = os.path.relpath(ROOT / settings.work_dir / cache, (ROOT / recipe).parent)
-    cfg = {"provider": "openai", "model": "gemma-3-270m", "base_url": f"http://127.0.0.1:{settings.llm_port}/v1",
+    cfg = {"provider": "openai", "model": LOCAL_LLMS[model][0],
+           "base_url": f"http://127.0.0.1:{llm_port(settings, model)}/v1",
            "schema_style": "json_object", "max_tokens": 512, "timeout_s": 300, "max_retries": 1,
            "cache_dir": cache_dir, **extra}
     return "llm=" + flow(cfg)
+
+
+def gemma_llm(settings: Settings, recipe: str, cache: str, **extra: object) -> str:
+    """The ``llm=`` override for base Gemma-3-270M (the local model of the clusters issue)."""
+    return local_llm(settings, "gemma", recipe, cache, **extra)
 
 
 def static_llm(clusters: Sequence[tuple[str, Sequence[str]]]) -> str:
@@ -84,8 +102,12 @@ class Experiment:
     overrides: tuple[str, ...]  # the row's own key=value
     seed: int = 0
     segment: bool = False
-    needs_llm: bool = False
+    llm: str | None = None  # the local model (LOCAL_LLMS) its clusters come from, if any
     dataset: str = "voc"
+
+    @property
+    def needs_llm(self) -> bool:
+        return self.llm is not None
 
     @property
     def key(self) -> str:
@@ -108,7 +130,7 @@ class Experiment:
 
 @dataclass(frozen=True)
 class ClusterRun:
-    """One ``cpcx clusters`` with Gemma, measured (Table 5 repeats, cold/warm speed)."""
+    """One ``cpcx clusters`` with a local model (``llm``), measured (Table 5 repeats, cold/warm speed)."""
 
     section: str  # table5 | speed
     key: str
@@ -117,6 +139,7 @@ class ClusterRun:
     queries: int = 10
     repeat: int = 0
     temperature: float = 0.0
+    llm: str = "gemma"
 
     def all_overrides(self, settings: Settings) -> list[str]:
         return [f"name={self.name}", f"runs_dir={settings.work_dir}", *self.overrides]
@@ -140,9 +163,9 @@ def _clustering(settings: Settings, queries: int, refine: bool) -> tuple[str, ..
 
 
 def _per_seed(settings: Settings, section: str, row: str, label: str, run_id: str, overrides: tuple[str, ...],
-              needs_llm: bool, recipe: str = VOC_RECIPE, dataset: str = "voc") -> list[Experiment]:
+              llm: str | None, recipe: str = VOC_RECIPE, dataset: str = "voc") -> list[Experiment]:
     return [Experiment(section, row, label, recipe, run_id, overrides, seed, seed in settings.segment_seeds,
-                       needs_llm, dataset) for seed in settings.seeds]
+                       llm, dataset) for seed in settings.seeds]
 
 
 #: The VOC ablation rows decode as the paper does, without voc-mini's class probe (``pseudo.class_probe``,
@@ -151,32 +174,42 @@ def _per_seed(settings: Settings, section: str, row: str, label: str, run_id: st
 NO_PROBE = "pseudo.class_probe.enabled=false"
 
 
-def full_cpc_gemma(settings: Settings) -> tuple[str, ...]:
-    """Row (d) = the `gemma` source: Gemma clusters (R queries + refine) and the recipe's own λ_PCE."""
-    return (gemma_llm(settings, VOC_RECIPE, "llm-cache"), *_clustering(settings, settings.queries, True), NO_PROBE)
+def full_cpc(settings: Settings, model: str) -> tuple[str, ...]:
+    """Rows (d) and (j) = the `gemma` and `qwen` sources: the model's clusters (R queries + refine) and the
+    recipe's own λ_PCE."""
+    return (local_llm(settings, model, VOC_RECIPE, "llm-cache"), *_clustering(settings, settings.queries, True),
+            NO_PROBE)
 
 
 def table4(settings: Settings) -> list[Experiment]:
     """The paper's Table 4, cumulative: (a) baseline, (b) + cluster token from one query, (c) + self-refine,
     (d) + PCE. (a) needs no clusters; it keeps the recipe's static ones, which the network never sees. Rows
     (a)-(f) decode without the class probe; (g) is (f) with it, voc-mini as it ships (its own run folder: the
-    pseudo stage of (f)'s would be replaced)."""
+    pseudo stage of (f)'s would be replaced). (h)-(j) repeat (b)-(d) with the instruction-tuned Qwen model,
+    which groups classes where base Gemma returns one cluster per class."""
     llm = gemma_llm(settings, VOC_RECIPE, "llm-cache")
+    qwen = local_llm(settings, "qwen", VOC_RECIPE, "llm-cache")
+    r = settings.queries
     rows = [
         ("a", "baseline: no cluster token, no PCE", "t4a-baseline",
-         ("model.cluster_token=false", "loss.pce_weight=0", NO_PROBE), False),
+         ("model.cluster_token=false", "loss.pce_weight=0", NO_PROBE), None),
         ("b", "+ cluster token (Gemma, R = 1, no refine)", "t4b-token-r1",
-         (llm, *_clustering(settings, 1, False), "loss.pce_weight=0", NO_PROBE), True),
-        ("c", f"+ self-refine (Gemma, R = {settings.queries} + refine)", "t4c-refine",
-         (llm, *_clustering(settings, settings.queries, True), "loss.pce_weight=0", NO_PROBE), True),
+         (llm, *_clustering(settings, 1, False), "loss.pce_weight=0", NO_PROBE), "gemma"),
+        ("c", f"+ self-refine (Gemma, R = {r} + refine)", "t4c-refine",
+         (llm, *_clustering(settings, r, True), "loss.pce_weight=0", NO_PROBE), "gemma"),
         ("d", f"+ PCE (the recipe's λ = {recipe_value(VOC_RECIPE, 'loss', 'pce_weight')}): full CPC", "cpc-gemma",
-         full_cpc_gemma(settings), True),
+         full_cpc(settings, "gemma"), "gemma"),
         # The same two steps with the hand-made clusters: base Gemma gives one cluster per class, whose cluster
         # token is the image's label vector itself; these rows show what the token does when it carries a grouping.
         ("e", "+ cluster token (static hand-made clusters), no PCE", "t4e-static-nopce",
-         ("loss.pce_weight=0", NO_PROBE), False),
-        ("f", "+ PCE with the static clusters (voc-mini without its class probe)", "cpc-static", (NO_PROBE,), False),
-        ("g", "+ class probe (pseudo.class_probe): voc-mini as it ships", "cpc-static-probe", (), False),
+         ("loss.pce_weight=0", NO_PROBE), None),
+        ("f", "+ PCE with the static clusters (voc-mini without its class probe)", "cpc-static", (NO_PROBE,), None),
+        ("g", "+ class probe (pseudo.class_probe): voc-mini as it ships", "cpc-static-probe", (), None),
+        ("h", "+ cluster token (Qwen, R = 1, no refine)", "t4h-qwen-token-r1",
+         (qwen, *_clustering(settings, 1, False), "loss.pce_weight=0", NO_PROBE), "qwen"),
+        ("i", f"+ self-refine (Qwen, R = {r} + refine)", "t4i-qwen-refine",
+         (qwen, *_clustering(settings, r, True), "loss.pce_weight=0", NO_PROBE), "qwen"),
+        ("j", "+ PCE: full CPC with Qwen's clusters", "cpc-qwen", full_cpc(settings, "qwen"), "qwen"),
     ]
     return [e for row, label, run_id, overrides, llm_row in rows
             for e in _per_seed(settings, "table4", row, label, run_id, overrides, llm_row)]
@@ -186,9 +219,11 @@ def sources(settings: Settings, classes: Sequence[str]) -> list[Experiment]:
     """Full CPC (row d) with the clusters of each offline source: how much the cluster *quality* matters."""
     singletons = static_llm([(c, [c]) for c in classes])
     rows = [
-        ("gemma", f"Gemma-3-270M (R = {settings.queries} + refine)", "cpc-gemma", full_cpc_gemma(settings), True),
-        ("static", "static (hand-made, voc-mini.yaml)", "cpc-static", (NO_PROBE,), False),
-        ("one-per-class", "one cluster per class", "cpc-singletons", (singletons, NO_PROBE), False),
+        ("gemma", f"Gemma-3-270M (R = {settings.queries} + refine)", "cpc-gemma", full_cpc(settings, "gemma"), "gemma"),
+        ("qwen", f"Qwen2.5-Coder-0.5B-Instruct (R = {settings.queries} + refine)", "cpc-qwen",
+         full_cpc(settings, "qwen"), "qwen"),
+        ("static", "static (hand-made, voc-mini.yaml)", "cpc-static", (NO_PROBE,), None),
+        ("one-per-class", "one cluster per class", "cpc-singletons", (singletons, NO_PROBE), None),
     ]
     return [e for row, label, run_id, overrides, llm_row in rows
             for e in _per_seed(settings, "sources", row, label, run_id, overrides, llm_row)]
@@ -196,30 +231,40 @@ def sources(settings: Settings, classes: Sequence[str]) -> list[Experiment]:
 
 def coco(settings: Settings) -> list[Experiment]:
     return _per_seed(settings, "coco", "coco", "full CPC, static supercategory clusters", "coco-cpc", (),
-                     False, recipe=COCO_RECIPE, dataset="coco")
+                     None, recipe=COCO_RECIPE, dataset="coco")
+
+
+def _t5_tag(model: str) -> str:
+    """Gemma's Table 5 keys and folders keep their first spelling (measured before Qwen joined); others are tagged."""
+    return "" if model == "gemma" else f"{model}/"
 
 
 def table5_runs(settings: Settings) -> list[ClusterRun]:
-    """``cpcx clusters`` R ∈ t5_queries, t5_repeats times each. Repeats are made independent by the sampling
-    seed (``llm.seed`` = repeat, at temperature ``t5_temperature``: at T = 0 llama.cpp decodes greedily and
-    every repeat is the same answer), and always cold (``cache_mode: refresh`` asks the model again)."""
+    """``cpcx clusters`` with each model of t5_llms, R ∈ t5_queries, t5_repeats times each. Repeats are made
+    independent by the sampling seed (``llm.seed`` = repeat, at temperature ``t5_temperature``: at T = 0
+    llama.cpp decodes greedily and every repeat is the same answer), and always cold (``cache_mode: refresh``
+    asks the model again)."""
     runs = []
-    for queries in settings.t5_queries:
-        for repeat in range(settings.t5_repeats):
-            llm = gemma_llm(settings, VOC_RECIPE, "llm-cache-t5", temperature=settings.t5_temperature,
-                            seed=repeat, cache_mode="refresh")
-            runs.append(ClusterRun("table5", f"table5/R={queries}/rep{repeat}", f"t5-r{queries}-rep{repeat}",
-                                   (llm, *_clustering(settings, queries, True)), queries, repeat,
-                                   settings.t5_temperature))
+    for model in settings.t5_llms:
+        tag = _t5_tag(model)
+        for queries in settings.t5_queries:
+            for repeat in range(settings.t5_repeats):
+                llm = local_llm(settings, model, VOC_RECIPE, "llm-cache-t5", temperature=settings.t5_temperature,
+                                seed=repeat, cache_mode="refresh")
+                runs.append(ClusterRun("table5", f"table5/{tag}R={queries}/rep{repeat}",
+                                       f"t5-{tag.replace('/', '-')}r{queries}-rep{repeat}",
+                                       (llm, *_clustering(settings, queries, True)), queries, repeat,
+                                       settings.t5_temperature, model))
     return runs
 
 
-def table5_training(settings: Settings, queries: int, clusters: Sequence[tuple[str, Sequence[str]]]) -> Experiment:
-    """Full CPC trained on the partition that repeat 0 of R = ``queries`` produced, written out as static
-    clusters: the row is reproducible without the LLM, and equal partitions share one training run."""
+def table5_training(settings: Settings, queries: int, clusters: Sequence[tuple[str, Sequence[str]]],
+                    model: str = "gemma") -> Experiment:
+    """Full CPC trained on the partition that repeat 0 of R = ``queries`` produced with ``model``, written out
+    as static clusters: the row is reproducible without the LLM, and equal partitions share one training run."""
     run_id = f"t5-part-{partition_id([m for _, m in clusters])}"
-    return Experiment("table5", f"R={queries}", f"R = {queries} (repeat 0's partition)", VOC_RECIPE, run_id,
-                      (static_llm(clusters), NO_PROBE), seed=0, segment=False, needs_llm=False)
+    return Experiment("table5", f"{_t5_tag(model)}R={queries}", f"R = {queries} (repeat 0's partition)", VOC_RECIPE,
+                      run_id, (static_llm(clusters), NO_PROBE), seed=0, segment=False)
 
 
 def speed_runs(settings: Settings) -> list[ClusterRun]:

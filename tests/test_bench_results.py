@@ -46,8 +46,8 @@ def _by_row(experiments):
 
 def test_table4_rows_hold_the_ablation_overrides():
     table = rows.table4(SETTINGS)
-    assert len(table) == 7 * 3 and {e.seed for e in table} == {0, 1, 2}
-    a, b, c, d, e, f, g = (_by_row(table)[r] for r in "abcdefg")
+    assert len(table) == 10 * 3 and {e.seed for e in table} == {0, 1, 2}
+    a, b, c, d, e, f, g, h, i, j = (_by_row(table)[r] for r in "abcdefghij")
     # (a)-(f) decode without voc-mini's class probe, (g) is (f) with it, in a run folder of its own
     assert all(rows.NO_PROBE in x.overrides for x in (a, b, c, d, e, f)) and rows.NO_PROBE not in g.overrides
     assert g.overrides == () and g.run_name != f.run_name
@@ -55,7 +55,11 @@ def test_table4_rows_hold_the_ablation_overrides():
     assert {"clustering.queries=1", "clustering.refine=false", "loss.pce_weight=0"} <= set(b.overrides)
     assert {"clustering.queries=10", "clustering.refine=true", "loss.pce_weight=0"} <= set(c.overrides)
     assert "loss.pce_weight=0" not in d.overrides and "clustering.queries=10" in d.overrides
-    assert b.needs_llm and c.needs_llm and d.needs_llm
+    assert b.llm == c.llm == d.llm == "gemma"
+    # (h)-(j): (b)-(d) again with the instruction-tuned model, each in a run folder of its own
+    for gemma_row, qwen_row in ((b, h), (c, i), (d, j)):
+        assert qwen_row.llm == "qwen" and qwen_row.run_name != gemma_row.run_name
+        assert qwen_row.overrides[1:] == gemma_row.overrides[1:] and '"qwen2.5-coder' in qwen_row.overrides[0]
     # (e), (f): the recipe's static clusters, without then with PCE; (f) is the static source's run folder
     assert e.overrides == ("loss.pce_weight=0", rows.NO_PROBE) and f.overrides == (rows.NO_PROBE,)
     assert not (e.needs_llm or f.needs_llm or g.needs_llm)
@@ -66,17 +70,19 @@ def test_table4_rows_hold_the_ablation_overrides():
     assert caches == {"train.feature_cache_dir=runs-bench-test/features-voc"}
 
 
-def test_row_d_and_the_gemma_source_share_one_run_folder():
-    d = _by_row(rows.table4(SETTINGS))["d"]
-    gemma = _by_row(rows.sources(SETTINGS, VOC_CLASSES))["gemma"]
-    assert d.run_name == gemma.run_name and d.all_overrides(SETTINGS) == gemma.all_overrides(SETTINGS)
-    assert d.key != gemma.key
+def test_rows_d_and_j_share_their_run_folders_with_the_gemma_and_qwen_sources():
+    table, sources = _by_row(rows.table4(SETTINGS)), _by_row(rows.sources(SETTINGS, VOC_CLASSES))
+    for row, source in (("d", "gemma"), ("j", "qwen")):
+        assert table[row].run_name == sources[source].run_name and table[row].key != sources[source].key
+        assert table[row].all_overrides(SETTINGS) == sources[source].all_overrides(SETTINGS)
 
 
 def test_llm_overrides_parse_back_to_the_section():
     (_, value), = parse_overrides([rows.gemma_llm(SETTINGS, rows.VOC_RECIPE, "llm-cache", seed=2)])
     assert value["provider"] == "openai" and value["base_url"] == "http://127.0.0.1:8766/v1" and value["seed"] == 2
     assert value["cache_dir"] == "../runs-bench-test/llm-cache"  # relative to recipes/, as recipes resolve it
+    (_, qwen), = parse_overrides([rows.local_llm(SETTINGS, "qwen", rows.VOC_RECIPE, "llm-cache")])
+    assert qwen["model"] == "qwen2.5-coder-0.5b-instruct" and qwen["base_url"] == "http://127.0.0.1:8767/v1"
     clusters = [("it's: {odd}, \"name\"", ["cat", "dog"]), ("person", ["person"])]
     (_, value), = parse_overrides([rows.static_llm(clusters)])
     assert value == {"provider": "static", "clusters": {"it's: {odd}, \"name\"": ["cat", "dog"], "person": ["person"]}}
@@ -84,14 +90,17 @@ def test_llm_overrides_parse_back_to_the_section():
 
 def test_table5_repeats_are_independent_and_cold():
     runs = rows.table5_runs(SETTINGS)
-    assert len(runs) == 3 * 3 and {r.queries for r in runs} == {2, 6, 10}
+    assert len(runs) == 2 * 3 * 3 and {r.queries for r in runs} == {2, 6, 10} and {r.llm for r in runs} == {"gemma", "qwen"}
+    assert len({r.key for r in runs}) == len({r.name for r in runs}) == len(runs)
     llms = [parse_overrides([o for o in r.overrides if o.startswith("llm=")])[0][1] for r in runs if r.queries == 6]
-    assert [v["seed"] for v in llms] == [0, 1, 2]
+    assert [v["seed"] for v in llms] == [0, 1, 2] * 2 and {v["model"] for v in llms} == set(
+        alias for alias, _ in rows.LOCAL_LLMS.values())
     assert all(v["cache_mode"] == "refresh" and v["temperature"] > 0 for v in llms)
     # equal partitions (other names, other order) train once
     one = rows.table5_training(SETTINGS, 2, [("x", ["cat", "dog"]), ("y", ["person"])])
     two = rows.table5_training(SETTINGS, 6, [("people", ["person"]), ("pets", ["dog", "cat"])])
     assert one.run_id == two.run_id and one.row != two.row
+    assert rows.table5_training(SETTINGS, 2, [("x", ["cat", "dog"])], "qwen").row == "qwen/R=2"
 
 
 def test_rows_are_valid_recipes_with_the_intended_settings(voc_root, monkeypatch):
@@ -157,6 +166,8 @@ def fixture_doc() -> dict:
                                     "command": "cpcx clusters", "status": "done", "seconds": 60.0 + k,
                                     "clusters": c, "vote_distinct": 1, "refine_iterations": 2, "converged": True}
             for k, c in enumerate([alone, pair, alone])}
+    runs["table5/qwen/R=2/rep0"] = {**runs["table5/R=10/rep1"], "llm": "qwen", "queries": 2, "repeat": 0}
+    experiments["table5/qwen/R=2/s0"] = _entry("table5", "qwen/R=2", 0, pseudo_miou=0.31)
     return {"experiments": experiments, "clusters_runs": runs, "benchmark_command": "python benchmarks/results.py",
             "machine": {"cores": 2, "cpu": "AMD EPYC", "ram_gib": 23.5, "gpu": None}, "git_sha": "abc"}
 
@@ -167,8 +178,10 @@ def test_markdown_tables_from_a_fixture():
     assert "| 30.0 ± 10.0 | 31.0 ± 10.0 | 10.0 | 0, 1, 2 / 0 |" in row_a
     row_b = next(line for line in text.splitlines() if line.startswith("| (b)"))
     assert "not run (no local LLM)" in row_b and not any(ch.isdigit() for ch in row_b.split("|", 2)[2])
-    row_r = next(line for line in text.splitlines() if line.startswith("| 10 |"))
-    assert row_r.startswith("| 10 | 3 | 2 |") and "25.0" in row_r  # 3 repeats, 2 distinct partitions
+    row_r = next(line for line in text.splitlines() if line.startswith("| Gemma-3-270M (base) | 10 |"))
+    assert row_r.startswith("| Gemma-3-270M (base) | 10 | 3 | 2 |") and "25.0" in row_r  # 3 repeats, 2 distinct
+    row_q = next(line for line in text.splitlines() if line.startswith("| Qwen2.5-Coder-0.5B-Instruct | 2 |"))
+    assert row_q.startswith("| Qwen2.5-Coder-0.5B-Instruct | 2 | 1 | 1 |") and "31.0" in row_q
     assert "| voc | train | 3 | 101 (100–102) | 150 |" in text
     assert "GPU: not lent to this task" in text and "AMD EPYC" in text
     assert "pseudo-labels on the 311 train images, DeepLab on the 172 val images" in text
@@ -199,7 +212,7 @@ def test_finished_row_with_the_same_fingerprints_is_skipped(voc_root, tmp_path, 
     monkeypatch.setenv("CPCX_DATA", str(voc_root.parent.parent))
     monkeypatch.chdir(rows.ROOT)
     store = results.Store(tmp_path / "results.json", tmp_path / "results.md")
-    runner = results.Runner(SETTINGS, store, llm_ok=False)
+    runner = results.Runner(SETTINGS, store, llms=())
     exp = rows.table4(SETTINGS)[0]
     recipe = runner.recipe(exp.recipe, exp.all_overrides(SETTINGS))
     prints = {s: fingerprint(recipe, s) for s in ("clusters", "train", "pseudo", "segment")}
@@ -236,6 +249,9 @@ def test_quick_settings_and_bad_sections():
     assert full.seeds == (3, 4) and full.segment_seeds == (4,) and full.extra == () and full.work_dir == "runs-bench"
     with pytest.raises(SystemExit):
         results.parse_args(["--only", "table9"])
+    with pytest.raises(SystemExit):
+        results.parse_args(["--t5-llms", "gemma,gpt5"])
+    assert results.settings_from(results.parse_args(["--t5-llms", "qwen"])).t5_llms == ("qwen",)
 
 
 def test_rows_option_runs_only_those_table4_rows(tmp_path):
@@ -247,16 +263,20 @@ def test_rows_option_runs_only_those_table4_rows(tmp_path):
             ran.append(exp.key)
             return {}
 
-    results.run_sections(Recording(SETTINGS, store, llm_ok=False, rows=["e", "f"]), ["table4"])
+    results.run_sections(Recording(SETTINGS, store, llms=(), rows=["e", "f"]), ["table4"])
     assert ran == [f"table4/{r}/s{s}" for r in "ef" for s in (0, 1, 2)]
     ran.clear()
-    results.run_sections(Recording(SETTINGS, store, llm_ok=False), ["table4"])
-    assert len(ran) == 7 * 3
+    results.run_sections(Recording(SETTINGS, store, llms=()), ["table4"])
+    assert len(ran) == 10 * 3
 
 
 def test_a_merge_without_the_llm_keeps_the_llm_its_kept_rows_were_made_with():
     gemma = {"available": True, "note": "Gemma-3-270M at http://127.0.0.1:8766/v1"}
     assert results.llm_record(gemma, False, "none (--no-llm)") == gemma
+    assert results.llms_needed(SETTINGS, ["table4"], ["e", "f"]) == set()  # rows that need no server start none
+    assert results.llms_needed(SETTINGS, ["table4"], ["b", "j"]) == {"gemma", "qwen"}
+    assert results.llms_needed(SETTINGS, ["sources"], []) == {"gemma", "qwen"}
+    assert results.llms_needed(SETTINGS, ["coco", "speed"], []) == {"gemma"}
     assert results.llm_record(gemma, True, "Gemma, new server") == {"available": True, "note": "Gemma, new server"}
     assert results.llm_record(None, False, "none (--no-llm)") == {"available": False, "note": "none (--no-llm)"}
     assert results.llm_record({"available": False, "note": "none"}, False, "none (--no-llm)")["note"] == "none (--no-llm)"
