@@ -29,7 +29,7 @@ from cpcx import atomic
 from cpcx.errors import CpcxError
 from cpcx.llm.answers import EXAMPLE_CLASSES, example_answer, shape_description
 from cpcx.llm.prompts import PromptTemplate, load_template
-from cpcx.partition import Partition, converged, membership_matrix, vote
+from cpcx.partition import Partition, consensus, converged, membership_matrix, vote
 from cpcx.recipe import Recipe
 
 FORMAT_VERSION = 1
@@ -168,7 +168,8 @@ def self_refine(recipe: Recipe, classes: Sequence[str], templates: tuple[PromptT
                 answers.append(asker.ask(messages, "generate", r))
             partitions = [Partition.from_assignment(a.assignment, classes) for a in answers]
             winner, histogram = vote(partitions)
-            trace = [histogram[winner].partition]
+            z0 = consensus(partitions, classes) if c.vote == "pairs" else histogram[winner].partition
+            trace = [z0]
             stable = None
             if c.refine:
                 for t in range(c.max_refine_iters):
@@ -192,7 +193,7 @@ def self_refine(recipe: Recipe, classes: Sequence[str], templates: tuple[PromptT
                       soft_wrap=True)
     from_cache = sum(a.cached for a in answers)
     console.print(f"LLM: {len(answers)} answers ({from_cache} from the cache, {asker.calls} calls); "
-                  f"vote: {len(histogram)} distinct partitions, z0 got {histogram[winner].count}/{c.queries}"
+                  f"vote: {len(histogram)} distinct partitions, " + _z0_line(c, histogram, winner, trace[0])
                   + (f"; refine: {len(trace) - 1} iterations, {'converged' if stable else 'not converged'}"
                      if c.refine else "; refine: off"))
     record = {
@@ -201,9 +202,10 @@ def self_refine(recipe: Recipe, classes: Sequence[str], templates: tuple[PromptT
         "answer_shape": c.answer_shape, "answer_schema": asker.schema, "schema_enforced": recipe.llm.json_schema,
         "prompts": {t.kind: {"file": t.path.name, "sha256": t.sha256} for t in templates},
         "vote": {
-            "queries": c.queries, "winner": winner,
+            "queries": c.queries, "method": c.vote, "winner": winner,
             "histogram": [{"count": e.count, "queries": list(e.queries), "clusters": e.partition.to_json()}
                           for e in histogram],
+            "z0": trace[0].to_json(),
         },
         "refine": None if not c.refine else {
             "converged": bool(stable), "iterations": len(trace) - 1, "max_iterations": c.max_refine_iters,
@@ -211,6 +213,15 @@ def self_refine(recipe: Recipe, classes: Sequence[str], templates: tuple[PromptT
         },
     }
     return kept, record, answers
+
+
+def _z0_line(c, histogram: list, winner: int, z0: Partition) -> str:
+    """How z0 was chosen, for the summary line: the most frequent partition's votes, or the pairwise consensus
+    and how many answers it equals (none, often, with sampled answers)."""
+    if c.vote == "partition":
+        return f"z0 got {histogram[winner].count}/{c.queries}"
+    same = sum(e.count for e in histogram if e.partition.groups == z0.groups)
+    return f"z0 = their consensus pair by pair ({len(z0)} clusters, equal to {same}/{c.queries} answers)"
 
 
 def _invalid(recipe: Recipe, exc: Any) -> CpcxError:  # exc: cpcx.llm.ask.InvalidAnswers

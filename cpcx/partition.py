@@ -98,3 +98,43 @@ def vote(partitions: Sequence[Partition], queries: Sequence[int] | None = None) 
 def converged(trace: Sequence[Partition]) -> bool:
     """The stop condition s(): the last three partitions are the same (z_{t+1} = z_t = z_{t-1})."""
     return len(trace) >= 3 and trace[-1].groups == trace[-2].groups == trace[-3].groups
+
+
+def co_association(partitions: Sequence[Partition], classes: Sequence[str]) -> np.ndarray:
+    """``(n, n)``: the share of the partitions that put classes i and j in one cluster (1 on the diagonal)."""
+    together = np.zeros((len(classes), len(classes)))
+    for partition in partitions:
+        m = partition.matrix(classes)
+        together += m @ m.T
+    return together / len(partitions)
+
+
+def consensus(partitions: Sequence[Partition], classes: Sequence[str]) -> Partition:
+    """The partition the answers agree on pair by pair (``clustering.vote: pairs``): average-linkage
+    agglomeration on the co-association shares, merging while two clusters are together in more than half of
+    the answers on average. Where no two answers are the same partition (a sampled LLM), the most frequent
+    partition is a tie of ones, but most pairs of classes still agree; this keeps what they agree on. Each
+    consensus cluster takes the name of the answer cluster that overlaps it most (Jaccard; earliest answer on a
+    tie); a name already taken gets a number."""
+    shares = co_association(partitions, classes)
+    groups = [[i] for i in range(len(classes))]
+    while len(groups) > 1:
+        best, pair = 0.5, None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                link = shares[np.ix_(groups[a], groups[b])].mean()
+                if link > best + 1e-12:
+                    best, pair = link, (a, b)
+        if pair is None:
+            break
+        a, b = pair
+        groups[a] = sorted(groups[a] + groups.pop(b))
+    candidates = [(name, set(members)) for p in partitions for name, members in p.clusters]
+    taken: dict[str, int] = {}
+    named = []
+    for group in groups:
+        members = {classes[i] for i in group}
+        name = max(candidates, key=lambda c: len(members & c[1]) / len(members | c[1]))[0]  # max keeps the first
+        taken[name] = taken.get(name, 0) + 1
+        named.append((name if taken[name] == 1 else f"{name} {taken[name]}", [classes[i] for i in group]))
+    return Partition.from_assignment(named, classes)

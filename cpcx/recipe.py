@@ -154,6 +154,9 @@ class PromptsConfig(Section):
 
 class ClusteringConfig(Section):
     queries: int = Field(10, ge=1, description="R, independent LLM queries that vote for z0 (paper: 10).")
+    vote: Literal["partition", "pairs"] = Field(
+        "partition", description="partition: z0 = the most frequent partition (paper); pairs: z0 = the consensus "
+        "of the R answers pair by pair (co-association), for sampled answers that never repeat whole.")
     refine: bool = Field(True, description="Run the self-refine loop after the vote (Table 4 ablation).")
     max_refine_iters: int = Field(10, ge=1, description="Stop refining after this many iterations.")
     max_retries: int = Field(2, ge=0, description="Re-asks with the validation error when an answer is invalid.")

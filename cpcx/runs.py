@@ -40,6 +40,7 @@ _NEUTRAL_KEYS = {"workers", "device", "log_every", "figures", "cache_mode", "cac
 #: left out of the fingerprint while they hold that value, so a new knob that a recipe does not use leaves its
 #: finished stages current (otherwise every release that adds an option would redo every run).
 _ADDED_DEFAULTS: dict[str, Any] = {
+    "clustering.vote": "partition",
     "train.trunk_cache": False,
     "train.backbone_lr": None,
     "pseudo.scales": [1.0],

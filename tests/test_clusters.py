@@ -108,6 +108,29 @@ def test_vote_then_refine_until_three_equal(tmp_path, server):
     assert np.clip(labels[1:] @ clusters.matrix, 0, 1).tolist() == [0.0, 1.0, 0.0]
 
 
+def test_pairs_vote_keeps_what_answers_that_never_repeat_agree_on(tmp_path, server):
+    """Three sampled answers, no two the same partition: the paper's vote keeps the first; ``vote: pairs``
+    keeps what most of them agree on pair by pair, and the refine prompt starts from that."""
+    d = {**A, "animal": ["bird", "cat", "cow", "dog", "horse"], "farm": ["sheep"]}  # sheep split off
+    e = {**A, "vehicle": ["aeroplane", "bicycle", "boat", "bus", "car", "motorbike"], "rail": ["train"]}
+    answers = (mapping(B), mapping(d), mapping(e))
+    server.push(*answers)
+    (tmp_path / "partition").mkdir()
+    (tmp_path / "pairs").mkdir()
+    first, text = run(recipe_for(tmp_path / "partition", server, queries=3, refine=False))
+    assert groups(json.loads(first.read_text())["clusters"]) == canonical(B) and "z0 got 1/3" in text
+
+    server.push(*answers, mapping(A), mapping(A))  # refine: z1 = z2 = z0, converged
+    out, text = run(recipe_for(tmp_path / "pairs", server, queries=3, max_refine_iters=4, vote="pairs"))
+    data = json.loads(out.read_text())
+    assert groups(data["vote"]["z0"]) == canonical(A)  # person with the animals in 1 of 3, sheep and train in 2
+    assert data["vote"]["method"] == "pairs" and len(data["vote"]["histogram"]) == 3
+    assert "z0 = their consensus pair by pair (4 clusters, equal to 0/3 answers)" in text
+    first_refine = server.chat_requests[3 + 3].body["messages"][-1]["content"]  # after 3 + 3 generate queries
+    assert "- person: person" in first_refine and "- household: bottle, chair" in first_refine
+    assert data["refine"]["iterations"] == 2 and groups(data["clusters"]) == canonical(A)
+
+
 def test_warm_rerun_makes_no_call_and_writes_the_same_bytes(tmp_path, server):
     recipe = recipe_for(tmp_path, server, queries=2, max_refine_iters=3)
     server.push(mapping(A), mapping(A), mapping(A), mapping(A))

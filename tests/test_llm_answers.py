@@ -9,7 +9,7 @@ from cpcx.data.classes import VOC_CLASSES
 from cpcx.errors import CpcxError
 from cpcx.llm.answers import AnswerError, answer_schema, example_answer, extract_json, parse_answer
 from cpcx.llm.prompts import load_template
-from cpcx.partition import Partition, converged, vote
+from cpcx.partition import Partition, consensus, converged, vote
 from cpcx.recipe import PROMPTS_DIR
 
 CLASSES = ("cat", "dog", "car", "bus", "pottedplant")
@@ -98,6 +98,34 @@ def test_vote_picks_the_most_frequent_and_the_earliest_on_ties():
     assert hist[winner].partition.groups == c.groups and [e.count for e in hist] == [2, 2]
     winner, _ = vote([b, a, c])
     assert winner == 0
+
+
+def test_pairwise_consensus_keeps_the_majority_pairs_and_does_not_chain():
+    classes = ["cat", "dog", "cow", "car", "bus", "person"]
+
+    def p(*clusters):
+        return Partition.from_assignment(clusters, classes)
+
+    answers = [p(("animal", ["cat", "dog", "cow"]), ("vehicle", ["car", "bus"]), ("human", ["person"])),
+               p(("pet", ["cat", "dog"]), ("farm", ["cow"]), ("vehicle", ["car", "bus", "person"])),
+               p(("animal", ["cat", "dog", "cow", "person"]), ("vehicle", ["car", "bus"]))]
+    assert len(vote(answers)[1]) == 3  # no partition repeats: the paper's vote has a three-way tie
+    agreed = consensus(answers, classes)
+    assert agreed.groups == p(("a", ["cat", "dog", "cow"]), ("v", ["car", "bus"]), ("h", ["person"])).groups
+    assert agreed.names == ["animal", "vehicle", "human"]  # the best-overlapping answer cluster's name
+    # cat~dog and dog~car each in 3 of 5 answers, cat~car in 1: single linkage would chain all three into one
+    # cluster; average linkage merges one pair, then the third class is with it in (1 + 3) / 10 < 1/2 of the pairs
+    three = ["cat", "dog", "car"]
+
+    def q(*clusters):
+        return Partition.from_assignment(clusters, three)
+
+    chain = [q(("x", three)), *[q(("x", ["cat", "dog"]), ("y", ["car"]))] * 2,
+             *[q(("x", ["cat"]), ("y", ["dog", "car"]))] * 2]
+    assert consensus(chain, three).groups == (("cat", "dog"), ("car",))
+    # two consensus clusters whose best answer clusters share a name: the second is numbered
+    twice = [q(("animal", ["cat", "dog"]), ("animal", ["car"]))] * 2
+    assert consensus(twice, three).names == ["animal", "animal 2"]
 
 
 def test_stop_condition_needs_three_equal_partitions_in_a_row():

@@ -67,9 +67,9 @@ def test_fingerprints_follow_upstream_sections_and_ignore_neutral_keys(recipe_pa
 
 
 def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(recipe_path):
-    """A recipe that does not use train.trunk_cache / train.backbone_lr / pseudo.scales / pseudo.class_probe hashes
-    as it did before those options existed (the dump without them); setting one changes the fingerprint of its
-    stage."""
+    """A recipe that does not use train.trunk_cache / train.backbone_lr / pseudo.scales / pseudo.class_probe /
+    clustering.vote hashes as it did before those options existed (the dump without them); setting one changes
+    the fingerprint of its stage."""
     import hashlib
     import json
 
@@ -78,13 +78,14 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     base = load_recipe(recipe_path, [])
     dumped = base.model_dump(mode="json")
     for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales"),
-                         ("pseudo", "class_probe")):
+                         ("pseudo", "class_probe"), ("clustering", "vote")):
         del dumped[section][key]
     sections = [s for stage in ("clusters", "train", "pseudo") for s in STAGES[stage]]
     before = hashlib.sha256(json.dumps({s: _strip_neutral(dumped[s]) for s in sections}, sort_keys=True).encode())
     assert fingerprint(base, "pseudo") == before.hexdigest()[:16]
     assert fingerprint(base, "train") != fingerprint(load_recipe(recipe_path, ["train.backbone_lr=0.0001"]), "train")
     assert fingerprint(base, "train") != fingerprint(load_recipe(recipe_path, ["train.trunk_cache=true"]), "train")
+    assert fingerprint(base, "clusters") != fingerprint(load_recipe(recipe_path, ["clustering.vote=pairs"]), "clusters")
     scaled = load_recipe(recipe_path, ["pseudo.scales=[1.0, 1.5]"])
     assert fingerprint(base, "train") == fingerprint(scaled, "train")
     assert fingerprint(base, "pseudo") != fingerprint(scaled, "pseudo")
