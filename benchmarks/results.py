@@ -172,8 +172,8 @@ class Runner:
         if old.get("status") == render.DONE and old.get("command") == command:
             print(f"[{run.key}] done before, skipped", flush=True)
             return old
-        entry = {"section": run.section, "llm": run.llm, "queries": run.queries, "repeat": run.repeat,
-                 "temperature": run.temperature, "command": command, "status": "running"}
+        entry = {"section": run.section, "llm": run.llm, "vote": run.vote, "queries": run.queries,
+                 "repeat": run.repeat, "temperature": run.temperature, "command": command, "status": "running"}
         runs[run.key] = entry
         if run.llm not in self.llms:
             entry["status"] = "not run (no local LLM)"
@@ -248,7 +248,7 @@ def run_sections(runner: Runner, only: Sequence[str]) -> None:
                 first = repeats[0]
                 if first.get("status") == render.DONE and first.get("clusters"):
                     clusters = [(c["name"], c["members"]) for c in first["clusters"]]
-                    runner.experiment(rows.table5_training(s, queries, clusters, model))
+                    runner.experiment(rows.table5_training(s, queries, clusters, model, s.t5_vote))
     if "coco" in only:
         for exp in rows.coco(s):
             runner.experiment(exp)
@@ -272,9 +272,13 @@ def llms_needed(settings: Settings, only: Sequence[str], row_filter: Sequence[st
     """The local models the chosen sections (and Table 4 rows) ask: only those servers are started."""
     from cpcx.data.classes import VOC_CLASSES
 
-    experiments = [e for e in rows.table4(settings) if not row_filter or e.row in row_filter] if "table4" in only else []
-    experiments += rows.sources(settings, VOC_CLASSES) if "sources" in only else []
-    runs = (rows.table5_runs(settings) if "table5" in only else []) + (rows.speed_runs(settings) if "speed" in only else [])
+    experiments = []
+    if "table4" in only:
+        experiments += [e for e in rows.table4(settings) if not row_filter or e.row in row_filter]
+    if "sources" in only:
+        experiments += rows.sources(settings, VOC_CLASSES)
+    runs = [*(rows.table5_runs(settings) if "table5" in only else ()),
+            *(rows.speed_runs(settings) if "speed" in only else ())]
     return {e.llm for e in experiments if e.llm} | {r.llm for r in runs}
 
 
@@ -346,6 +350,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t5-repeats", type=int, default=None, help="cpcx clusters repeats per R (default 3)")
     p.add_argument("--t5-temperature", type=float, default=0.7, help="sampling temperature of the Table 5 repeats")
     p.add_argument("--t5-llms", default="gemma,qwen", help="the local models Table 5 asks (comma-separated)")
+    p.add_argument("--t5-vote", choices=("partition", "pairs"), default="partition",
+                   help="clustering.vote of the Table 5 runs (partition: the paper's; pairs: rows of their own)")
     p.add_argument("--rows", default="", help="only these Table 4 rows, e.g. e,f (default: all)")
     p.add_argument("--llm-port", type=int, default=8766)
     p.add_argument("--no-llm", action="store_true", help="do not start the local LLM (its rows are marked not run)")
@@ -369,6 +375,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.t5_repeats:
         changes["t5_repeats"] = args.t5_repeats
     changes["t5_llms"] = tuple(m for m in args.t5_llms.split(",") if m)
+    changes["t5_vote"] = args.t5_vote
     return replace(base, **changes)
 
 

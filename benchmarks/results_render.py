@@ -159,7 +159,8 @@ def sources(doc: dict) -> list[str]:
     return lines + [""]
 
 
-_LLM_NAMES = {"gemma": "Gemma-3-270M (base)", "qwen": "Qwen2.5-Coder-0.5B-Instruct"}
+_LLM_NAMES = {"gemma": "Gemma-3-270M (base)", "qwen": "Qwen2.5-Coder-0.5B-Instruct",
+              "qwen-pairs": "Qwen2.5-Coder-0.5B-Instruct, `clustering.vote=pairs`"}
 
 
 def table5(doc: dict) -> list[str]:
@@ -168,8 +169,9 @@ def table5(doc: dict) -> list[str]:
     if not runs:
         return lines + ["_not run yet_", ""]
     groups: dict[tuple[str, int], list[dict]] = {}
-    for run in runs:  # runs recorded before a second model joined name none: they were Gemma's
-        groups.setdefault((run.get("llm", "gemma"), int(run["queries"])), []).append(run)
+    for run in runs:  # runs recorded before a second model (or the pairwise vote) joined name none: Gemma's
+        model = run.get("llm", "gemma") + ("-pairs" if run.get("vote") == "pairs" else "")
+        groups.setdefault((model, int(run["queries"])), []).append(run)
     training = {e["row"]: e for e in doc.get("experiments", {}).values() if e.get("section") == "table5"}
     temps = sorted({r.get("temperature") for r in runs})
     lines += [f"`cpcx clusters` with each local model, temperature {', '.join(map(str, temps))}, repeat k sets "

@@ -43,6 +43,7 @@ class Settings:
     t5_repeats: int = 3
     t5_temperature: float = 0.7
     t5_llms: tuple[str, ...] = ("gemma", "qwen")  # the local models whose stability Table 5 measures
+    t5_vote: str = "partition"  # clustering.vote of the Table 5 runs (pairs: their own rows)
 
 
 def flow(value: object) -> str:
@@ -140,6 +141,7 @@ class ClusterRun:
     repeat: int = 0
     temperature: float = 0.0
     llm: str = "gemma"
+    vote: str = "partition"
 
     def all_overrides(self, settings: Settings) -> list[str]:
         return [f"name={self.name}", f"runs_dir={settings.work_dir}", *self.overrides]
@@ -234,9 +236,11 @@ def coco(settings: Settings) -> list[Experiment]:
                      None, recipe=COCO_RECIPE, dataset="coco")
 
 
-def _t5_tag(model: str) -> str:
-    """Gemma's Table 5 keys and folders keep their first spelling (measured before Qwen joined); others are tagged."""
-    return "" if model == "gemma" else f"{model}/"
+def _t5_tag(model: str, vote: str = "partition") -> str:
+    """Gemma's Table 5 keys and folders keep their first spelling (measured before Qwen joined and before the
+    pairwise vote existed); other models and votes are tagged."""
+    tag = model + ("-pairs" if vote == "pairs" else "")
+    return "" if tag == "gemma" else f"{tag}/"
 
 
 def table5_runs(settings: Settings) -> list[ClusterRun]:
@@ -245,26 +249,28 @@ def table5_runs(settings: Settings) -> list[ClusterRun]:
     llama.cpp decodes greedily and every repeat is the same answer), and always cold (``cache_mode: refresh``
     asks the model again)."""
     runs = []
+    vote = settings.t5_vote
     for model in settings.t5_llms:
-        tag = _t5_tag(model)
+        tag = _t5_tag(model, vote)
         for queries in settings.t5_queries:
             for repeat in range(settings.t5_repeats):
                 llm = local_llm(settings, model, VOC_RECIPE, "llm-cache-t5", temperature=settings.t5_temperature,
                                 seed=repeat, cache_mode="refresh")
+                extra = ("clustering.vote=pairs",) if vote == "pairs" else ()
                 runs.append(ClusterRun("table5", f"table5/{tag}R={queries}/rep{repeat}",
                                        f"t5-{tag.replace('/', '-')}r{queries}-rep{repeat}",
-                                       (llm, *_clustering(settings, queries, True)), queries, repeat,
-                                       settings.t5_temperature, model))
+                                       (llm, *_clustering(settings, queries, True), *extra), queries, repeat,
+                                       settings.t5_temperature, model, vote))
     return runs
 
 
 def table5_training(settings: Settings, queries: int, clusters: Sequence[tuple[str, Sequence[str]]],
-                    model: str = "gemma") -> Experiment:
+                    model: str = "gemma", vote: str = "partition") -> Experiment:
     """Full CPC trained on the partition that repeat 0 of R = ``queries`` produced with ``model``, written out
     as static clusters: the row is reproducible without the LLM, and equal partitions share one training run."""
     run_id = f"t5-part-{partition_id([m for _, m in clusters])}"
-    return Experiment("table5", f"{_t5_tag(model)}R={queries}", f"R = {queries} (repeat 0's partition)", VOC_RECIPE,
-                      run_id, (static_llm(clusters), NO_PROBE), seed=0, segment=False)
+    return Experiment("table5", f"{_t5_tag(model, vote)}R={queries}", f"R = {queries} (repeat 0's partition)",
+                      VOC_RECIPE, run_id, (static_llm(clusters), NO_PROBE), seed=0, segment=False)
 
 
 def speed_runs(settings: Settings) -> list[ClusterRun]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,10 @@ def test_table5_repeats_are_independent_and_cold():
     two = rows.table5_training(SETTINGS, 6, [("people", ["person"]), ("pets", ["dog", "cat"])])
     assert one.run_id == two.run_id and one.row != two.row
     assert rows.table5_training(SETTINGS, 2, [("x", ["cat", "dog"])], "qwen").row == "qwen/R=2"
+    pairs = rows.table5_runs(replace(SETTINGS, t5_llms=("qwen",), t5_vote="pairs"))
+    assert all("clustering.vote=pairs" in r.overrides and r.key.startswith("table5/qwen-pairs/") for r in pairs)
+    assert not {r.name for r in pairs} & {r.name for r in runs}  # their own run folders
+    assert rows.table5_training(SETTINGS, 2, [("x", ["cat"])], "qwen", "pairs").row == "qwen-pairs/R=2"
 
 
 def test_rows_are_valid_recipes_with_the_intended_settings(voc_root, monkeypatch):
@@ -168,6 +173,7 @@ def fixture_doc() -> dict:
             for k, c in enumerate([alone, pair, alone])}
     runs["table5/qwen/R=2/rep0"] = {**runs["table5/R=10/rep1"], "llm": "qwen", "queries": 2, "repeat": 0}
     experiments["table5/qwen/R=2/s0"] = _entry("table5", "qwen/R=2", 0, pseudo_miou=0.31)
+    runs["table5/qwen-pairs/R=2/rep0"] = {**runs["table5/qwen/R=2/rep0"], "vote": "pairs"}
     return {"experiments": experiments, "clusters_runs": runs, "benchmark_command": "python benchmarks/results.py",
             "machine": {"cores": 2, "cpu": "AMD EPYC", "ram_gib": 23.5, "gpu": None}, "git_sha": "abc"}
 
@@ -182,6 +188,8 @@ def test_markdown_tables_from_a_fixture():
     assert row_r.startswith("| Gemma-3-270M (base) | 10 | 3 | 2 |") and "25.0" in row_r  # 3 repeats, 2 distinct
     row_q = next(line for line in text.splitlines() if line.startswith("| Qwen2.5-Coder-0.5B-Instruct | 2 |"))
     assert row_q.startswith("| Qwen2.5-Coder-0.5B-Instruct | 2 | 1 | 1 |") and "31.0" in row_q
+    row_p = next(line for line in text.splitlines() if line.startswith("| Qwen2.5-Coder-0.5B-Instruct, `clustering"))
+    assert "| 2 | 1 | 1 |" in row_p and "31.0" not in row_p  # its own rows: not trained yet
     assert "| voc | train | 3 | 101 (100–102) | 150 |" in text
     assert "GPU: not lent to this task" in text and "AMD EPYC" in text
     assert "pseudo-labels on the 311 train images, DeepLab on the 172 val images" in text
