@@ -170,6 +170,9 @@ class Runner:
         command = run.command(self.settings)
         old = runs.get(run.key) or {}
         if old.get("status") == render.DONE and old.get("command") == command:
+            folder = ROOT / self.settings.work_dir / run.name / "clusters"
+            if (folder / "clusters.json").is_file():  # re-read: outcomes added since (z0) reach older entries
+                old.update(clusters_outcome(folder, ROOT / old.get("log", "-")))
             print(f"[{run.key}] done before, skipped", flush=True)
             return old
         entry = {"section": run.section, "llm": run.llm, "vote": run.vote, "queries": run.queries,
@@ -221,9 +224,12 @@ def outcome(recipe, segment: bool) -> dict:
 
 def clusters_outcome(folder: Path, log: Path) -> dict:
     data = read_json(folder / "clusters.json")
-    refine = data.get("refine") or {}
+    refine, vote = data.get("refine") or {}, data.get("vote") or {}
     match = _ANSWERS.search(log.read_text(errors="replace")) if log.is_file() else None
-    return {"clusters": data.get("clusters"), "vote_distinct": len((data.get("vote") or {}).get("histogram", [])),
+    histogram = vote.get("histogram") or []
+    # z0, the partition the refine loop started from (files written before it was recorded: the vote's winner)
+    z0 = vote.get("z0") or (histogram[vote["winner"]]["clusters"] if histogram else None)
+    return {"clusters": data.get("clusters"), "z0": z0, "vote_distinct": len(histogram),
             "refine_iterations": refine.get("iterations"), "converged": refine.get("converged"),
             "answers": int(match.group(1)) if match else None, "calls": int(match.group(3)) if match else None}
 

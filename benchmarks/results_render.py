@@ -63,6 +63,20 @@ def _groups(clusters: Sequence[dict]) -> tuple[tuple[str, ...], ...]:
     return tuple(sorted(tuple(sorted(c["members"])) for c in clusters))
 
 
+def rand_agreement(runs: Sequence[dict], key: str = "clusters") -> float | None:
+    """Mean over pairs of runs of the Rand index of their partitions (``key``): the share of class pairs that
+    both put together or both keep apart. 1 = the same partition; finer than a count of distinct partitions."""
+    parts = [{m: i for i, c in enumerate(r[key]) for m in c["members"]} for r in runs if r.get(key)]
+    scores = []
+    for a in range(len(parts)):
+        for b in range(a + 1, len(parts)):
+            classes = sorted(parts[a])
+            pairs = [(x, y) for i, x in enumerate(classes) for y in classes[i + 1:]]
+            same = sum((parts[a][x] == parts[a][y]) == (parts[b][x] == parts[b][y]) for x, y in pairs)
+            scores.append(same / len(pairs))
+    return sum(scores) / len(scores) if scores else None
+
+
 def distinct_partitions(runs: Sequence[dict]) -> int:
     """How many different partitions (cluster names ignored) the runs produced."""
     return len({_groups(r["clusters"]) for r in runs if r.get("clusters")})
@@ -177,15 +191,17 @@ def table5(doc: dict) -> list[str]:
     lines += [f"`cpcx clusters` with each local model, temperature {', '.join(map(str, temps))}, repeat k sets "
               "`llm.seed=k` (generate query r of a run samples with seed k + r), always cold (`llm.cache_mode=refresh`). \"Distinct answers in a run\" "
               "counts the different partitions among the R generate answers of one run (the vote's histogram).",
-              "", "| model | R | repeats | distinct partitions over repeats | distinct answers in a run | clusters | "
-              "refine iterations (converged) | s per clusters run | pseudo mIoU (CRF, seed 0) |",
-              "|---|---:|---:|---:|---|---|---|---:|---:|"]
+              "\"Agreement\" is the mean Rand index between the repeats' partitions (share of class pairs that both "
+              "put together or both keep apart), of z0 (the vote's partition) and of the final one (after refine).",
+              "", "| model | R | repeats | distinct partitions over repeats | agreement z0 / final | distinct answers "
+              "in a run | clusters | refine iterations (converged) | s per clusters run | pseudo mIoU (CRF, seed 0) |",
+              "|---|---:|---:|---:|---|---|---|---|---:|---:|"]
     order = list(_LLM_NAMES)
     for model, queries in sorted(groups, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k)):
         name = _LLM_NAMES.get(model, model)
         done = [r for r in groups[model, queries] if r.get("status") == DONE]
         if not done:
-            lines.append(f"| {name} | {queries} | 0 | {_status(groups[model, queries])} | | | | | |")
+            lines.append(f"| {name} | {queries} | 0 | {_status(groups[model, queries])} | | | | | | |")
             continue
         train = training.get(f"{'' if model == 'gemma' else model + '/'}R={queries}")
         miou = (fmt_pm([train.get("pseudo_miou")]) if train and train.get("status") == DONE
@@ -193,6 +209,7 @@ def table5(doc: dict) -> list[str]:
         refine = ", ".join(f"{r.get('refine_iterations')}{'' if r.get('converged') else ' (not conv.)'}" for r in done)
         lines.append(" | ".join([
             f"| {name}", str(queries), str(len(done)), str(distinct_partitions(done)),
+            " / ".join("—" if v is None else f"{v:.3f}" for v in (rand_agreement(done, "z0"), rand_agreement(done))),
             ", ".join(str(r.get("vote_distinct")) for r in done), ", ".join(str(len(r["clusters"])) for r in done),
             refine, _fmt_seconds([r.get("seconds") for r in done]), f"{miou} |"]))
     return lines + [""]

@@ -91,7 +91,8 @@ def test_llm_overrides_parse_back_to_the_section():
 
 def test_table5_repeats_are_independent_and_cold():
     runs = rows.table5_runs(SETTINGS)
-    assert len(runs) == 2 * 3 * 3 and {r.queries for r in runs} == {2, 6, 10} and {r.llm for r in runs} == {"gemma", "qwen"}
+    assert len(runs) == 2 * 3 * 3 and {r.queries for r in runs} == {2, 6, 10}
+    assert {r.llm for r in runs} == {"gemma", "qwen"}
     assert len({r.key for r in runs}) == len({r.name for r in runs}) == len(runs)
     llms = [parse_overrides([o for o in r.overrides if o.startswith("llm=")])[0][1] for r in runs if r.queries == 6]
     assert [v["seed"] for v in llms] == [0, 1, 2] * 2 and {v["model"] for v in llms} == set(
@@ -186,6 +187,7 @@ def test_markdown_tables_from_a_fixture():
     assert "not run (no local LLM)" in row_b and not any(ch.isdigit() for ch in row_b.split("|", 2)[2])
     row_r = next(line for line in text.splitlines() if line.startswith("| Gemma-3-270M (base) | 10 |"))
     assert row_r.startswith("| Gemma-3-270M (base) | 10 | 3 | 2 |") and "25.0" in row_r  # 3 repeats, 2 distinct
+    assert "| — / 0.333 |" in row_r  # no z0 recorded; cat~dog split, joined, split: pair agreement 0, 1, 0
     row_q = next(line for line in text.splitlines() if line.startswith("| Qwen2.5-Coder-0.5B-Instruct | 2 |"))
     assert row_q.startswith("| Qwen2.5-Coder-0.5B-Instruct | 2 | 1 | 1 |") and "31.0" in row_q
     row_p = next(line for line in text.splitlines() if line.startswith("| Qwen2.5-Coder-0.5B-Instruct, `clustering"))
@@ -193,6 +195,26 @@ def test_markdown_tables_from_a_fixture():
     assert "| voc | train | 3 | 101 (100–102) | 150 |" in text
     assert "GPU: not lent to this task" in text and "AMD EPYC" in text
     assert "pseudo-labels on the 311 train images, DeepLab on the 172 val images" in text
+
+
+def test_agreement_is_the_mean_rand_index_between_repeats():
+    a = {"clusters": [{"name": "x", "members": ["cat", "dog"]}, {"name": "y", "members": ["car", "bus"]}]}
+    b = {"clusters": [{"name": "p", "members": ["dog", "cat"]}, {"name": "q", "members": ["bus"]},
+                      {"name": "r", "members": ["car"]}]}
+    assert render.rand_agreement([a, a]) == 1.0
+    assert render.rand_agreement([a, b]) == 5 / 6  # of 6 class pairs only car~bus differs
+    assert render.rand_agreement([a]) is None and render.rand_agreement([a, b], "z0") is None
+
+
+def test_clusters_outcome_reads_z0_or_for_older_files_the_vote_winner(tmp_path):
+    first = [{"name": "a", "members": ["cat"]}, {"name": "b", "members": ["dog"]}]
+    second = [{"name": "pets", "members": ["cat", "dog"]}]
+    vote = {"winner": 1, "histogram": [{"count": 1, "clusters": first}, {"count": 2, "clusters": second}]}
+    (tmp_path / "clusters.json").write_text(json.dumps({"clusters": first, "vote": vote}))
+    assert results.clusters_outcome(tmp_path, tmp_path / "no.log")["z0"] == second
+    (tmp_path / "clusters.json").write_text(json.dumps({"clusters": first, "vote": {**vote, "z0": first}}))
+    outcome = results.clusters_outcome(tmp_path, tmp_path / "no.log")
+    assert outcome["z0"] == first and outcome["vote_distinct"] == 2
 
 
 def test_commands_list_every_invocation_of_a_merged_benchmark():
