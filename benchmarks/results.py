@@ -288,12 +288,19 @@ def llms_needed(settings: Settings, only: Sequence[str], row_filter: Sequence[st
     return {e.llm for e in experiments if e.llm} | {r.llm for r in runs}
 
 
-def llm_record(previous: dict | None, available: bool, note: str) -> dict:
-    """The header's local LLM: this invocation's, or, when it started none, the earlier one that the merged
-    file's LLM rows were made with (a ``--no-llm`` merge must not erase it; the Commands list shows the merge)."""
-    if available or not (previous or {}).get("available"):
-        return {"available": available, "note": note}
-    return previous
+def llm_record(previous: dict | None, serving: dict[str, str], note: str) -> dict:
+    """The header's local LLMs: every model (``serving``: model → note) the merged file's rows were made with,
+    this invocation's replacing an earlier note of the same model; a ``--no-llm`` merge, or one that needs
+    another model, must not erase the others (the Commands list shows the merges). ``note`` says why none
+    serves when no invocation ever started one."""
+    previous = previous or {}
+    models = dict(previous.get("models") or {})
+    if previous.get("available") and not models:  # written before the record kept one note per model
+        models["gemma"] = previous["note"]
+    models.update(serving)
+    if not models:
+        return {"available": False, "note": note}
+    return {"available": True, "note": "; ".join(models[m] for m in sorted(models)), "models": models}
 
 
 def machine_info() -> dict:
@@ -409,12 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers = [LocalLLM(model, rows.llm_port(settings, model),
                         ROOT / settings.work_dir / "logs" / f"llm-server-{model}.log")
                for model in sorted(llms_needed(settings, only, row_filter))] if not args.no_llm else []
-    serving = {server.model for server in servers if server.start()}
+    serving = {server.model: server.note for server in servers if server.start()}
     note = "; ".join(server.note for server in servers) or ("none (--no-llm)" if args.no_llm else "not needed")
-    store.doc["llm"] = llm_record(previous_llm, bool(serving), note)
+    store.doc["llm"] = llm_record(previous_llm, serving, note)
     print(f"results → {store.md_path} (raw: {store.json_path}); runs in {settings.work_dir}/; LLM: {note}",
           flush=True)
-    runner = Runner(settings, store, serving, rows=row_filter)
+    runner = Runner(settings, store, set(serving), rows=row_filter)
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: stop the stage, keep the JSON, stop the LLM
     try:

@@ -300,13 +300,16 @@ def test_rows_option_runs_only_those_table4_rows(tmp_path):
     assert len(ran) == 10 * 3
 
 
-def test_a_merge_without_the_llm_keeps_the_llm_its_kept_rows_were_made_with():
-    gemma = {"available": True, "note": "Gemma-3-270M at http://127.0.0.1:8766/v1"}
-    assert results.llm_record(gemma, False, "none (--no-llm)") == gemma
+def test_a_merge_without_the_llm_keeps_the_llms_its_kept_rows_were_made_with():
+    gemma = {"available": True, "note": "Gemma-3-270M at http://127.0.0.1:8766/v1"}  # as files before models
+    kept = results.llm_record(gemma, {}, "none (--no-llm)")
+    assert kept["note"] == gemma["note"] and kept["models"] == {"gemma": gemma["note"]}
+    both = results.llm_record(kept, {"qwen": "Qwen at :8767"}, "")  # a merge that served only Qwen keeps Gemma
+    assert both["note"] == "Gemma-3-270M at http://127.0.0.1:8766/v1; Qwen at :8767"
+    assert results.llm_record(both, {"gemma": "Gemma, new server"}, "")["models"]["gemma"] == "Gemma, new server"
+    assert results.llm_record(None, {}, "none (--no-llm)") == {"available": False, "note": "none (--no-llm)"}
+    assert results.llm_record({"available": False, "note": "none"}, {}, "none (--no-llm)")["note"] == "none (--no-llm)"
     assert results.llms_needed(SETTINGS, ["table4"], ["e", "f"]) == set()  # rows that need no server start none
     assert results.llms_needed(SETTINGS, ["table4"], ["b", "j"]) == {"gemma", "qwen"}
     assert results.llms_needed(SETTINGS, ["sources"], []) == {"gemma", "qwen"}
     assert results.llms_needed(SETTINGS, ["coco", "speed"], []) == {"gemma"}
-    assert results.llm_record(gemma, True, "Gemma, new server") == {"available": True, "note": "Gemma, new server"}
-    assert results.llm_record(None, False, "none (--no-llm)") == {"available": False, "note": "none (--no-llm)"}
-    assert results.llm_record({"available": False, "note": "none"}, False, "none (--no-llm)")["note"] == "none (--no-llm)"
