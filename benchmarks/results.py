@@ -3,6 +3,7 @@ the real slices, through the real CLI → ``docs/results.json`` (raw) and ``docs
 
     .venv/bin/python benchmarks/results.py                              # everything (hours on 2 CPU cores)
     .venv/bin/python benchmarks/results.py --only table4,sources --seeds 0 1 2 --segment-seeds 0
+    .venv/bin/python benchmarks/results.py --only table5 --t5-llms qwen --t5-vote pairs   # Table 5, pairwise vote
     .venv/bin/python benchmarks/results.py --quick                      # smoke test of the whole flow, minutes
 
 Every row runs ``cpcx clusters|train|pseudo|segment -r <recipe> key=value ...`` as its own process (wall time,
