@@ -32,18 +32,13 @@ def affinity_maps(maps, feats, tau: float, steps: int):
     return torch.stack(out)
 
 
-def _train_linear(x, out_features: int, batch_loss, epochs: int, seed: int):
-    """The class probe's linear trainer (``cpcx.class_probe.train_linear_head``), shuffling with the global RNG."""
-    from cpcx.class_probe import train_linear_head
-
-    return train_linear_head(x, out_features, batch_loss, epochs, seed)
-
-
 def selftrain_maps(maps, feats, labels, confidence: float, epochs: int = 30, seed: int = 0):
     """A linear probe on the (normalised) tokens, trained on the patches whose label-conditioned probability
     exceeds ``confidence``, predicting over the image's classes only; its softmax is the new map."""
     import torch
     import torch.nn.functional as F
+
+    from cpcx.class_probe import train_linear_head
 
     c = maps.shape[1]
     x = F.normalize(feats.flatten(0, 2), dim=-1) * 10.0
@@ -52,8 +47,8 @@ def selftrain_maps(maps, feats, labels, confidence: float, epochs: int = 30, see
     conf, target = p.max(1)
     keep = conf > confidence
     xk, yk, mk = x[keep], target[keep], present[keep]
-    head = _train_linear(xk, c, lambda logits, idx: F.cross_entropy(logits.masked_fill(~mk[idx], -1e4), yk[idx]),
-                         epochs, seed)
+    head = train_linear_head(
+        xk, c, lambda logits, idx: F.cross_entropy(logits.masked_fill(~mk[idx], -1e4), yk[idx]), epochs, seed)
     with torch.no_grad():
         q = head(x).masked_fill(~present, -1e4).softmax(-1)
     return q.reshape(maps.shape[0], *maps.shape[2:], c).permute(0, 3, 1, 2), float(keep.float().mean())
@@ -99,13 +94,15 @@ def probe_objectness(maps, feats, low: float = 0.2, high: float = 0.8, epochs: i
     import torch
     import torch.nn.functional as F
 
+    from cpcx.class_probe import train_linear_head
+
     share = object_share(maps)
     x = F.normalize(feats.flatten(0, 2).float(), dim=-1) * 10.0
     s = share.flatten()
     keep = (s < low) | (s > high)
     xk, yk = x[keep], (s[keep] > 0.5).float()
-    head = _train_linear(xk, 1, lambda logits, idx: F.binary_cross_entropy_with_logits(logits[:, 0], yk[idx]),
-                         epochs, seed)
+    head = train_linear_head(
+        xk, 1, lambda logits, idx: F.binary_cross_entropy_with_logits(logits[:, 0], yk[idx]), epochs, seed)
     with torch.no_grad():
         probe = torch.sigmoid(head(x)[:, 0]).reshape(share.shape)
     return (probe + share) / 2
@@ -147,6 +144,8 @@ def supervised_probe_probs(feats, truth, folds: int = 10, epochs: int = 10, seed
     import torch
     import torch.nn.functional as F
 
+    from cpcx.class_probe import train_linear_head
+
     n, c = truth.shape[:2]
     x = F.normalize(feats.float(), dim=-1) * 10.0
     target = truth.argmax(1)
@@ -158,7 +157,7 @@ def supervised_probe_probs(feats, truth, folds: int = 10, epochs: int = 10, seed
         train = valid.clone()
         train[held_out] = False
         xk, yk = x[train], target[train]
-        head = _train_linear(xk, c, lambda logits, idx: F.cross_entropy(logits, yk[idx]), epochs, seed + fold)
+        head = train_linear_head(xk, c, lambda logits, idx: F.cross_entropy(logits, yk[idx]), epochs, seed + fold)
         with torch.no_grad():
             out[held_out] = head(x[held_out]).softmax(-1)
     return out.permute(0, 3, 1, 2)
