@@ -92,12 +92,10 @@ class LocalLLM:
     at the end only if this script started it."""
 
     SCRIPT = ROOT / "tests" / "llm" / "serve.sh"
-    #: model → what the header says of it
-    DESCRIPTIONS = {"gemma": "Gemma-3-270M (base, Q4_K_M)", "qwen": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M)"}
 
     def __init__(self, model: str, port: int, log: Path):
         self.model, self.port, self.log, self.started, self.note = model, port, log, False, "not needed"
-        self.description = self.DESCRIPTIONS[model]
+        self.description = LOCAL_LLMS[model].description
 
     @property
     def url(self) -> str:
@@ -109,7 +107,7 @@ class LocalLLM:
         benchmark's query answers once that is done (no server at all fails at once: connection refused)."""
         try:
             with urllib.request.urlopen(f"{self.url}/models", timeout=90) as response:
-                return LOCAL_LLMS[self.model][0] in response.read().decode("utf-8", "replace")
+                return LOCAL_LLMS[self.model].alias in response.read().decode("utf-8", "replace")
         except (OSError, ValueError):
             return False
 

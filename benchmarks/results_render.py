@@ -11,6 +11,8 @@ import re
 import statistics
 from typing import Any, Iterable, Sequence
 
+from results_rows import LOCAL_LLMS, t5_tag
+
 ANALYSIS_OPEN, ANALYSIS_CLOSE = "<!-- analysis -->", "<!-- /analysis -->"
 _ANALYSIS = re.compile(re.escape(ANALYSIS_OPEN) + r"(.*?)" + re.escape(ANALYSIS_CLOSE), re.DOTALL)
 ANALYSIS_PLACEHOLDER = "\n_To be written once the full benchmark has run: what the numbers mean, honestly._\n"
@@ -173,19 +175,14 @@ def sources(doc: dict) -> list[str]:
     return lines + [""]
 
 
-_LLM_NAMES = {"gemma": "Gemma-3-270M (base)", "qwen": "Qwen2.5-Coder-0.5B-Instruct",
-              "qwen-pairs": "Qwen2.5-Coder-0.5B-Instruct, `clustering.vote=pairs`"}
-
-
 def table5(doc: dict) -> list[str]:
     runs = [r for r in doc.get("clusters_runs", {}).values() if r.get("section") == "table5"]
     lines = ["## Table 5 analog: R queries, cluster stability and mIoU (VOC slice)", ""]
     if not runs:
         return lines + ["_not run yet_", ""]
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for run in runs:  # runs recorded before a second model (or the pairwise vote) joined name none: Gemma's
-        model = run.get("llm", "gemma") + ("-pairs" if run.get("vote") == "pairs" else "")
-        groups.setdefault((model, int(run["queries"])), []).append(run)
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    for run in runs:  # runs recorded before a second model (or the pairwise vote) joined name neither: Gemma's
+        groups.setdefault((run.get("llm", "gemma"), run.get("vote", "partition"), int(run["queries"])), []).append(run)
     training = {e["row"]: e for e in doc.get("experiments", {}).values() if e.get("section") == "table5"}
     temps = sorted({r.get("temperature") for r in runs})
     lines += [f"`cpcx clusters` with each local model, temperature {', '.join(map(str, temps))}, repeat k sets "
@@ -196,14 +193,20 @@ def table5(doc: dict) -> list[str]:
               "", "| model | R | repeats | distinct partitions over repeats | agreement z0 / final | distinct answers "
               "in a run | clusters | refine iterations (converged) | s per clusters run | pseudo mIoU (CRF, seed 0) |",
               "|---|---:|---:|---:|---|---|---|---|---:|---:|"]
-    order = list(_LLM_NAMES)
-    for model, queries in sorted(groups, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k)):
-        name = _LLM_NAMES.get(model, model)
-        done = [r for r in groups[model, queries] if r.get("status") == DONE]
+    order = list(LOCAL_LLMS)
+
+    def table_order(key: tuple[str, str, int]) -> tuple:  # models as LOCAL_LLMS lists them, the paper's vote first
+        return order.index(key[0]) if key[0] in order else len(order), key[1] != "partition", key
+
+    for key in sorted(groups, key=table_order):
+        model, vote, queries = key
+        name = (LOCAL_LLMS[model].name if model in LOCAL_LLMS else model) + (
+            "" if vote == "partition" else f", `clustering.vote={vote}`")
+        done = [r for r in groups[key] if r.get("status") == DONE]
         if not done:
-            lines.append(f"| {name} | {queries} | 0 | {_status(groups[model, queries])} | | | | | | |")
+            lines.append(f"| {name} | {queries} | 0 | {_status(groups[key])} | | | | | | |")
             continue
-        train = training.get(f"{'' if model == 'gemma' else model + '/'}R={queries}")
+        train = training.get(f"{t5_tag(model, vote)}R={queries}")
         miou = (fmt_pm([train.get("pseudo_miou")]) if train and train.get("status") == DONE
                 else _cell((train or {}).get("status", "—")))
         refine = ", ".join(f"{r.get('refine_iterations')}{'' if r.get('converged') else ' (not conv.)'}" for r in done)

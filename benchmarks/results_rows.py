@@ -53,9 +53,20 @@ def flow(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-#: The local models of tests/llm/serve.sh: name → (the alias its server answers to, how the tables name it).
-LOCAL_LLMS = {"gemma": ("gemma-3-270m", "Gemma-3-270M"),
-              "qwen": ("qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct")}
+@dataclass(frozen=True)
+class LocalModel:
+    alias: str  # the model name its server answers to (tests/llm/serve.sh)
+    name: str  # how the tables name it
+    build: str  # what the header adds: base or instruction-tuned, quantisation
+
+    @property
+    def description(self) -> str:
+        return f"{self.name} ({self.build})"
+
+
+#: The local models of tests/llm/serve.sh.
+LOCAL_LLMS = {"gemma": LocalModel("gemma-3-270m", "Gemma-3-270M", "base, Q4_K_M"),
+              "qwen": LocalModel("qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct", "Q4_K_M")}
 
 
 def llm_port(settings: Settings, model: str) -> int:
@@ -68,7 +79,7 @@ def local_llm(settings: Settings, model: str, recipe: str, cache: str, **extra: 
     against its own folder, hence the relative path from there. The answer cache is keyed by the request, model
     included, so the models can share one."""
     cache_dir = os.path.relpath(ROOT / settings.work_dir / cache, (ROOT / recipe).parent)
-    cfg = {"provider": "openai", "model": LOCAL_LLMS[model][0],
+    cfg = {"provider": "openai", "model": LOCAL_LLMS[model].alias,
            "base_url": f"http://127.0.0.1:{llm_port(settings, model)}/v1",
            "schema_style": "json_object", "max_tokens": 512, "timeout_s": 300, "max_retries": 1,
            "cache_dir": cache_dir, **extra}
@@ -236,7 +247,7 @@ def coco(settings: Settings) -> list[Experiment]:
                      None, recipe=COCO_RECIPE, dataset="coco")
 
 
-def _t5_tag(model: str, vote: str = "partition") -> str:
+def t5_tag(model: str, vote: str = "partition") -> str:
     """Gemma's Table 5 keys and folders keep their first spelling (measured before Qwen joined and before the
     pairwise vote existed); other models and votes are tagged."""
     tag = model + ("-pairs" if vote == "pairs" else "")
@@ -251,7 +262,7 @@ def table5_runs(settings: Settings) -> list[ClusterRun]:
     runs = []
     vote = settings.t5_vote
     for model in settings.t5_llms:
-        tag = _t5_tag(model, vote)
+        tag = t5_tag(model, vote)
         for queries in settings.t5_queries:
             for repeat in range(settings.t5_repeats):
                 llm = local_llm(settings, model, VOC_RECIPE, "llm-cache-t5", temperature=settings.t5_temperature,
@@ -269,7 +280,7 @@ def table5_training(settings: Settings, queries: int, clusters: Sequence[tuple[s
     """Full CPC trained on the partition that repeat 0 of R = ``queries`` produced with ``model``, written out
     as static clusters: the row is reproducible without the LLM, and equal partitions share one training run."""
     run_id = f"t5-part-{partition_id([m for _, m in clusters])}"
-    return Experiment("table5", f"{_t5_tag(model, vote)}R={queries}", f"R = {queries} (repeat 0's partition)",
+    return Experiment("table5", f"{t5_tag(model, vote)}R={queries}", f"R = {queries} (repeat 0's partition)",
                       VOC_RECIPE, run_id, (static_llm(clusters), NO_PROBE), seed=0, segment=False)
 
 

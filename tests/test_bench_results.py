@@ -96,7 +96,7 @@ def test_table5_repeats_are_independent_and_cold():
     assert len({r.key for r in runs}) == len({r.name for r in runs}) == len(runs)
     llms = [parse_overrides([o for o in r.overrides if o.startswith("llm=")])[0][1] for r in runs if r.queries == 6]
     assert [v["seed"] for v in llms] == [0, 1, 2] * 2 and {v["model"] for v in llms} == set(
-        alias for alias, _ in rows.LOCAL_LLMS.values())
+        m.alias for m in rows.LOCAL_LLMS.values())
     assert all(v["cache_mode"] == "refresh" and v["temperature"] > 0 for v in llms)
     # equal partitions (other names, other order) train once
     one = rows.table5_training(SETTINGS, 2, [("x", ["cat", "dog"]), ("y", ["person"])])
@@ -185,8 +185,8 @@ def test_markdown_tables_from_a_fixture():
     assert "| 30.0 ± 10.0 | 31.0 ± 10.0 | 10.0 | 0, 1, 2 / 0 |" in row_a
     row_b = next(line for line in text.splitlines() if line.startswith("| (b)"))
     assert "not run (no local LLM)" in row_b and not any(ch.isdigit() for ch in row_b.split("|", 2)[2])
-    row_r = next(line for line in text.splitlines() if line.startswith("| Gemma-3-270M (base) | 10 |"))
-    assert row_r.startswith("| Gemma-3-270M (base) | 10 | 3 | 2 |") and "25.0" in row_r  # 3 repeats, 2 distinct
+    row_r = next(line for line in text.splitlines() if line.startswith("| Gemma-3-270M | 10 |"))
+    assert row_r.startswith("| Gemma-3-270M | 10 | 3 | 2 |") and "25.0" in row_r  # 3 repeats, 2 distinct
     assert "| — / 0.333 |" in row_r  # no z0 recorded; cat~dog split, joined, split: pair agreement 0, 1, 0
     row_q = next(line for line in text.splitlines() if line.startswith("| Qwen2.5-Coder-0.5B-Instruct | 2 |"))
     assert row_q.startswith("| Qwen2.5-Coder-0.5B-Instruct | 2 | 1 | 1 |") and "31.0" in row_q
