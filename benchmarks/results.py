@@ -172,8 +172,10 @@ class Runner:
         old = runs.get(run.key) or {}
         if old.get("status") == render.DONE and old.get("command") == command:
             folder = ROOT / self.settings.work_dir / run.name / "clusters"
-            if (folder / "clusters.json").is_file():  # re-read: outcomes added since (z0) reach older entries
-                old.update(clusters_outcome(folder, ROOT / old.get("log", "-")))
+            if (folder / "clusters.json").is_file():  # re-read: outcomes added since (z0) reach older entries;
+                # a value the folder or a lost log no longer gives (answers, calls) keeps its recorded one
+                fresh = clusters_outcome(folder, ROOT / old["log"] if old.get("log") else None)
+                old.update({k: v for k, v in fresh.items() if v is not None})
             print(f"[{run.key}] done before, skipped", flush=True)
             return old
         entry = {"section": run.section, "llm": run.llm, "vote": run.vote, "queries": run.queries,
@@ -223,10 +225,10 @@ def outcome(recipe, segment: bool) -> dict:
     }
 
 
-def clusters_outcome(folder: Path, log: Path) -> dict:
+def clusters_outcome(folder: Path, log: Path | None) -> dict:
     data = read_json(folder / "clusters.json")
     refine, vote = data.get("refine") or {}, data.get("vote") or {}
-    match = _ANSWERS.search(log.read_text(errors="replace")) if log.is_file() else None
+    match = _ANSWERS.search(log.read_text(errors="replace")) if log is not None and log.is_file() else None
     histogram = vote.get("histogram") or []
     # z0, the partition the refine loop started from (files written before it was recorded: the vote's winner)
     z0 = vote.get("z0") or (histogram[vote["winner"]]["clusters"] if histogram else None)

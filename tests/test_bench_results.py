@@ -213,8 +213,23 @@ def test_clusters_outcome_reads_z0_or_for_older_files_the_vote_winner(tmp_path):
     (tmp_path / "clusters.json").write_text(json.dumps({"clusters": first, "vote": vote}))
     assert results.clusters_outcome(tmp_path, tmp_path / "no.log")["z0"] == second
     (tmp_path / "clusters.json").write_text(json.dumps({"clusters": first, "vote": {**vote, "z0": first}}))
-    outcome = results.clusters_outcome(tmp_path, tmp_path / "no.log")
-    assert outcome["z0"] == first and outcome["vote_distinct"] == 2
+    outcome = results.clusters_outcome(tmp_path, None)
+    assert outcome["z0"] == first and outcome["vote_distinct"] == 2 and outcome["calls"] is None
+
+
+def test_a_done_clusters_run_gains_z0_from_its_folder_and_keeps_what_only_its_lost_log_said(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    run = rows.table5_runs(SETTINGS)[0]
+    folder = tmp_path / SETTINGS.work_dir / run.name / "clusters"
+    folder.mkdir(parents=True)
+    pets = [{"name": "pets", "members": ["cat", "dog"]}]
+    (folder / "clusters.json").write_text(json.dumps({"clusters": pets, "vote": {"winner": 0, "histogram": [
+        {"count": 2, "clusters": pets}]}}))
+    store = results.Store(tmp_path / "results.json", tmp_path / "results.md")
+    store.doc["clusters_runs"][run.key] = {"status": "done", "command": run.command(SETTINGS), "calls": 12,
+                                           "log": "logs/gone.log"}
+    entry = results.Runner(SETTINGS, store).clusters(run)
+    assert entry["z0"] == pets and entry["calls"] == 12
 
 
 def test_commands_list_every_invocation_of_a_merged_benchmark():

