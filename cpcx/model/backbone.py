@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -34,7 +35,8 @@ class ViTBackbone(nn.Module):
             raise
         except TypeError:  # a non-ViT architecture rejects dynamic_img_size
             raise CpcxError(
-                f"model.backbone: '{name}' is not a ViT (no dynamic_img_size); pick a vit_* model") from None
+                f"model.backbone: '{name}' is not a ViT (no dynamic_img_size); pick a vit_* model, or set "
+                "model.feature_strides (e.g. [16, 32]) to use a CNN's feature maps as the patch grid") from None
         except OSError as exc:  # hub download failures (offline machine) surface as OSError subclasses
             if not download:
                 raise
@@ -43,7 +45,8 @@ class ViTBackbone(nn.Module):
                 "set model.weights to a local file (`cpcx weights import ...`) or model.pretrained: false"
             ) from None
         if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
-            raise CpcxError(f"model.backbone: '{name}' is not a ViT (it has no patch_embed/blocks); pick a vit_* model")
+            raise CpcxError(f"model.backbone: '{name}' is not a ViT (it has no patch_embed/blocks); pick a vit_* model, "
+                            "or set model.feature_strides (e.g. [16, 32]) to use a CNN's feature maps as the patch grid")
         if weights is not None:
             load_backbone_weights(self.vit, weights, name)
         cfg = self.vit.pretrained_cfg
@@ -123,6 +126,17 @@ class ViTBackbone(nn.Module):
             return lambda name: False
         later = tuple(f"vit.blocks.{i}." for i in range(depth, self.num_blocks)) + ("vit.norm.", "vit.head", "vit.fc_norm")
         return lambda name: name.startswith(later)
+
+
+def build_backbone(name: str, pretrained: bool = False, weights: str | Path | None = None,
+                   feature_strides: Sequence[int] | None = None) -> nn.Module:
+    """The patch-grid extractor of ``model.backbone``: a ViT's patch tokens, or (``feature_strides`` set) a CNN's
+    feature maps at those strides (:class:`cpcx.model.cnn_backbone.CNNBackbone`). Both give (B, h, w, e)."""
+    if feature_strides:
+        from cpcx.model.cnn_backbone import CNNBackbone
+
+        return CNNBackbone(name, feature_strides, pretrained=pretrained, weights=weights)
+    return ViTBackbone(name, pretrained=pretrained, weights=weights)
 
 
 # ---------------------------------------------------------------------------------------------- weights

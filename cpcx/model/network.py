@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cpcx.errors import CpcxError
-from cpcx.model.backbone import ViTBackbone
+from cpcx.model.backbone import build_backbone
 from cpcx.model.cluster_token import ClusterToken
 from cpcx.model.heads import PatchClassifier, resolve_topk, topk_pool
 from cpcx.model.hv_bilstm import HVBiLSTM
@@ -36,8 +36,9 @@ class CPCNet(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         self.num_clusters = num_clusters if cfg.cluster_token else 0
-        self.backbone = ViTBackbone(
-            cfg.backbone, pretrained=cfg.pretrained and load_weights, weights=cfg.weights if load_weights else None
+        self.backbone = build_backbone(
+            cfg.backbone, pretrained=cfg.pretrained and load_weights, weights=cfg.weights if load_weights else None,
+            feature_strides=cfg.feature_strides,
         )
         width = self.backbone.embed_dim
         self.cluster_token: ClusterToken | None = None
