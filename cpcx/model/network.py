@@ -38,7 +38,8 @@ class CPCNet(nn.Module):
         self.num_clusters = num_clusters if cfg.cluster_token else 0
         self.backbone = build_backbone(
             cfg.backbone, pretrained=cfg.pretrained and load_weights, weights=cfg.weights if load_weights else None,
-            feature_strides=cfg.feature_strides,
+            feature_strides=cfg.feature_strides, fuse=cfg.fuse if load_weights or cfg.fuse is None else
+            cfg.fuse.model_copy(update={"weights": None, "pretrained": False}),
         )
         width = self.backbone.embed_dim
         self.cluster_token: ClusterToken | None = None
@@ -153,7 +154,10 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[CPCNet
         raise CpcxError(f"{path}: not a cpcx checkpoint (no model/meta); re-run `cpcx train`")
     meta = ckpt["meta"]
     # The backbone weights are in the state dict: neither the download nor the original file is needed.
-    cfg = ModelConfig.model_validate({**meta["model_cfg"], "pretrained": False, "weights": None})
+    model_cfg = {**meta["model_cfg"], "pretrained": False, "weights": None}
+    if model_cfg.get("fuse"):  # the second backbone's weights are in the state dict too
+        model_cfg["fuse"] = {**model_cfg["fuse"], "pretrained": False, "weights": None}
+    cfg = ModelConfig.model_validate(model_cfg)
     net = build_model(cfg, meta["num_classes"], meta["num_clusters"], load_weights=False)
     net.load_state_dict(ckpt["model"])
     net.eval()
