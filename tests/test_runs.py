@@ -78,7 +78,8 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     base = load_recipe(recipe_path, [])
     dumped = base.model_dump(mode="json")
     for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales"),
-                         ("pseudo", "class_probe"), ("clustering", "vote")):
+                         ("pseudo", "class_probe"), ("clustering", "vote"), ("model", "feature_strides"),
+                         ("model", "fuse")):
         del dumped[section][key]
     sections = [s for stage in ("clusters", "train", "pseudo") for s in STAGES[stage]]
     before = hashlib.sha256(json.dumps({s: _strip_neutral(dumped[s]) for s in sections}, sort_keys=True).encode())
@@ -94,6 +95,9 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     assert fingerprint(base, "pseudo") != fingerprint(probed, "pseudo")
     mixed = load_recipe(recipe_path, ["pseudo.class_probe.enabled=true", "pseudo.class_probe.mix=0.8"])
     assert fingerprint(probed, "pseudo") != fingerprint(mixed, "pseudo")
+    fused = load_recipe(recipe_path, ["model.fuse.backbone=tf_efficientnet_lite0", "model.fuse.feature_strides=[16]"])
+    assert fingerprint(base, "clusters") == fingerprint(fused, "clusters")
+    assert fingerprint(base, "train") != fingerprint(fused, "train")
 
 
 def test_plan_skips_done_stages_resumes_interrupted_and_redoes_changed(recipe_path):
