@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cpcx.errors import CpcxError
 
@@ -45,7 +46,8 @@ def user_errors(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except CpcxError as exc:
             for line in str(exc).splitlines() or ["error"]:
-                err_console.print(f"[bold red]✘[/] {line}", soft_wrap=True)
+                # escaped: a message may quote '[orig,vflip]' or '[low, high]', which rich would eat as markup
+                err_console.print(f"[bold red]✘[/] {escape(line)}", soft_wrap=True)
             raise typer.Exit(exc.code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]; finished outputs are kept, re-run to resume")

@@ -27,18 +27,24 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 
 
 def _must_be_dir(value: Path) -> Path:
+    if value.exists() and not value.is_dir():  # "does not exist" would send the user looking for a typo
+        raise ValueError(f"{value} is a file, not a folder; point it at the folder that holds the data set")
     if not value.is_dir():
         raise ValueError(f"folder {value} does not exist; fix the path")
     return value
 
 
 def _must_be_file(value: Path) -> Path:
+    if value.is_dir():
+        raise ValueError(f"{value} is a folder, not a file; name the file itself")
     if not value.is_file():
         raise ValueError(f"file {value} does not exist; fix the path")
     return value
 
 
 def _must_be_weights(value: Path) -> Path:
+    if value.is_dir():
+        raise ValueError(f"{value} is a folder, not a weights file; name the .safetensors file itself")
     if not value.is_file():
         raise ValueError(
             f"weights file {value} does not exist; fix the path, or build it offline with "
@@ -56,7 +62,45 @@ ExistingFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_mu
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are checked on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: a NaN or inf (YAML .nan/.inf, 1e999) passes every ge/gt bound of pydantic and
+    # only fails mid-training; no field of a recipe means either
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: object) -> object:
+        # pydantic's lax mode reads `epochs: true` as 1: a YAML boolean in a number field is a mistake. The
+        # boolean becomes a marker that no number type accepts, so pydantic reports it on the field itself
+        # ("input should be a valid integer (got true)"); a field validator cannot, as "*" would include the
+        # discriminator fields, where pydantic forbids before-validators.
+        if isinstance(data, dict):
+            data = {k: _NotANumber(v) if isinstance(v, bool) and k in cls.model_fields
+                    and _numeric(cls.model_fields[k].annotation) else v for k, v in data.items()}
+        return data
+
+    @field_validator("*")
+    @classmethod
+    def _int_fits(cls, value: object, info: ValidationInfo) -> object:
+        # a count past 2**31 (`epochs: 1e30` written as digits) validates, then overflows in torch or numpy
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31 \
+                and not (cls.__name__ == "Recipe" and info.field_name == "seed"):  # that one has its own bound
+            raise ValueError(f"{value} is too large; the most this field takes is {2**31 - 1}")
+        return value
+
+
+class _NotANumber:
+    def __init__(self, value: bool):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return str(self.value).lower()
+
+
+def _numeric(annotation: object) -> bool:
+    from typing import get_args
+
+    args = get_args(annotation) or (annotation,)
+    return any(a in (int, float) for a in args) and bool not in args
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -175,7 +219,7 @@ class ModelConfig(Section):
         "(e.g. [16, 32]: the stride-32 map upsampled onto the stride-16 grid and concatenated); unset for a ViT.")
     pretrained: bool = Field(True, description="Download timm's pretrained weights (needs internet).")
     weights: Optional[WeightsFile] = Field(None, description="Local backbone weights (safetensors or state dict).")
-    img_size: int = Field(384, ge=32, description="Training input size (square), paper: 384.")
+    img_size: int = Field(384, ge=32, le=4096, description="Training input size (square), paper: 384.")
     cluster_token: bool = Field(True, description="Concatenate the cluster token F_c = u^T G (eq. 1).")
     cluster_dim: int = Field(128, ge=1, description="H, the width of the cluster token.")
     hv_bilstm: bool = Field(True, description="Refine tokens with the HV-BiLSTM of ViT-PCM.")
@@ -281,7 +325,7 @@ class ClassProbeConfig(Section):
 
 
 class PseudoConfig(Section):
-    img_size: int = Field(960, ge=32, description="Inference input size (paper: 960).")
+    img_size: int = Field(960, ge=32, le=8192, description="Inference input size (paper: 960).")
     split: Literal["train", "val"] = Field("train", description="Which split gets pseudo-labels.")
     flip: bool = Field(True, description="Average the probabilities of the image and its horizontal flip.")
     scales: list[Annotated[float, Field(gt=0)]] = Field(
@@ -319,7 +363,7 @@ class SegmentConfig(Section):
     lr: float = Field(0.01, gt=0, description="SGD initial learning rate (poly decay, power 0.9).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay.")
-    crop_size: int = Field(321, ge=16, description="Random crop size for training.")
+    crop_size: int = Field(321, ge=16, le=4096, description="Random crop size for training.")
     scale_range: tuple[float, float] = Field((0.5, 1.5), description="Random rescale range for training.")
     eval_every: int = Field(1, ge=1, description="Epochs between validation mIoU measurements.")
     scales: list[float] = Field([0.5, 0.75, 1.0, 1.25, 1.5], description="Test-time scales.")
@@ -347,7 +391,7 @@ class SegmentConfig(Section):
 # ---------------------------------------------------------------------------------------------- recipe
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: runs/<name>/<stage>/.")
-    seed: int = Field(0, description="Seed for python, numpy and torch.")
+    seed: int = Field(0, description="Seed for python, numpy and torch (0 to 2**32-1).")
     runs_dir: Path = Field(Path("runs"), description="Where run folders go (relative to the working directory).")
     dataset: DatasetConfig = Field(description="The data set (kind: voc | coco | folder).")
     llm: LLMConfig = Field(description="The LLM that clusters the class names (provider: openai | ollama | static).")
@@ -359,6 +403,15 @@ class Recipe(Section):
     pseudo: PseudoConfig = Field(default_factory=PseudoConfig, description="Pseudo-label inference.")
     crf: CRFConfig = Field(default_factory=CRFConfig, description="Dense CRF on the pseudo-labels.")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="DeepLab trained on the pseudo-labels.")
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_fits_numpy(cls, value: int) -> int:
+        # numpy's global seed is 32-bit unsigned: a larger or negative seed validated, then training crashed
+        if not 0 <= value < 2**32:
+            raise ValueError("must be an integer from 0 to 4294967295 (numpy and torch take 32-bit seeds); "
+                             "use a smaller seed")
+        return value
 
     @model_validator(mode="after")
     def _trunk_cache_needs_a_vit(self) -> "Recipe":

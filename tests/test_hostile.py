@@ -1,0 +1,72 @@
+"""Hostile inputs met through the real command line (#19): one clear line, exit code, no traceback, no hang."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BAD = Path(__file__).resolve().parent / "recipes_bad"
+
+
+def cpcx(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120,
+         pre: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m cpcx ARGS``; ``pre`` is Python run first in the same process (to plant a fault)."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    if "CPCX_DEBUG" not in (env or {}):
+        full_env.pop("CPCX_DEBUG", None)  # the developer's own debug switch must not change what tests see
+    command = [sys.executable, "-m", "cpcx", *args] if pre is None else \
+        [sys.executable, "-c", f"{pre}\nimport sys\nsys.argv[0] = 'cpcx'\nfrom cpcx.cli import main\nmain()", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=cwd or REPO, timeout=timeout)
+
+
+def _one_line(result: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def good_recipe(tmp_path, voc_root) -> Path:
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "good", "dataset": {"kind": "voc", "root": str(voc_root)},
+        "llm": {"provider": "static", "clusters": {"animal": ["cat", "dog"]}},
+    }))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ recipes
+@pytest.mark.parametrize("name", ["38_alias_bomb", "39_alias_cycle", "40_nested_3000_deep", "41_duplicate_top_key"])
+def test_yaml_bombs_end_fast_in_one_line(name):
+    start = time.perf_counter()
+    result = cpcx("validate", "-r", str(BAD / f"{name}.yaml"), timeout=60)
+    assert time.perf_counter() - start < 30
+    assert result.returncode == 2
+    assert _one_line(result).startswith(f"✘ {BAD / name}.yaml: ")
+
+
+def test_list_override_message_keeps_its_brackets(good_recipe):
+    # rich would read '[orig,vflip]' as markup and print nothing of it
+    result = cpcx("validate", "-r", str(good_recipe), "train.views.1=vflip")
+    assert result.returncode == 2
+    assert _one_line(result) == ("✘ override 'train.views.1=vflip': train.views is a list, so its items have no "
+                                 "keys; override the whole list, e.g. train.views=[orig,vflip]")
+
+
+def test_root_that_is_a_file(good_recipe):
+    result = cpcx("validate", "-r", str(good_recipe), f"dataset.root={good_recipe}")
+    assert _one_line(result) == (f"✘ {good_recipe}: dataset.root: {good_recipe} is a file, not a folder; point it at "
+                                 "the folder that holds the data set")
+
+
+def test_recipe_from_dev_zero_is_refused_at_once():
+    result = cpcx("validate", "-r", "/dev/zero", timeout=60)
+    assert result.returncode == 2
+    assert _one_line(result) == "✘ /dev/zero: is not a regular file; pass a recipe YAML file, e.g. -r recipes/voc-mini.yaml"
