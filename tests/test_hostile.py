@@ -70,3 +70,35 @@ def test_recipe_from_dev_zero_is_refused_at_once():
     result = cpcx("validate", "-r", "/dev/zero", timeout=60)
     assert result.returncode == 2
     assert _one_line(result) == "✘ /dev/zero: is not a regular file; pass a recipe YAML file, e.g. -r recipes/voc-mini.yaml"
+
+
+# ---------------------------------------------------------------------------------------- LLM cache
+def test_cache_export_to_a_folder(tmp_path):
+    from cpcx.llm.cache import AnswerCache, request_key
+    from test_llm_cache import _identity, _value
+
+    with AnswerCache(tmp_path / "c") as cache:
+        cache.put(request_key(_identity()), _identity(), _value())
+    result = cpcx("cache", "export", str(tmp_path), "--cache-dir", str(tmp_path / "c"))
+    assert result.returncode == 1
+    assert _one_line(result) == f"✘ {tmp_path}: is a folder; name the JSONL file to write, e.g. {tmp_path}/answers.jsonl"
+
+
+def test_cache_import_from_dev_zero_ends_at_once(tmp_path):
+    result = cpcx("cache", "import", "/dev/zero", "--cache-dir", str(tmp_path), timeout=60)
+    assert result.returncode == 1
+    assert _one_line(result) == ("✘ /dev/zero: is not a regular file (a device, pipe or socket); pass a file "
+                                 "written by `cpcx cache export`")
+
+
+def test_cache_import_refuses_an_invalid_answer(tmp_path):
+    from test_llm_cache import _identity, _line
+
+    bad = {"raw": '{"cat": "animal"}', "attempts": [], "meta": {}, "answer": [{"name": "animal", "members": ["cat"]}]}
+    src = tmp_path / "answers.jsonl"
+    src.write_text(_line(_identity(1), bad))
+    result = cpcx("cache", "import", str(src), "--cache-dir", str(tmp_path / "c"))
+    assert result.returncode == 1
+    assert _one_line(result) == (f"✘ {src}: 1 of 1 answers are not valid for their request (line 1: you left out "
+                                 "dog); nothing imported; delete those lines or re-export them from the cache that "
+                                 "made them")
