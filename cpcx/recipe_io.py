@@ -284,9 +284,15 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = (), env: dict[str, 
         raise RecipeError([f"{path}: {line}" for line in errors])
     data = apply_overrides(data, parsed_overrides)
     try:
-        return Recipe.model_validate(data, context={"base_dir": path.resolve().parent})
+        recipe = Recipe.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, Recipe, str(path), sources)) from None
+    key_env = getattr(recipe.llm, "api_key_env", None)
+    if key_env:  # its value is a secret whatever the variable is called: keep it out of crash logs
+        from cpcx.crashlog import register_secret_env
+
+        register_secret_env(key_env)
+    return recipe
 
 
 def dump_recipe(recipe) -> str:

@@ -102,3 +102,75 @@ def test_cache_import_refuses_an_invalid_answer(tmp_path):
     assert _one_line(result) == (f"✘ {src}: 1 of 1 answers are not valid for their request (line 1: you left out "
                                  "dog); nothing imported; delete those lines or re-export them from the cache that "
                                  "made them")
+
+
+# ------------------------------------------------------------------------------- unexpected errors
+KEY = "sk-test-0123456789abcdef"
+BOOM = ("import cpcx.recipe\n"
+        "def boom(*args, **kwargs):\n"
+        f"    raise ValueError('the server echoed {KEY} back\\nsecond line')\n"
+        "cpcx.recipe.load_recipe = boom")
+
+
+def _crash_env(tmp_path: Path, **extra: str) -> dict:
+    return {"OPENAI_API_KEY": KEY, "XDG_STATE_HOME": str(tmp_path / "state"), "HOME": str(tmp_path / "home"),
+            "TMPDIR": str(tmp_path / "tmp"), **extra}
+
+
+def test_unexpected_error_is_one_line_and_a_redacted_log(tmp_path, good_recipe):
+    result = cpcx("validate", "-r", str(good_recipe), pre=BOOM, env=_crash_env(tmp_path))
+    assert result.returncode == 1
+    line = _one_line(result)
+    logs = list((tmp_path / "state" / "cpcx" / "logs").glob("crash-*.log"))
+    assert len(logs) == 1
+    assert line == (f"✘ unexpected error: ValueError: the server echoed *** back; the traceback is in {logs[0]} "
+                    "(CPCX_DEBUG=1 or --debug prints it here); please report it")
+    text = logs[0].read_text()
+    assert "Traceback (most recent call last)" in text and "in boom" in text and "second line" in text
+    assert KEY not in text + result.stderr + result.stdout
+    assert oct(logs[0].stat().st_mode & 0o777) == "0o600"
+
+
+def test_unexpected_error_log_falls_back_to_the_temp_dir(tmp_path, good_recipe):
+    (tmp_path / "tmp").mkdir()
+    env = _crash_env(tmp_path, XDG_STATE_HOME="/proc/no-such-state", HOME="/proc/no-such-home")
+    result = cpcx("validate", "-r", str(good_recipe), pre=BOOM, env=env)
+    assert result.returncode == 1
+    logs = list((tmp_path / "tmp").glob("cpcx-logs-*/crash-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in _one_line(result)
+
+
+@pytest.mark.parametrize("switch", ["env", "option"])
+def test_debug_switch_shows_the_traceback_redacted(tmp_path, good_recipe, switch):
+    env = _crash_env(tmp_path, **({"CPCX_DEBUG": "1"} if switch == "env" else {}))
+    args = ["--debug"] * (switch == "option") + ["validate", "-r", str(good_recipe)]
+    result = cpcx(*args, pre=BOOM, env=env)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr and "in boom" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith("✘ unexpected error: ValueError: the server echoed *** back")
+    assert KEY not in result.stderr + result.stdout
+
+
+def test_key_named_by_the_recipe_is_redacted(tmp_path, voc_root):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "r", "dataset": {"kind": "voc", "root": str(voc_root)},
+        "llm": {"provider": "openai", "api_key_env": "MY_LLM_CREDENTIAL"},
+    }))
+    pre = ("import cpcx.clusters\n"
+           "def boom(*args, **kwargs):\n"
+           "    import os; raise RuntimeError('got ' + os.environ['MY_LLM_CREDENTIAL'])\n"
+           "cpcx.clusters.run_clusters = boom")
+    result = cpcx("clusters", "-r", str(recipe), pre=pre, env=_crash_env(tmp_path, MY_LLM_CREDENTIAL="hunter2-secret"))
+    assert result.returncode == 1
+    assert "RuntimeError: got ***" in _one_line(result)
+    log = next((tmp_path / "state" / "cpcx" / "logs").glob("crash-*.log")).read_text()
+    assert "hunter2-secret" not in log and "got ***" in log
+
+
+def test_user_errors_and_exits_are_not_reported_as_crashes(tmp_path, good_recipe):
+    result = cpcx("validate", "-r", str(tmp_path / "missing.yaml"), env=_crash_env(tmp_path))
+    assert result.returncode == 2 and "unexpected" not in result.stderr
+    result = cpcx("doctor", "-r", str(good_recipe), env=_crash_env(tmp_path))  # ends with typer.Exit
+    assert "unexpected" not in result.stderr + result.stdout
+    assert not (tmp_path / "state").exists()
