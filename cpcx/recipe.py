@@ -13,50 +13,12 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from cpcx.recipe_types import (  # the path types and number guards of the schema
+    ExistingDir, NotANumber, RecipePath, WeightsFile, must_be_file, resolve_path, numeric,
+)
+
 #: The editable prompt templates that ship with cpcx (top-level ``prompts/`` of the project).
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
-
-
-def _resolve_path(value: Path, info: ValidationInfo) -> Path:
-    """Relative paths are relative to the recipe file's folder (given in the validation context)."""
-    value = Path(value).expanduser()
-    if value.is_absolute():
-        return value
-    base = Path((info.context or {}).get("base_dir", "."))
-    return (base / value).resolve()
-
-
-def _must_be_dir(value: Path) -> Path:
-    if value.exists() and not value.is_dir():  # "does not exist" would send the user looking for a typo
-        raise ValueError(f"{value} is a file, not a folder; point it at the folder that holds the data set")
-    if not value.is_dir():
-        raise ValueError(f"folder {value} does not exist; fix the path")
-    return value
-
-
-def _must_be_file(value: Path) -> Path:
-    if value.is_dir():
-        raise ValueError(f"{value} is a folder, not a file; name the file itself")
-    if not value.is_file():
-        raise ValueError(f"file {value} does not exist; fix the path")
-    return value
-
-
-def _must_be_weights(value: Path) -> Path:
-    if value.is_dir():
-        raise ValueError(f"{value} is a folder, not a weights file; name the .safetensors file itself")
-    if not value.is_file():
-        raise ValueError(
-            f"weights file {value} does not exist; fix the path, or build it offline with "
-            "`cpcx weights import dinov2-vits14|efficientnet-lite0 --out <file>` (or `make weights`)"
-        )
-    return value
-
-
-RecipePath = Annotated[Path, AfterValidator(_resolve_path)]
-WeightsFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_be_weights)]
-ExistingDir = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_be_dir)]
-ExistingFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_be_file)]
 
 
 class Section(BaseModel):
@@ -74,8 +36,8 @@ class Section(BaseModel):
         # ("input should be a valid integer (got true)"); a field validator cannot, as "*" would include the
         # discriminator fields, where pydantic forbids before-validators.
         if isinstance(data, dict):
-            data = {k: _NotANumber(v) if isinstance(v, bool) and k in cls.model_fields
-                    and _numeric(cls.model_fields[k].annotation) else v for k, v in data.items()}
+            data = {k: NotANumber(v) if isinstance(v, bool) and k in cls.model_fields
+                    and numeric(cls.model_fields[k].annotation) else v for k, v in data.items()}
         return data
 
     @field_validator("*")
@@ -86,21 +48,6 @@ class Section(BaseModel):
                 and not (cls.__name__ == "Recipe" and info.field_name == "seed"):  # that one has its own bound
             raise ValueError(f"{value} is too large; the most this field takes is {2**31 - 1}")
         return value
-
-
-class _NotANumber:
-    def __init__(self, value: bool):
-        self.value = value
-
-    def __repr__(self) -> str:
-        return str(self.value).lower()
-
-
-def _numeric(annotation: object) -> bool:
-    from typing import get_args
-
-    args = get_args(annotation) or (annotation,)
-    return any(a in (int, float) for a in args) and bool not in args
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -188,7 +135,7 @@ def _confine_prompt(value: Path, info: ValidationInfo) -> Path:
     return value
 
 
-PromptPath = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_confine_prompt), AfterValidator(_must_be_file)]
+PromptPath = Annotated[Path, AfterValidator(resolve_path), AfterValidator(_confine_prompt), AfterValidator(must_be_file)]
 
 
 class PromptsConfig(Section):
@@ -366,7 +313,8 @@ class SegmentConfig(Section):
     crop_size: int = Field(321, ge=16, le=4096, description="Random crop size for training.")
     scale_range: tuple[float, float] = Field((0.5, 1.5), description="Random rescale range for training.")
     eval_every: int = Field(1, ge=1, description="Epochs between validation mIoU measurements.")
-    scales: list[float] = Field([0.5, 0.75, 1.0, 1.25, 1.5], description="Test-time scales.")
+    scales: list[Annotated[float, Field(gt=0)]] = Field(
+        [0.5, 0.75, 1.0, 1.25, 1.5], min_length=1, description="Test-time scales.")
     flip: bool = Field(True, description="Test-time horizontal flip.")
     crf: bool = Field(False, description="Dense CRF on the predictions.")
     workers: int = Field(2, ge=0, description="DataLoader worker processes.")
@@ -390,7 +338,8 @@ class SegmentConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- recipe
 class Recipe(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: runs/<name>/<stage>/.")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128,  # a folder name: 255 bytes at most
+                      description="Run name: runs/<name>/<stage>/.")
     seed: int = Field(0, description="Seed for python, numpy and torch (0 to 2**32-1).")
     runs_dir: Path = Field(Path("runs"), description="Where run folders go (relative to the working directory).")
     dataset: DatasetConfig = Field(description="The data set (kind: voc | coco | folder).")

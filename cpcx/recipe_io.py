@@ -9,7 +9,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -97,13 +97,16 @@ def _list_override_error(keys: list[str], depth: int, current: Any, value: Any) 
 
 
 def _is_list_field(keys: list[str]) -> bool:
+    """Whether the schema field at ``keys`` is a list or tuple (``train.views``, ``segment.scales``)."""
     from typing import get_origin
 
     field = _schema_field(keys)
     if field is None:
         return False
-    return any(get_origin(a) in (list, tuple) or a in (list, tuple) for a in [field.annotation] + _flatten(field.annotation)) \
-        and not any(isinstance(a, type) and issubclass(a, BaseModel) for a in _flatten(field.annotation))
+    annotation = field.annotation
+    if get_origin(annotation) is Union or type(annotation).__name__ == "UnionType":  # Optional[list[...]]
+        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)
+    return get_origin(annotation) in (list, tuple)
 
 
 def apply_overrides(data: dict, overrides: list[tuple[list[str], Any]]) -> dict:
@@ -228,10 +231,12 @@ def format_validation_error(
             if names:  # say which environment variable produced the bad value
                 text += f" or set ${names[0]}"
             lines.append(f"{source}: {dotted}: {text}")
-        elif kind == "model_type":  # pydantic: "valid dictionary or instance of TrainConfig" (a class name)
+        elif kind in ("model_type", "model_attributes_type"):  # pydantic's text names a class: say what it means
             given = item.get("input")
             what = "is empty" if given is None else f"must be a section of key: value settings (got {_describe(given)})"
-            lines.append(f"{source}: {dotted}: {what}; write e.g. '{dotted}: {{...}}' with its keys, or remove it")
+            field = holder.model_fields.get(str(loc[-1])) if holder else None
+            optional = ", or remove it" if field is not None and not field.is_required() else ""
+            lines.append(f"{source}: {dotted}: {what}; write e.g. '{dotted}: {{...}}' with its keys{optional}")
         elif kind == "path_type":  # pydantic says "input is not a valid path for <class 'pathlib.Path'>"
             lines.append(f"{source}: {dotted}: must be a path written as text (got {_describe(item['input'])})")
         else:

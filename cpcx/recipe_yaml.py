@@ -103,8 +103,9 @@ def check_graph(root: Node, source: str) -> None:
         on_path.discard(id(node))
         total = 1 + sum(size[id(child)] for child, _ in children)
         if total > MAX_NODES:
-            raise RecipeError([f"{source}: {where or '(top level)'} (line {_line(node)}): YAML aliases expand it to more than "
-                               f"{MAX_NODES:,} values (an alias bomb?); write the values out or use fewer aliases"])
+            raise RecipeError([f"{source}: {where or '(top level)'} (line {_line(node)}): YAML aliases expand it to "
+                               f"more than {MAX_NODES:,} values (an alias bomb?); write the values out or use fewer "
+                               "aliases"])
         size[id(node)] = total
 
 
@@ -139,8 +140,9 @@ def load_yaml_text(text: str, source: str, syntax_errors: bool = True) -> Any:
         try:
             root = loader.get_single_node()
         except _DepthError as exc:
-            raise RecipeError([f"{source}: line {exc.mark.line + 1}, column {exc.mark.column + 1}: nested more than {MAX_DEPTH} levels deep; "
-                               "a recipe is a few levels of sections, check the brackets"]) from None
+            where = f"line {exc.mark.line + 1}, column {exc.mark.column + 1}"
+            raise RecipeError([f"{source}: {where}: nested more than {MAX_DEPTH} levels deep; a recipe is a few "
+                               "levels of sections, check the brackets"]) from None
         except yaml.YAMLError as exc:
             if not syntax_errors:
                 return text

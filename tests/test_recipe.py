@@ -28,7 +28,7 @@ def _expected(path: Path) -> list[str]:
 
 
 def test_corpus_is_large_enough():
-    assert len(BAD_CASES) >= 73
+    assert len(BAD_CASES) >= 81
 
 
 @pytest.mark.parametrize("path", BAD_CASES, ids=[p.stem for p in BAD_CASES])
@@ -194,3 +194,12 @@ def test_recipe_that_is_not_a_regular_file_or_too_large(tmp_path):
         load_recipe(big)
     assert info.value.lines == [f"{big}: larger than 1 MiB, too large for a recipe; pass the recipe YAML file "
                                 "(recipes are a few KB)"]
+
+
+def test_path_that_cannot_be_looked_at_is_a_line_not_an_oserror(tmp_path, voc_root):
+    path = _write(tmp_path, MINIMAL, voc_root)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["dataset.root=" + "a" * 5000])  # stat() says 'File name too long'
+    (line,) = info.value.lines
+    assert line.startswith(f"{path}: dataset.root: cannot look at ") and line.endswith(
+        "(File name too long); fix the path or its permissions")
