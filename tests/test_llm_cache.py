@@ -181,5 +181,10 @@ def test_export_to_a_folder_or_unwritable_place(tmp_path):
     with pytest.raises(CpcxError) as info:
         export_cache(tmp_path / "c", tmp_path)
     assert str(info.value) == f"{tmp_path}: is a folder; name the JSONL file to write, e.g. {tmp_path / 'answers.jsonl'}"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # a device or pipe is never replaced by the atomic rename (as root that would be /dev/full)
+    with pytest.raises(CpcxError, match=r"fifo: is not a regular file \(a device or pipe\); name the JSONL file"):
+        export_cache(tmp_path / "c", fifo)
+    assert fifo.is_fifo()
     with pytest.raises(CpcxError, match=r"^/proc/answers.jsonl: cannot write \("):
         export_cache(tmp_path / "c", "/proc/answers.jsonl")

@@ -175,6 +175,8 @@ def export_cache(cache_dir: str | Path, out: str | Path) -> int:
     out = Path(out)
     if out.is_dir():  # checked before reading the cache: atomic.write_text would end in IsADirectoryError
         raise CpcxError(f"{out}: is a folder; name the JSONL file to write, e.g. {out / 'answers.jsonl'}")
+    if out.exists() and not out.is_file():  # the atomic rename would replace /dev/full itself (as root)
+        raise CpcxError(f"{out}: is not a regular file (a device or pipe); name the JSONL file to write")
     if not path.exists():
         raise CpcxError(f"--cache-dir: no answer cache at {path}; run `cpcx clusters` first or pass --cache-dir")
     conn = open_db(path)
