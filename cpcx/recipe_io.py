@@ -237,6 +237,10 @@ def format_validation_error(
             field = holder.model_fields.get(str(loc[-1])) if holder else None
             optional = ", or remove it" if field is not None and not field.is_required() else ""
             lines.append(f"{source}: {dotted}: {what}; write e.g. '{dotted}: {{...}}' with its keys{optional}")
+        elif kind == "invalid_key":  # YAML 1.1 reads `on:`/`yes:` as true, `~:`/`null:` as null, `1:` as a number
+            where = ".".join(path[:-1]) or "(top level)"
+            lines.append(f"{source}: {where}: the key {_describe(item.get('input'))} is not a name (YAML reads on, "
+                         "yes, no, off, ~, null and numbers as values); quote it or fix the spelling")
         elif kind == "path_type":  # pydantic says "input is not a valid path for <class 'pathlib.Path'>"
             lines.append(f"{source}: {dotted}: must be a path written as text (got {_describe(item['input'])})")
         else:
@@ -261,7 +265,7 @@ def read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise RecipeError([f"{source}: cannot read ({exc.strerror or exc}); check the file's permissions"]) from None
     if len(raw) > MAX_BYTES:
-        raise RecipeError([f"{source}: larger than {MAX_BYTES >> 20} MiB, too large for a recipe; pass the recipe "
+        raise RecipeError([f"{source}: larger than {MAX_BYTES >> 10} KiB, too large for a recipe; pass the recipe "
                            "YAML file (recipes are a few KB)"])
     try:
         text = raw.decode("utf-8")

@@ -27,7 +27,7 @@ from cpcx.errors import RecipeError
 
 MAX_DEPTH = 64
 MAX_NODES = 100_000
-MAX_BYTES = 1 << 20  # 1 MiB: the paper's recipes are ~4 KB; a larger "recipe" is not one (or is /dev/zero)
+MAX_BYTES = 256 << 10  # the paper's recipes are ~4 KB; pure-Python PyYAML takes ~4 s on 256 KiB of scalars
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -102,6 +102,9 @@ def check_graph(root: Node, source: str) -> None:
             continue
         on_path.discard(id(node))
         total = 1 + sum(size[id(child)] for child, _ in children)
+        if total > MAX_NODES and len(size) >= MAX_NODES:  # that many distinct values, aliases or not
+            raise RecipeError([f"{source}: {where or '(top level)'} (line {_line(node)}): holds more than "
+                               f"{MAX_NODES:,} values, which no recipe does; pass the recipe YAML file"])
         if total > MAX_NODES:
             raise RecipeError([f"{source}: {where or '(top level)'} (line {_line(node)}): YAML aliases expand it to "
                                f"more than {MAX_NODES:,} values (an alias bomb?); write the values out or use fewer "

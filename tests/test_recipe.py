@@ -28,7 +28,7 @@ def _expected(path: Path) -> list[str]:
 
 
 def test_corpus_is_large_enough():
-    assert len(BAD_CASES) >= 81
+    assert len(BAD_CASES) >= 84
 
 
 @pytest.mark.parametrize("path", BAD_CASES, ids=[p.stem for p in BAD_CASES])
@@ -189,10 +189,10 @@ def test_recipe_that_is_not_a_regular_file_or_too_large(tmp_path):
         load_recipe("/dev/zero")
     assert info.value.lines == ["/dev/zero: is not a regular file; pass a recipe YAML file, e.g. -r recipes/voc-mini.yaml"]
     big = tmp_path / "big.yaml"
-    big.write_text("# padding\n" * 200_000)
+    big.write_text("# padding\n" * 30_000)
     with pytest.raises(RecipeError) as info:
         load_recipe(big)
-    assert info.value.lines == [f"{big}: larger than 1 MiB, too large for a recipe; pass the recipe YAML file "
+    assert info.value.lines == [f"{big}: larger than 256 KiB, too large for a recipe; pass the recipe YAML file "
                                 "(recipes are a few KB)"]
 
 
@@ -203,3 +203,14 @@ def test_path_that_cannot_be_looked_at_is_a_line_not_an_oserror(tmp_path, voc_ro
     (line,) = info.value.lines
     assert line.startswith(f"{path}: dataset.root: cannot look at ") and line.endswith(
         "(File name too long); fix the path or its permissions")
+
+
+def test_too_many_values_without_aliases_is_not_called_an_alias_bomb(tmp_path, voc_root, monkeypatch):
+    import cpcx.recipe_yaml as recipe_yaml
+
+    monkeypatch.setattr(recipe_yaml, "MAX_NODES", 50)
+    path = _write(tmp_path, MINIMAL + "segment: {scales: [" + ", ".join(["1.0"] * 60) + "]}\n", voc_root)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.lines == [f"{path}: segment.scales (line 6): holds more than 50 values, which no recipe does; "
+                                "pass the recipe YAML file"]
