@@ -78,7 +78,7 @@ def check_graph(root: Node, source: str) -> None:
     """
     size: dict[int, int] = {}
     on_path: set[int] = set()
-    # stack of (node, dotted path, children iterator or None before the node is entered)
+    # stack of (node, dotted path, its (child, path) list once entered, or None before)
     stack: list[tuple[Node, str, Any]] = [(root, "", None)]
     while stack:
         node, where, children = stack.pop()
@@ -113,15 +113,16 @@ def check_graph(root: Node, source: str) -> None:
 
 
 def _check_duplicates(node: MappingNode, where: str, source: str) -> None:
-    first: dict[Any, int] = {}
+    first: dict[tuple[str, str], int] = {}
     for key, _ in node.value:
         if not isinstance(key, ScalarNode) or key.tag == _MERGE_TAG:
             continue  # '<<: *base' keys may legitimately be overridden by the mapping's own keys
-        if key.value in first:
+        ident = (key.tag, key.value)  # `1:` (an int) and `"1":` (a string) are two keys
+        if ident in first:
             dotted = f"{where}.{key.value}" if where else key.value
-            raise RecipeError([f"{source}: {dotted}: duplicate key on lines {first[key.value]} and {_line(key)}; "
+            raise RecipeError([f"{source}: {dotted}: duplicate key on lines {first[ident]} and {_line(key)}; "
                                "keep one of them (YAML does not allow a key twice)"])
-        first[key.value] = _line(key)
+        first[ident] = _line(key)
 
 
 def load_yaml_text(text: str, source: str, syntax_errors: bool = True) -> Any:
