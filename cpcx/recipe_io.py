@@ -9,7 +9,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union, get_args
+from typing import Any, Iterable, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -98,8 +98,6 @@ def _list_override_error(keys: list[str], depth: int, current: Any, value: Any) 
 
 def _is_list_field(keys: list[str]) -> bool:
     """Whether the schema field at ``keys`` is a list or tuple (``train.views``, ``segment.scales``)."""
-    from typing import get_origin
-
     field = _schema_field(keys)
     if field is None:
         return False
