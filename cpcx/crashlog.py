@@ -92,13 +92,25 @@ def report_unexpected(exc: BaseException) -> int:
     """Print the one line (and the traceback in debug mode) on stderr; the exit code to use (1)."""
     path = write_crash_log(exc)
     if debug_enabled():
-        sys.stderr.write(redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
-    message = redact(str(exc)).strip().splitlines()
+        _write_stderr(redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+    try:
+        message = redact(str(exc)).strip().splitlines()
+    except Exception:  # an exception whose __str__ fails must not hide the one line
+        message = []
     text = message[0] if message else "(no message)"
     if len(text) > 300:
         text = text[:297] + "..."
     where = f"the traceback is in {path}" if path else "no log folder was writable for the traceback"
     hint = "" if debug_enabled() else " (CPCX_DEBUG=1 or --debug prints it here)"
-    sys.stderr.write(f"✘ unexpected error: {type(exc).__name__}: {text}; {where}{hint}; please report it\n")
-    sys.stderr.flush()
+    _write_stderr(f"✘ unexpected error: {type(exc).__name__}: {text}; {where}{hint}; please report it\n")
     return 1
+
+
+def _write_stderr(text: str) -> None:
+    """stderr may be ASCII-only (PYTHONIOENCODING=ascii, an old terminal): escape rather than fail there."""
+    try:
+        sys.stderr.write(text)
+    except UnicodeEncodeError:
+        encoding = sys.stderr.encoding or "ascii"
+        sys.stderr.write(text.encode(encoding, errors="backslashreplace").decode(encoding))
+    sys.stderr.flush()

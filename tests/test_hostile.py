@@ -174,3 +174,9 @@ def test_user_errors_and_exits_are_not_reported_as_crashes(tmp_path, good_recipe
     result = cpcx("doctor", "-r", str(good_recipe), env=_crash_env(tmp_path))  # ends with typer.Exit
     assert "unexpected" not in result.stderr + result.stdout
     assert not (tmp_path / "state").exists()
+
+
+def test_unexpected_error_line_survives_an_ascii_terminal(tmp_path, good_recipe):
+    result = cpcx("validate", "-r", str(good_recipe), pre=BOOM, env=_crash_env(tmp_path, PYTHONIOENCODING="ascii"))
+    assert result.returncode == 1
+    assert _one_line(result).startswith("\\u2718 unexpected error: ValueError: the server echoed *** back")
