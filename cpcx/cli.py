@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cpcx.errors import CpcxError
 
@@ -36,6 +38,10 @@ OptionalRecipeOpt = typer.Option(None, "--recipe", "-r", help="Recipe YAML file.
 OverridesArg = typer.Argument(None, help="key=value overrides, e.g. train.epochs=5 model.topk=8", show_default=False)
 
 
+# how a command ends on purpose (typer's own Exit/Abort are not click's in typer >= 0.15)
+_EXITS = (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException)
+
+
 def user_errors(func: Callable) -> Callable:
     """Turn a ``CpcxError`` into clear lines on stderr and an exit code, never a traceback."""
 
@@ -45,13 +51,30 @@ def user_errors(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except CpcxError as exc:
             for line in str(exc).splitlines() or ["error"]:
-                err_console.print(f"[bold red]✘[/] {line}", soft_wrap=True)
+                # escaped: a message may quote '[orig,vflip]' or '[low, high]', which rich would eat as markup
+                err_console.print(f"[bold red]✘[/] {escape(line)}", soft_wrap=True)
             raise typer.Exit(exc.code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]; finished outputs are kept, re-run to resume")
             raise typer.Exit(130) from None
+        except _EXITS:
+            raise  # typer.Exit is a RuntimeError: it is how commands end, not a fault
+        except Exception as exc:  # a bug or an unforeseen fault: one line and a log file, never a traceback
+            from cpcx.crashlog import report_unexpected
+
+            raise typer.Exit(report_unexpected(exc)) from None
 
     return wrapper
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an unexpected error (as "
+                               "CPCX_DEBUG=1 does); it always goes to a log file."),
+) -> None:
+    """Contrastive Prompt Clustering for weakly supervised semantic segmentation."""
+    if debug:
+        os.environ["CPCX_DEBUG"] = "1"  # the environment, so torchrun's workers inherit it
 
 
 def _load(recipe: Path, overrides: Optional[List[str]]):
@@ -241,7 +264,12 @@ def weights_import(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as exc:  # raised outside a command (option parsing, typer itself): same one line
+        from cpcx.crashlog import report_unexpected
+
+        sys.exit(report_unexpected(exc))
 
 
 if __name__ == "__main__":

@@ -11,3 +11,13 @@ class CpcxError(Exception):
         super().__init__(message)
         if code is not None:
             self.code = code
+
+
+class RecipeError(CpcxError):
+    """A recipe that cannot be used; ``lines`` holds one message per problem (exit code 2)."""
+
+    code = 2
+
+    def __init__(self, lines: "list[str]"):
+        self.lines = list(lines)
+        super().__init__("\n".join(self.lines))

@@ -13,50 +13,41 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from cpcx.recipe_types import (  # the path types and number guards of the schema
+    ExistingDir, NotANumber, RecipePath, WeightsFile, must_be_file, resolve_path, numeric,
+)
+
 #: The editable prompt templates that ship with cpcx (top-level ``prompts/`` of the project).
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
-
-
-def _resolve_path(value: Path, info: ValidationInfo) -> Path:
-    """Relative paths are relative to the recipe file's folder (given in the validation context)."""
-    value = Path(value).expanduser()
-    if value.is_absolute():
-        return value
-    base = Path((info.context or {}).get("base_dir", "."))
-    return (base / value).resolve()
-
-
-def _must_be_dir(value: Path) -> Path:
-    if not value.is_dir():
-        raise ValueError(f"folder {value} does not exist; fix the path")
-    return value
-
-
-def _must_be_file(value: Path) -> Path:
-    if not value.is_file():
-        raise ValueError(f"file {value} does not exist; fix the path")
-    return value
-
-
-def _must_be_weights(value: Path) -> Path:
-    if not value.is_file():
-        raise ValueError(
-            f"weights file {value} does not exist; fix the path, or build it offline with "
-            "`cpcx weights import dinov2-vits14|efficientnet-lite0 --out <file>` (or `make weights`)"
-        )
-    return value
-
-
-RecipePath = Annotated[Path, AfterValidator(_resolve_path)]
-WeightsFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_be_weights)]
-ExistingDir = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_be_dir)]
-ExistingFile = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_must_be_file)]
 
 
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are checked on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: a NaN or inf (YAML .nan/.inf, 1e999) passes every ge/gt bound of pydantic and
+    # only fails mid-training; no field of a recipe means either
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: object) -> object:
+        # pydantic's lax mode reads `epochs: true` as 1: a YAML boolean in a number field is a mistake. The
+        # boolean becomes a marker that no number type accepts, so pydantic reports it on the field itself
+        # ("input should be a valid integer (got true)"); a field validator cannot, as "*" would include the
+        # discriminator fields, where pydantic forbids before-validators.
+        if isinstance(data, dict):
+            data = {k: NotANumber(v) if isinstance(v, bool) and k in cls.model_fields
+                    and numeric(cls.model_fields[k].annotation) else v for k, v in data.items()}
+        return data
+
+    @field_validator("*")
+    @classmethod
+    def _int_fits(cls, value: object, info: ValidationInfo) -> object:
+        # a count past 2**31 (`epochs: 1e30` written as digits) validates, then overflows in torch or numpy
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31 \
+                and not (cls.__name__ == "Recipe" and info.field_name == "seed"):  # that one has its own bound
+            raise ValueError(f"{value} is too large; the most this field takes is {2**31 - 1}")
+        return value
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -144,7 +135,7 @@ def _confine_prompt(value: Path, info: ValidationInfo) -> Path:
     return value
 
 
-PromptPath = Annotated[Path, AfterValidator(_resolve_path), AfterValidator(_confine_prompt), AfterValidator(_must_be_file)]
+PromptPath = Annotated[Path, AfterValidator(resolve_path), AfterValidator(_confine_prompt), AfterValidator(must_be_file)]
 
 
 class PromptsConfig(Section):
@@ -186,7 +177,7 @@ class ModelConfig(Section):
         "saliency ViT's objectness beside EfficientNet-Lite's classes); it stays frozen. Unset: one backbone.")
     pretrained: bool = Field(True, description="Download timm's pretrained weights (needs internet).")
     weights: Optional[WeightsFile] = Field(None, description="Local backbone weights (safetensors or state dict).")
-    img_size: int = Field(384, ge=32, description="Training input size (square), paper: 384.")
+    img_size: int = Field(384, ge=32, le=4096, description="Training input size (square), paper: 384.")
     cluster_token: bool = Field(True, description="Concatenate the cluster token F_c = u^T G (eq. 1).")
     cluster_dim: int = Field(128, ge=1, description="H, the width of the cluster token.")
     hv_bilstm: bool = Field(True, description="Refine tokens with the HV-BiLSTM of ViT-PCM.")
@@ -292,7 +283,7 @@ class ClassProbeConfig(Section):
 
 
 class PseudoConfig(Section):
-    img_size: int = Field(960, ge=32, description="Inference input size (paper: 960).")
+    img_size: int = Field(960, ge=32, le=8192, description="Inference input size (paper: 960).")
     split: Literal["train", "val"] = Field("train", description="Which split gets pseudo-labels.")
     flip: bool = Field(True, description="Average the probabilities of the image and its horizontal flip.")
     scales: list[Annotated[float, Field(gt=0)]] = Field(
@@ -330,10 +321,11 @@ class SegmentConfig(Section):
     lr: float = Field(0.01, gt=0, description="SGD initial learning rate (poly decay, power 0.9).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay.")
-    crop_size: int = Field(321, ge=16, description="Random crop size for training.")
+    crop_size: int = Field(321, ge=16, le=4096, description="Random crop size for training.")
     scale_range: tuple[float, float] = Field((0.5, 1.5), description="Random rescale range for training.")
     eval_every: int = Field(1, ge=1, description="Epochs between validation mIoU measurements.")
-    scales: list[float] = Field([0.5, 0.75, 1.0, 1.25, 1.5], description="Test-time scales.")
+    scales: list[Annotated[float, Field(gt=0)]] = Field(
+        [0.5, 0.75, 1.0, 1.25, 1.5], min_length=1, description="Test-time scales.")
     flip: bool = Field(True, description="Test-time horizontal flip.")
     crf: bool = Field(False, description="Dense CRF on the predictions.")
     workers: int = Field(2, ge=0, description="DataLoader worker processes.")
@@ -357,8 +349,9 @@ class SegmentConfig(Section):
 
 # ---------------------------------------------------------------------------------------------- recipe
 class Recipe(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name: runs/<name>/<stage>/.")
-    seed: int = Field(0, description="Seed for python, numpy and torch.")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128,  # a folder name: 255 bytes at most
+                      description="Run name: runs/<name>/<stage>/.")
+    seed: int = Field(0, description="Seed for python, numpy and torch (0 to 2**32-1).")
     runs_dir: Path = Field(Path("runs"), description="Where run folders go (relative to the working directory).")
     dataset: DatasetConfig = Field(description="The data set (kind: voc | coco | folder).")
     llm: LLMConfig = Field(description="The LLM that clusters the class names (provider: openai | ollama | static).")
@@ -370,6 +363,15 @@ class Recipe(Section):
     pseudo: PseudoConfig = Field(default_factory=PseudoConfig, description="Pseudo-label inference.")
     crf: CRFConfig = Field(default_factory=CRFConfig, description="Dense CRF on the pseudo-labels.")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="DeepLab trained on the pseudo-labels.")
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_fits_numpy(cls, value: int) -> int:
+        # numpy's global seed is 32-bit unsigned: a larger or negative seed validated, then training crashed
+        if not 0 <= value < 2**32:
+            raise ValueError("must be an integer from 0 to 4294967295 (numpy and torch take 32-bit seeds); "
+                             "use a smaller seed")
+        return value
 
     @model_validator(mode="after")
     def _trunk_cache_needs_a_vit(self) -> "Recipe":

@@ -9,25 +9,16 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from cpcx.errors import CpcxError
+from cpcx.errors import RecipeError
+from cpcx.recipe_yaml import MAX_BYTES, load_yaml_text
 
 _UNION_BRANCH = re.compile(r"^(int|float|str|bool|none|bytes)$|\[")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-class RecipeError(CpcxError):
-    """A recipe that cannot be used; ``lines`` holds one message per problem (exit code 2)."""
-
-    code = 2
-
-    def __init__(self, lines: Sequence[str]):
-        self.lines = list(lines)
-        super().__init__("\n".join(self.lines))
 
 
 # ------------------------------------------------------------------------------------ interpolation
@@ -64,21 +55,66 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[list[str], Any]]:
         if not sep or not key.strip() or any(not part for part in key.split(".")):
             errors.append(f"override '{item}': expected key=value with a dotted key, e.g. train.epochs=5")
             continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        # the recipe's loader, not yaml.safe_load: an override value is as hostile as a recipe (alias bombs)
+        value = load_yaml_text(raw, f"override '{item}'", syntax_errors=False) if raw.strip() else ""
         parsed.append((key.strip().split("."), value))
     if errors:
         raise RecipeError(errors)
     return parsed
 
 
+def _schema_field(keys: Sequence[str]) -> Any:
+    """The pydantic field that the dotted ``keys`` name in the Recipe schema (any branch of a union), or None."""
+    from cpcx.recipe import Recipe
+
+    models: list[type[BaseModel]] = [Recipe]
+    field = None
+    for key in keys:
+        field = next((m.model_fields[key] for m in models if key in m.model_fields), None)
+        if field is None:
+            return None
+        models = [a for a in _flatten(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return field
+
+
+def _list_override_error(keys: list[str], depth: int, current: Any, value: Any) -> RecipeError:
+    """``train.views.1=vflip``: say that a list is overridden whole, with the list this override meant."""
+    prefix = ".".join(keys[: depth + 1])
+    if not isinstance(current, list):
+        field = _schema_field(keys[: depth + 1])
+        default = field.get_default(call_default_factory=True) if field is not None else None
+        current = list(default) if isinstance(default, (list, tuple)) else []
+    example = list(current)
+    index = keys[depth + 1]
+    if depth + 2 == len(keys) and index.isdigit() and int(index) <= len(example):
+        example[int(index): int(index) + 1] = [value]
+    if not example:
+        example = ["..."]
+    shown = "[" + ",".join(str(v) for v in example) + "]"
+    given = value if isinstance(value, (str, int, float, bool)) else "..."
+    return RecipeError([f"override '{'.'.join(keys)}={given}': {prefix} is a list, so its items have no keys; "
+                        f"override the whole list, e.g. {prefix}={shown}"])
+
+
+def _is_list_field(keys: list[str]) -> bool:
+    """Whether the schema field at ``keys`` is a list or tuple (``train.views``, ``segment.scales``)."""
+    field = _schema_field(keys)
+    if field is None:
+        return False
+    annotation = field.annotation
+    if get_origin(annotation) is Union or type(annotation).__name__ == "UnionType":  # Optional[list[...]]
+        annotation = next((a for a in get_args(annotation) if a is not type(None)), annotation)
+    return get_origin(annotation) in (list, tuple)
+
+
 def apply_overrides(data: dict, overrides: list[tuple[list[str], Any]]) -> dict:
     for keys, value in overrides:
         node = data
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if isinstance(child, list) or (child is None and _is_list_field(keys[: depth + 1])):
+                raise _list_override_error(keys, depth, child, value)
+            if not isinstance(child, dict):
                 node[key] = {}
             node = node[key]
         node[keys[-1]] = value
@@ -137,6 +173,16 @@ def _tag_of(model: type[BaseModel]) -> Any:
     return None
 
 
+def _invisible(text: str) -> str:
+    """The first invisible or control character of ``text`` as U+XXXX (zero-width space, BOM, bidi marks), or ''."""
+    import unicodedata
+
+    for char in text:
+        if unicodedata.category(char) in ("Cf", "Cc", "Co", "Cn") or (char.isspace() and char != " "):
+            return f"U+{ord(char):04X}"
+    return ""
+
+
 def _describe(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -162,6 +208,10 @@ def format_validation_error(
             known = list(holder.model_fields) if holder else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+            hidden = _invisible(str(loc[-1]))
+            if hidden:  # 'na\u200bme' prints as 'name': the user would see "name: unknown key" and be lost
+                dotted = ".".join(path[:-1] + [ascii(str(loc[-1]))])
+                hint = f" (it holds the invisible character {hidden}; retype it){hint}"
             lines.append(f"{source}: {dotted}: unknown key{hint}")
         elif kind == "missing":
             lines.append(f"{source}: {dotted}: required field is missing; add it to the recipe")
@@ -179,8 +229,22 @@ def format_validation_error(
             if names:  # say which environment variable produced the bad value
                 text += f" or set ${names[0]}"
             lines.append(f"{source}: {dotted}: {text}")
+        elif kind in ("model_type", "model_attributes_type"):  # pydantic's text names a class: say what it means
+            given = item.get("input")
+            what = "is empty" if given is None else f"must be a section of key: value settings (got {_describe(given)})"
+            field = holder.model_fields.get(str(loc[-1])) if holder else None
+            optional = ", or remove it" if field is not None and not field.is_required() else ""
+            lines.append(f"{source}: {dotted}: {what}; write e.g. '{dotted}: {{...}}' with its keys{optional}")
+        elif kind == "invalid_key":  # YAML 1.1 reads `on:`/`yes:` as true, `~:`/`null:` as null, `1:` as a number
+            where = ".".join(path[:-1]) or "(top level)"
+            lines.append(f"{source}: {where}: the key {_describe(item.get('input'))} is not a name (YAML reads on, "
+                         "yes, no, off, ~, null and numbers as values); quote it or fix the spelling")
+        elif kind == "path_type":  # pydantic says "input is not a valid path for <class 'pathlib.Path'>"
+            lines.append(f"{source}: {dotted}: must be a path written as text (got {_describe(item['input'])})")
         else:
             got = f" (got {_describe(item['input'])})" if "input" in item and not isinstance(item["input"], dict) else ""
+            if kind == "string_type" and not isinstance(item.get("input"), (dict, list, type(None))):
+                got += "; put the value in quotes"  # YAML read `name: 2024-01-01` as a date, `model: 7` as a number
             lines.append(f"{source}: {dotted}: {msg[0].lower() + msg[1:]}{got}")
     return lines
 
@@ -188,17 +252,24 @@ def format_validation_error(
 # -------------------------------------------------------------------------------------------- entry
 def read_yaml(path: Path) -> dict:
     source = str(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError([f"{source}: file not found; pass an existing recipe, e.g. -r recipes/voc-mini.yaml"])
+    if not path.is_file():  # a folder, /dev/zero, a FIFO: reading them would fail late, hang or never end
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise RecipeError([f"{source}: is {what}; pass a recipe YAML file, e.g. -r recipes/voc-mini.yaml"])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError([f"{source}: {where}YAML syntax error: {problem}"]) from None
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError([f"{source}: cannot read ({exc.strerror or exc}); check the file's permissions"]) from None
+    if len(raw) > MAX_BYTES:
+        raise RecipeError([f"{source}: larger than {MAX_BYTES >> 10} KiB, too large for a recipe; pass the recipe "
+                           "YAML file (recipes are a few KB)"])
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise RecipeError([f"{source}: not UTF-8 text; save the recipe as UTF-8"]) from None
+    data = load_yaml_text(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -220,9 +291,15 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = (), env: dict[str, 
         raise RecipeError([f"{path}: {line}" for line in errors])
     data = apply_overrides(data, parsed_overrides)
     try:
-        return Recipe.model_validate(data, context={"base_dir": path.resolve().parent})
+        recipe = Recipe.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, Recipe, str(path), sources)) from None
+    key_env = getattr(recipe.llm, "api_key_env", None)
+    if key_env:  # its value is a secret whatever the variable is called: keep it out of crash logs
+        from cpcx.crashlog import register_secret_env
+
+        register_secret_env(key_env)
+    return recipe
 
 
 def dump_recipe(recipe) -> str:

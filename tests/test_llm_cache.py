@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sqlite3
 
 import pytest
 
 from cpcx.errors import CpcxError
+from cpcx.llm.answers import answer_schema
 from cpcx.llm.cache import FILE_NAME, AnswerCache, export_cache, import_cache, request_key
 
 
 def _identity(query: int = 1, **extra) -> dict:
+    """A request as ``Asker.identity`` builds it: the answer schema carries the class list."""
     return {"v": 1, "provider": "openai", "model": "m", "temperature": 0.0, "seed": 0,
-            "messages": [{"role": "user", "content": "group cat, dog"}], "schema": None, "stage": "generate",
-            "query": query, **extra}
+            "messages": [{"role": "user", "content": "group cat, dog"}], "schema": answer_schema(("cat", "dog"), "mapping"),
+            "shape": "mapping", "stage": "generate", "query": query, **extra}
 
 
 def _value(name: str = "animal") -> dict:
@@ -112,3 +115,76 @@ def test_export_import_round_trip(tmp_path):
         import_cache(dst, out)
     with pytest.raises(CpcxError, match="no answer cache"):
         export_cache(tmp_path / "empty", out)
+
+
+# ------------------------------------------------------------------------------- hostile files (#19)
+def _line(identity: dict, value: dict) -> str:
+    return json.dumps({"key": request_key(identity), "request": identity, "value": value}) + "\n"
+
+
+def test_import_refuses_answers_invalid_for_their_request(tmp_path):
+    good = _value()
+    missing = {"raw": json.dumps({"cat": "animal"}), "attempts": [], "meta": {},
+               "answer": [{"name": "animal", "members": ["cat"]}]}  # dog left out: a fresh answer would be re-asked
+    unknown = {"raw": "{}", "attempts": [], "meta": {}, "answer": [{"name": "a", "members": ["cat", "dog", "cow"]}]}
+    lied = {**_value("animal"), "raw": json.dumps({"cat": "pet", "dog": "pet"})}  # raw text says otherwise
+    src = tmp_path / "answers.jsonl"
+    src.write_text(_line(_identity(1), good) + _line(_identity(2), missing) + _line(_identity(3), unknown)
+                   + _line(_identity(4), lied))
+    with pytest.raises(CpcxError) as info:
+        import_cache(tmp_path / "cache", src)
+    assert str(info.value) == (f"{src}: 3 of 4 answers are not valid for their request (line 2: you left out dog); "
+                               "nothing imported; delete those lines or re-export them from the cache that made them")
+    assert not (tmp_path / "cache" / FILE_NAME).exists()  # all or nothing
+    src.write_text(_line(_identity(1), good))
+    assert import_cache(tmp_path / "cache", src) == 1
+
+
+def test_import_refuses_a_request_without_its_class_list(tmp_path):
+    src = tmp_path / "answers.jsonl"
+    src.write_text(_line(_identity(1, schema=None), _value()))
+    with pytest.raises(CpcxError, match=r"answers.jsonl:1: not a cpcx cache line \(its request holds no answer schema"):
+        import_cache(tmp_path / "cache", src)
+
+
+def test_import_bounds_what_it_reads(tmp_path, monkeypatch):
+    import cpcx.llm.cache as cache
+
+    with pytest.raises(CpcxError, match=r"^/dev/zero: is not a regular file \(a device, pipe or socket\)"):
+        import_cache(tmp_path, "/dev/zero")
+    with pytest.raises(CpcxError, match=r": is a folder; pass a file written by `cpcx cache export`$"):
+        import_cache(tmp_path, tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it would block forever: refused from its stat
+    with pytest.raises(CpcxError, match="is not a regular file"):
+        import_cache(tmp_path, fifo)
+    monkeypatch.setattr(cache, "MAX_LINE_BYTES", 1000)
+    src = tmp_path / "long.jsonl"
+    src.write_text(_line(_identity(1), _value()) + "x" * 5000 + "\n")
+    with pytest.raises(CpcxError) as info:
+        import_cache(tmp_path, src)
+    assert str(info.value) == f"{src}:2: longer than 0 MiB, which no cache line is; pass a file written by `cpcx cache export`"
+    monkeypatch.setattr(cache, "MAX_IMPORT_BYTES", 100)
+    with pytest.raises(CpcxError, match=r"MiB is more than an answer export holds"):
+        import_cache(tmp_path, src)
+    deep = tmp_path / "deep.jsonl"
+    monkeypatch.setattr(cache, "MAX_IMPORT_BYTES", 1 << 20)
+    monkeypatch.setattr(cache, "MAX_LINE_BYTES", 1 << 20)
+    deep.write_text("[" * 200_000 + "]" * 200_000 + "\n")
+    with pytest.raises(CpcxError, match=r"deep.jsonl:1: not a cpcx cache line"):
+        import_cache(tmp_path, deep)
+
+
+def test_export_to_a_folder_or_unwritable_place(tmp_path):
+    with AnswerCache(tmp_path / "c") as cache:
+        cache.put(request_key(_identity()), _identity(), _value())
+    with pytest.raises(CpcxError) as info:
+        export_cache(tmp_path / "c", tmp_path)
+    assert str(info.value) == f"{tmp_path}: is a folder; name the JSONL file to write, e.g. {tmp_path / 'answers.jsonl'}"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # a device or pipe is never replaced by the atomic rename (as root that would be /dev/full)
+    with pytest.raises(CpcxError, match=r"fifo: is not a regular file \(a device or pipe\); name the JSONL file"):
+        export_cache(tmp_path / "c", fifo)
+    assert fifo.is_fifo()
+    with pytest.raises(CpcxError, match=r"^/proc/answers.jsonl: cannot write \("):
+        export_cache(tmp_path / "c", "/proc/answers.jsonl")

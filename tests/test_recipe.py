@@ -15,7 +15,9 @@ BAD_CASES = sorted(BAD.glob("*.yaml"))
 
 
 def _expected(path: Path) -> list[str]:
-    lines = [line[len("# expect: "):].rstrip("\n") for line in path.read_text().splitlines() if line.startswith("# expect: ")]
+    # bytes, decoded leniently: the corpus holds binary, BOM and CRLF files whose "# expect:" lines are plain text
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    lines = [line[len("# expect: "):] for line in text.splitlines() if line.startswith("# expect: ")]
     fill = {"{file}": str(path), "{here}": str(path.parent), "{prompts}": str(PROMPTS_DIR)}
     out = []
     for line in lines:
@@ -26,7 +28,7 @@ def _expected(path: Path) -> list[str]:
 
 
 def test_corpus_is_large_enough():
-    assert len(BAD_CASES) >= 30
+    assert len(BAD_CASES) >= 84
 
 
 @pytest.mark.parametrize("path", BAD_CASES, ids=[p.stem for p in BAD_CASES])
@@ -126,3 +128,89 @@ def test_shipped_recipes_open_with_run_command_and_validate(name, voc_root, coco
     overrides = [f"dataset.root={root}", "model.weights=null", "segment.encoder_file=null"]
     recipe = load_recipe(path, overrides)
     assert recipe.name == path.stem
+
+
+# ------------------------------------------------------------------------------- hostile inputs (#19)
+def test_override_into_a_list_says_how_to_override_it(tmp_path, voc_root):
+    path = _write(tmp_path, MINIMAL + "train: {views: [orig, transpose]}\n", voc_root)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["train.views.1=vflip"])
+    assert info.value.lines == ["override 'train.views.1=vflip': train.views is a list, so its items have no keys; "
+                                "override the whole list, e.g. train.views=[orig,vflip]"]
+    # a list the recipe leaves at its default is read from the schema
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_write(tmp_path, MINIMAL, voc_root), ["segment.scales.0=2"])
+    assert info.value.lines[0].endswith("e.g. segment.scales=[2,0.75,1.0,1.25,1.5]")
+    # mappings still take dotted overrides
+    assert load_recipe(path, ["llm.clusters.pet=[dog]"]).llm.clusters["pet"] == ["dog"]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("&a [*a]", "an alias to the anchor on line 1 sits inside that anchor (a cycle)"),
+    ("[" * 3000 + "]" * 3000, "nested more than 64 levels deep"),
+    ("{a: 1, a: 2}", "a: duplicate key on lines 1 and 1"),
+])
+def test_override_values_are_read_as_safely_as_recipes(tmp_path, voc_root, value, expected):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(_write(tmp_path, MINIMAL, voc_root), [f"segment.scales={value}"])
+    assert len(info.value.lines) == 1 and expected in info.value.lines[0]
+    assert info.value.lines[0].startswith("override 'segment.scales=")
+
+
+def test_override_value_alias_bomb_is_refused_fast(tmp_path, voc_root):
+    bomb = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x, x, x]"] + ["*a"] * 9) + "]"
+    for _ in range(6):  # each level: ten aliases of the one before, 10**7 values in all
+        bomb = "[" + ", ".join([f"&b{_} {bomb}"] + [f"*b{_}"] * 9) + "]"
+    with pytest.raises(RecipeError, match="YAML aliases expand it to more than 100,000 values"):
+        load_recipe(_write(tmp_path, MINIMAL, voc_root), [f"segment.scales={bomb}"])
+
+
+def test_aliases_that_share_settings_still_work(tmp_path, voc_root):
+    text = MINIMAL + "train: &t {device: cpu, precision: fp32}\npseudo: {<<: *t, img_size: 64}\n"
+    recipe = load_recipe(_write(tmp_path, text, voc_root))
+    assert recipe.pseudo.device == "cpu" and recipe.pseudo.precision == "fp32" and recipe.pseudo.img_size == 64
+
+
+def test_seed_bounds(tmp_path, voc_root):
+    path = _write(tmp_path, MINIMAL, voc_root)
+    assert load_recipe(path, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+    for seed in (2**32, -1, 10**22):
+        with pytest.raises(RecipeError) as info:
+            load_recipe(path, [f"seed={seed}"])
+        assert info.value.lines == [f"{path}: seed: must be an integer from 0 to 4294967295 (numpy and torch take "
+                                    "32-bit seeds); use a smaller seed"]
+
+
+def test_recipe_that_is_not_a_regular_file_or_too_large(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path)
+    assert info.value.lines == [f"{tmp_path}: is a folder; pass a recipe YAML file, e.g. -r recipes/voc-mini.yaml"]
+    with pytest.raises(RecipeError) as info:
+        load_recipe("/dev/zero")
+    assert info.value.lines == ["/dev/zero: is not a regular file; pass a recipe YAML file, e.g. -r recipes/voc-mini.yaml"]
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 30_000)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(big)
+    assert info.value.lines == [f"{big}: larger than 256 KiB, too large for a recipe; pass the recipe YAML file "
+                                "(recipes are a few KB)"]
+
+
+def test_path_that_cannot_be_looked_at_is_a_line_not_an_oserror(tmp_path, voc_root):
+    path = _write(tmp_path, MINIMAL, voc_root)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["dataset.root=" + "a" * 5000])  # stat() says 'File name too long'
+    (line,) = info.value.lines
+    assert line.startswith(f"{path}: dataset.root: cannot look at ") and line.endswith(
+        "(File name too long); fix the path or its permissions")
+
+
+def test_too_many_values_without_aliases_is_not_called_an_alias_bomb(tmp_path, voc_root, monkeypatch):
+    import cpcx.recipe_yaml as recipe_yaml
+
+    monkeypatch.setattr(recipe_yaml, "MAX_NODES", 50)
+    path = _write(tmp_path, MINIMAL + "segment: {scales: [" + ", ".join(["1.0"] * 60) + "]}\n", voc_root)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.lines == [f"{path}: segment.scales (line 6): holds more than 50 values, which no recipe does; "
+                                "pass the recipe YAML file"]

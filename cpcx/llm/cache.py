@@ -12,6 +12,7 @@ Concurrency: WAL journal and a busy timeout, so two ``cpcx clusters`` processes 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sqlite3
 import sys
@@ -171,6 +172,11 @@ def _rows(conn: sqlite3.Connection, path: Path) -> Iterator[tuple[str, str, str]
 def export_cache(cache_dir: str | Path, out: str | Path) -> int:
     """Write every cached answer as one JSON line ``{"key", "request", "value"}``, sorted by key."""
     path = Path(cache_dir).expanduser() / FILE_NAME
+    out = Path(out)
+    if out.is_dir():  # checked before reading the cache: atomic.write_text would end in IsADirectoryError
+        raise CpcxError(f"{out}: is a folder; name the JSONL file to write, e.g. {out / 'answers.jsonl'}")
+    if out.exists() and not out.is_file():  # the atomic rename would replace /dev/full itself (as root)
+        raise CpcxError(f"{out}: is not a regular file (a device or pipe); name the JSONL file to write")
     if not path.exists():
         raise CpcxError(f"--cache-dir: no answer cache at {path}; run `cpcx clusters` first or pass --cache-dir")
     conn = open_db(path)
@@ -187,19 +193,95 @@ def export_cache(cache_dir: str | Path, out: str | Path) -> int:
         conn.close()
     if skipped:
         _warn_stderr(f"{skipped} unreadable cache entries in {path} were not exported")
-    atomic.write_text(out, "".join(line + "\n" for line in lines))
+    try:
+        atomic.write_text(out, "".join(line + "\n" for line in lines))
+    except OSError as exc:
+        raise CpcxError(f"{out}: cannot write ({exc.strerror or exc}); choose a writable file") from None
     return len(lines)
 
 
-def import_cache(cache_dir: str | Path, src: str | Path) -> int:
-    """Load a JSONL export; each line is checked (its key must be the hash of its request). Returns the count."""
-    src = Path(src)
+#: An export line holds one request (prompt, class list, schema) and its answers: tens of KB. The bounds keep
+#: `cpcx cache import /dev/zero` or a stray multi-GB file from reading until memory runs out.
+MAX_IMPORT_BYTES = 256 << 20
+MAX_LINE_BYTES = 8 << 20
+
+
+def _read_lines(src: Path) -> Iterator[tuple[int, str]]:
+    """(number, text) of each line of a regular file, refusing what is not one and bounding lines and size."""
+    import os
+    import stat
+
+    hint = "pass a file written by `cpcx cache export`"
     try:
-        text = src.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CpcxError(f"{src}: cannot read ({exc}); pass a file written by `cpcx cache export`") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+        info = os.stat(src)  # stat, not open: opening a FIFO would block until someone writes to it
+    except OSError as exc:
+        raise CpcxError(f"{src}: cannot read ({exc.strerror or exc}); {hint}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise CpcxError(f"{src}: is a folder; {hint}")
+    if not stat.S_ISREG(info.st_mode):
+        raise CpcxError(f"{src}: is not a regular file (a device, pipe or socket); {hint}")
+    if info.st_size > MAX_IMPORT_BYTES:
+        raise CpcxError(f"{src}: {info.st_size / 2**20:.0f} MiB is more than an answer export holds (at most "
+                        f"{MAX_IMPORT_BYTES >> 20} MiB); {hint}, or split it into smaller files")
+    total = 0
+    try:
+        with open(src, "rb") as handle:
+            for number in itertools.count(1):
+                raw = handle.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    return
+                total += len(raw)
+                if len(raw) > MAX_LINE_BYTES or total > MAX_IMPORT_BYTES:  # the file may grow while we read
+                    raise CpcxError(f"{src}:{number}: longer than {MAX_LINE_BYTES >> 20} MiB, which no cache line "
+                                    f"is; {hint}")
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise CpcxError(f"{src}:{number}: not UTF-8 text; {hint}") from None
+    except OSError as exc:
+        raise CpcxError(f"{src}: cannot read ({exc.strerror or exc}); {hint}") from None
+
+
+def request_classes(identity: dict[str, Any]) -> tuple[str, ...]:
+    """The class list a request asked about, read back from its answer schema (what ``Asker`` sent)."""
+    from cpcx.llm.answers import answer_schema
+
+    shape, schema = identity.get("shape"), identity.get("schema")
+    try:
+        if shape == "mapping":
+            classes = tuple(schema["required"])
+        elif shape == "list":
+            classes = tuple(schema["properties"]["clusters"]["items"]["properties"]["members"]["items"]["enum"])
+        else:
+            raise ValueError(f"its request has no answer shape 'mapping' or 'list' (got {shape!r})")
+        if answer_schema(classes, shape) != schema:
+            raise ValueError("its request's answer schema is not one cpcx sends")
+    except (KeyError, TypeError):
+        raise ValueError("its request holds no answer schema with the class list") from None
+    return classes
+
+
+def check_answer(identity: dict[str, Any], value: dict[str, Any]) -> None:
+    """Validate a stored answer as a fresh one for this request is validated (``AnswerError`` if unusable):
+    the answer fits the request's class list, is in canonical form, and is what its raw text says."""
+    from cpcx.llm.answers import AnswerError, parse_answer, validate_answer
+
+    classes = request_classes(identity)
+    assignment = validate_answer(value["answer"], classes)
+    if [{"name": n, "members": list(m)} for n, m in assignment] != value["answer"]:
+        raise AnswerError(["the answer is not in the canonical form cpcx stores"])
+    if parse_answer(value["raw"], classes) != assignment:
+        raise AnswerError(["the answer differs from what its raw text says"])
+
+
+def import_cache(cache_dir: str | Path, src: str | Path) -> int:
+    """Load a JSONL export; each line is checked (its key is the hash of its request, its answer is valid for
+    that request). Nothing is imported unless every line is good. Returns the count."""
+    from cpcx.llm.answers import AnswerError
+
+    src = Path(src)
+    records, invalid = [], []
+    for number, line in _read_lines(src):
         if not line.strip():
             continue
         try:
@@ -207,10 +289,22 @@ def import_cache(cache_dir: str | Path, src: str | Path) -> int:
             key, identity, value = record["key"], record["request"], check_value(record["value"])
             if request_key(identity) != key:
                 raise ValueError("its key is not the hash of its request (edited by hand?)")
-        except (ValueError, KeyError, TypeError) as exc:
+            request_classes(identity)
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested 10**5 deep
             raise CpcxError(f"{src}:{number}: not a cpcx cache line ({exc}); re-export it with "
                             "`cpcx cache export`") from None
+        try:
+            check_answer(identity, value)
+        except AnswerError as exc:
+            invalid.append((number, str(exc)))
+        except RecursionError:
+            invalid.append((number, "its raw text is nested too deeply"))
         records.append((key, canonical_json(identity), canonical_json(value)))
+    if invalid:  # all or nothing: a half-imported file would be a second, quieter surprise
+        number, problem = invalid[0]
+        raise CpcxError(f"{src}: {len(invalid)} of {len(records)} answers are not valid for their request (line "
+                        f"{number}: {problem}); nothing imported; delete those lines or re-export them from the "
+                        "cache that made them")
     path = Path(cache_dir).expanduser() / FILE_NAME
     conn = open_db(path)
     try:
