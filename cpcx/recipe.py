@@ -26,19 +26,31 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return (base / value).resolve()
 
 
-def _must_be_dir(value: Path) -> Path:
+def _inputs_checked(info: ValidationInfo) -> bool:
+    """False for commands that read none of the recipe's input files (``cpcx predict``/``export`` need only
+    the segment checkpoint), so that a recipe whose data root or weights are elsewhere still loads."""
+    return (info.context or {}).get("check_inputs", True)
+
+
+def _must_be_dir(value: Path, info: ValidationInfo) -> Path:
+    if not _inputs_checked(info):
+        return value
     if not value.is_dir():
         raise ValueError(f"folder {value} does not exist; fix the path")
     return value
 
 
-def _must_be_file(value: Path) -> Path:
+def _must_be_file(value: Path, info: ValidationInfo) -> Path:
+    if not _inputs_checked(info):
+        return value
     if not value.is_file():
         raise ValueError(f"file {value} does not exist; fix the path")
     return value
 
 
-def _must_be_weights(value: Path) -> Path:
+def _must_be_weights(value: Path, info: ValidationInfo) -> Path:
+    if not _inputs_checked(info):
+        return value
     if not value.is_file():
         raise ValueError(
             f"weights file {value} does not exist; fix the path, or build it offline with "

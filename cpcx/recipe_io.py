@@ -206,8 +206,12 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] = (), env: dict[str, str] | None = None):
-    """Read, interpolate, override and validate a recipe. Raises ``RecipeError``."""
+def load_recipe(path: str | Path, overrides: Iterable[str] = (), env: dict[str, str] | None = None,
+                check_inputs: bool = True):
+    """Read, interpolate, override and validate a recipe. Raises ``RecipeError``.
+
+    ``check_inputs=False`` skips the existence checks of the data root and the input files (weights, prompts)
+    for commands that read none of them (``cpcx predict``, ``cpcx export``)."""
     from cpcx.recipe import Recipe
 
     path = Path(path)
@@ -220,7 +224,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = (), env: dict[str, 
         raise RecipeError([f"{path}: {line}" for line in errors])
     data = apply_overrides(data, parsed_overrides)
     try:
-        return Recipe.model_validate(data, context={"base_dir": path.resolve().parent})
+        return Recipe.model_validate(data, context={"base_dir": path.resolve().parent, "check_inputs": check_inputs})
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, Recipe, str(path), sources)) from None
 
