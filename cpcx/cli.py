@@ -231,6 +231,26 @@ def predict(
     raise typer.Exit(1 if summary.failed else 0)
 
 
+@app.command()
+@user_errors
+def export(
+    recipe: Path = RecipeOpt,
+    overrides: Optional[List[str]] = OverridesArg,
+    format: str = typer.Option(..., "--format", "-f", help="onnx | torchscript"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default runs/<name>/export/)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Segment checkpoint (default: the run's best.pt)."),
+) -> None:
+    """Export the segmenter (ONNX or TorchScript, any image size) and print its parity with torch.
+
+    Input: float32 N×3×H×W RGB in [0, 1], normalised inside; output: N×C×H×W logits."""
+    from cpcx.export import export_segmenter
+    from cpcx.recipe import load_recipe
+
+    # The data set is only used for the parity image when present; the checkpoint is all that is needed.
+    export_segmenter(load_recipe(recipe, overrides or [], check_inputs=False), format.lower(), out=out,
+                     weights=weights, console=console)
+
+
 # ------------------------------------------------------------------------------------ sub-commands
 @cache_app.command("export")
 @user_errors
