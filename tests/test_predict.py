@@ -14,10 +14,11 @@ from PIL import Image
 from rich.console import Console
 from smoke_segmenter import REPO, SMOKE, train_smoke_segmenter
 
-from cpcx import predict as predict_mod
+from cpcx import image_inputs
 from cpcx.data import load_label_png
 from cpcx.errors import CpcxError
-from cpcx.predict import InputError, collect_inputs, load_image, run_predict
+from cpcx.image_inputs import InputError, collect_inputs, load_image
+from cpcx.predict import run_predict
 from cpcx.recipe import load_recipe
 
 
@@ -115,7 +116,7 @@ def test_huge_images_are_worked_on_at_2048_and_refused_past_the_pixel_limit(bad_
     assert big.notes == ["10000×10000 is larger than the 2048-px working size: predicted at 2048×2048, "
                          "labels upsampled back"]
     assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
-    monkeypatch.setattr(predict_mod, "MAX_PIXELS", 50_000_000)
+    monkeypatch.setattr(image_inputs, "MAX_PIXELS", 50_000_000)
     with pytest.raises(InputError, match=r"10000×10000 is 100 MP, more than the 50 MP cpcx predict reads; "
                                          r"downscale it first"):
         load_image(bad_files["big.jpg"])
@@ -232,3 +233,41 @@ def test_no_input_is_a_usage_error(segmenter):
         run_predict(recipe, ["/nonexistent/*.jpg"], console=Console(file=io.StringIO()),
                     err_console=Console(file=io.StringIO()))
     assert caught.value.code == 2
+
+
+def test_recipe_loads_without_its_data_root_only_when_asked(segmenter):
+    from cpcx.recipe import RecipeError
+
+    missing = [*segmenter, "dataset.root=/nonexistent/voc", "model.weights=/nonexistent/w.safetensors"]
+    with pytest.raises(RecipeError, match="dataset.root: folder /nonexistent/voc does not exist"):
+        load_recipe(SMOKE, missing)
+    assert load_recipe(SMOKE, missing, check_inputs=False).dataset.root == Path("/nonexistent/voc")
+
+
+def test_tiny_images_a_failing_network_and_the_terminal_bar(segmenter, voc_root, tmp_path, monkeypatch):
+    """1×1 and 3×2 images are predicted; an image the network fails on (e.g. out of memory) costs one line and
+    the next one goes on; on a terminal the rich bar runs alongside those lines."""
+    import cpcx.segment_infer as segment_infer
+
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(tmp_path / "one.png")
+    Image.new("RGB", (3, 2), (10, 200, 10)).save(tmp_path / "three.png")
+    voc = voc_images(voc_root, 1)[0]
+    real = segment_infer.predict_probs
+
+    def flaky(model, image, *args, **kwargs):
+        if image.shape[:2] == (2, 3):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+        return real(model, image, *args, **kwargs)
+
+    monkeypatch.setattr(segment_infer, "predict_probs", flaky)
+    recipe = load_recipe(SMOKE, segmenter, check_inputs=False)
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=200)
+    errors = Console(file=io.StringIO(), width=300)
+    summary = run_predict(recipe, [str(tmp_path / "one.png"), str(tmp_path / "three.png"), str(voc)],
+                          out=tmp_path / "out", console=terminal, err_console=errors)
+    assert (summary.done, summary.failed) == (2, 1)
+    assert errors.file.getvalue().strip() == (
+        f"✘ {tmp_path / 'three.png'}: the network failed on this 3×2 image (CUDA out of memory. Tried to allocate "
+        "20.00 GiB); free memory, or use fewer segment.scales")
+    assert load_label_png(tmp_path / "out" / "labels" / "one.png").shape == (1, 1)
+    assert "2 done, 1 failed" in terminal.file.getvalue()
