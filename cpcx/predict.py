@@ -149,14 +149,19 @@ def run_predict(recipe, inputs: Sequence[str], out: Path | None = None, recursiv
     console.print(f"predict: {len(items)} image{'s' if len(items) != 1 else ''} · {checkpoint} · {how} · "
                   f"{device} → {out}", soft_wrap=True, highlight=False, markup=False)
 
+    progress = _progress(console, len(items))
+
     def fail(text: str, why: str) -> None:
-        err_console.print(f"[bold red]✘[/] {_escape(text)}: {_escape(why)}", soft_wrap=True, highlight=False)
+        # While the bar is live its console prints above it; rich's stderr console would write straight to the
+        # terminal (it bypasses Live's stderr proxy) and tear the bar's line.
+        where = console if progress.bar is not None else err_console
+        where.print(f"[bold red]✘[/] {_escape(text)}: {_escape(why)}", soft_wrap=True, highlight=False)
 
     for text, problem in problems:
         fail(text, problem)
     done, failed = 0, len(problems)
     started = time.perf_counter()
-    with _progress(console, len(items)) as advance:
+    with progress as advance:
         for item in items:
             try:
                 loaded = load_image(item.path, max_side)
