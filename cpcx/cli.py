@@ -208,7 +208,8 @@ def _inputs_and_overrides(args: Optional[List[str]]) -> tuple[list[str], list[st
 def predict(
     recipe: Path = RecipeOpt,
     args: Optional[List[str]] = typer.Argument(
-        None, help="Image files, folders and quoted globs (and key=value overrides).", show_default=False),
+        None, metavar="INPUTS", help="Image files, folders and quoted globs (and key=value overrides).",
+        show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<name>/predict)."),
     recursive: bool = typer.Option(False, "--recursive", help="Read the subfolders of folder inputs too."),
     probs: bool = typer.Option(False, "--probs", help="Also write per-class probabilities (float16 .npz)."),
