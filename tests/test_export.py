@@ -119,3 +119,23 @@ def test_bad_format_and_missing_checkpoint_are_usage_errors(segmenter, tmp_path)
     with pytest.raises(CpcxError, match="no segment checkpoint") as c:
         export_segmenter(empty, "onnx", console=Console(file=io.StringIO()))
     assert c.value.code == 2
+
+
+@pytest.mark.parametrize("arch", ["deeplabv2", "deeplabv3", "deeplabv3plus"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_every_arch_exports_with_dynamic_size(arch, fmt, tmp_path):
+    """A tiny timm encoder under each head: the parity check (two sizes, one odd) passes for every arch."""
+    from cpcx import atomic
+    from cpcx.recipe import SegmentConfig
+    from cpcx.segnet import build_segnet, segnet_meta
+
+    torch.manual_seed(0)
+    cfg = SegmentConfig(arch=arch, encoder="tu-test_efficientnet", encoder_weights=None)
+    classes = ("background", "cat", "dog")
+    model = build_segnet(cfg, len(classes))
+    checkpoint = tmp_path / "best.pt"
+    atomic.save_torch(checkpoint, {"model": model.net.state_dict(), "meta": segnet_meta(cfg, classes), "epoch": 1})
+    recipe = load_recipe(SMOKE, [f"runs_dir={tmp_path}"], check_inputs=False)
+    out, parity = export_segmenter(recipe, fmt, weights=checkpoint, console=Console(file=io.StringIO()))
+    assert out == tmp_path / "smoke" / "export" / f"segmenter{'.onnx' if fmt == 'onnx' else '.torchscript.pt'}"
+    assert parity.worst_relative <= RELATIVE and parity.sizes[0] != parity.sizes[1]
