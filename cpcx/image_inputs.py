@@ -175,7 +175,13 @@ def _to_rgb(image: Image.Image) -> tuple[np.ndarray, str]:
         return np.asarray(image), ""
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit greyscale: scale, never clip, to 8 bits
         values = np.asarray(image).astype(np.float64)
-        top = 1.0 if mode == "F" and values.max(initial=0) <= 1.0 else (255.0 if values.max(initial=0) <= 255 else 65535.0)
+        peak = values.max(initial=0)
+        # A 16-bit mode is scaled from its full range even when dark (a dark image must stay dark); the 32-bit
+        # modes say nothing of their range, so it is guessed from the values.
+        if mode.startswith("I;16") or peak > 255:
+            top = 65535.0
+        else:
+            top = 1.0 if mode == "F" and peak <= 1.0 else 255.0
         grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         depth = {65535.0: "16-bit", 1.0: "float"}.get(top, "wide")
         return np.repeat(grey[..., None], 3, axis=2), f"{depth} greyscale ({mode}) scaled to 8 bits, predicted as RGB"

@@ -110,6 +110,12 @@ def test_awkward_images_are_read_as_upright_rgb_with_one_note(bad_files):
         assert loaded.image.dtype == np.uint8 and loaded.image.shape[2] == 3 and loaded.image.flags.writeable
 
 
+def test_a_dark_16_bit_image_stays_dark(tmp_path):
+    Image.fromarray(np.full((4, 5), 1000, np.uint16)).save(tmp_path / "dark.png")  # 1000 of 65535
+    loaded = load_image(tmp_path / "dark.png")
+    assert (loaded.image == 4).all() and loaded.image.shape == (4, 5, 3)  # round(1000 / 257), not 255
+
+
 def test_huge_images_are_worked_on_at_2048_and_refused_past_the_pixel_limit(bad_files, monkeypatch, recwarn):
     big = load_image(bad_files["big.jpg"])
     assert big.size == (10000, 10000) and big.image.shape == (2048, 2048, 3)
