@@ -130,7 +130,7 @@ def run_predict(recipe, inputs: Sequence[str], out: Path | None = None, recursiv
     items, problems = collect_inputs(inputs, recursive)
     if not items:
         for text, problem in problems:
-            err_console.print(f"[bold red]✘[/] {text}: {problem}", soft_wrap=True, markup=True, highlight=False)
+            err_console.print(f"[bold red]✘[/] {_escape(text)}: {_escape(problem)}", soft_wrap=True, highlight=False)
         raise CpcxError("no image to predict among the inputs; pass image files, folders or quoted globs", code=2)
     cfg = recipe.segment
     device = resolve_device(cfg.device, "segment.device")
