@@ -50,6 +50,7 @@ test-llm: $(STAMP)
 bench: $(STAMP) $(WEIGHTS)
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_pseudo.py
+	$(BIN)/python benchmarks/bench_predict.py
 	$(MAKE) bench-results
 
 # Hours on 2 CPU cores; re-running skips finished rows. BENCH_ARGS, e.g. --only table4 --seeds 0.

@@ -211,6 +211,70 @@ def run(recipe: Path = RecipeOpt, overrides: Optional[List[str]] = OverridesArg)
     run_pipeline(_load(recipe, overrides), console=console)
 
 
+# ------------------------------------------------------------------------------------- deployment
+def _inputs_and_overrides(args: Optional[List[str]]) -> tuple[list[str], list[str]]:
+    """``cpcx predict`` takes images and ``key=value`` overrides as its arguments: an argument that names an
+    existing path is an input, one shaped like ``dotted.key=value`` an override, anything else an input."""
+    import re
+
+    inputs, overrides = [], []
+    for arg in args or []:
+        if re.match(r"^[A-Za-z_][A-Za-z0-9_.]*=", arg) and not Path(arg).exists():
+            overrides.append(arg)
+        else:
+            inputs.append(arg)
+    return inputs, overrides
+
+
+@app.command()
+@user_errors
+def predict(
+    recipe: Path = RecipeOpt,
+    args: Optional[List[str]] = typer.Argument(
+        None, metavar="INPUTS", help="Image files, folders and quoted globs (and key=value overrides).",
+        show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<name>/predict)."),
+    recursive: bool = typer.Option(False, "--recursive", help="Read the subfolders of folder inputs too."),
+    probs: bool = typer.Option(False, "--probs", help="Also write per-class probabilities (float16 .npz)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Segment checkpoint (default: the run's best.pt)."),
+) -> None:
+    """Segment your own images with the trained segmenter: label PNGs, overlays, optional probabilities.
+
+    Exit code 0 when every image was predicted, 1 when some failed, 2 for a usage or recipe error."""
+    from cpcx.predict import run_predict
+    from cpcx.recipe import load_recipe
+
+    inputs, overrides = _inputs_and_overrides(args)
+    if not inputs:
+        raise CpcxError("cpcx predict: no input given; pass image files, folders or quoted globs after -r RECIPE",
+                        code=2)
+    # Only the segment checkpoint is read: the data root and the training weights may be absent.
+    loaded = load_recipe(recipe, overrides, check_inputs=False)
+    summary = run_predict(loaded, inputs, out=out, recursive=recursive, probs=probs, weights=weights,
+                          console=console, err_console=err_console)
+    raise typer.Exit(1 if summary.failed else 0)
+
+
+@app.command()
+@user_errors
+def export(
+    recipe: Path = RecipeOpt,
+    overrides: Optional[List[str]] = OverridesArg,
+    format: str = typer.Option(..., "--format", "-f", help="onnx | torchscript"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default runs/<name>/export/)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Segment checkpoint (default: the run's best.pt)."),
+) -> None:
+    """Export the segmenter (ONNX or TorchScript, any image size) and print its parity with torch.
+
+    Input: float32 N×3×H×W RGB in [0, 1], normalised inside; output: N×C×H×W logits."""
+    from cpcx.export import export_segmenter
+    from cpcx.recipe import load_recipe
+
+    # The data set is only used for the parity image when present; the checkpoint is all that is needed.
+    export_segmenter(load_recipe(recipe, overrides or [], check_inputs=False), format.lower(), out=out,
+                     weights=weights, console=console)
+
+
 # ------------------------------------------------------------------------------------ sub-commands
 @cache_app.command("export")
 @user_errors

@@ -277,8 +277,12 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] = (), env: dict[str, str] | None = None):
-    """Read, interpolate, override and validate a recipe. Raises ``RecipeError``."""
+def load_recipe(path: str | Path, overrides: Iterable[str] = (), env: dict[str, str] | None = None,
+                check_inputs: bool = True):
+    """Read, interpolate, override and validate a recipe. Raises ``RecipeError``.
+
+    ``check_inputs=False`` skips the existence checks of the data root and the input files (weights, prompts)
+    for commands that read none of them (``cpcx predict``, ``cpcx export``)."""
     from cpcx.recipe import Recipe
 
     path = Path(path)
@@ -291,7 +295,8 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = (), env: dict[str, 
         raise RecipeError([f"{path}: {line}" for line in errors])
     data = apply_overrides(data, parsed_overrides)
     try:
-        recipe = Recipe.model_validate(data, context={"base_dir": path.resolve().parent})
+        recipe = Recipe.model_validate(data, context={"base_dir": path.resolve().parent,
+                                                           "check_inputs": check_inputs})
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, Recipe, str(path), sources)) from None
     key_env = getattr(recipe.llm, "api_key_env", None)

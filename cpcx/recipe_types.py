@@ -46,7 +46,15 @@ def _kind(value: Path) -> str:
     return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
 
 
-def _must_be_dir(value: Path) -> Path:
+def _inputs_checked(info: ValidationInfo) -> bool:
+    """False for commands that read none of the recipe's input files (``cpcx predict``/``export`` need only
+    the segment checkpoint), so that a recipe whose data root or weights are elsewhere still loads."""
+    return (info.context or {}).get("check_inputs", True)
+
+
+def _must_be_dir(value: Path, info: ValidationInfo) -> Path:
+    if not _inputs_checked(info):
+        return value
     kind = _kind(value)
     if kind == "file":  # "does not exist" would send the user looking for a typo
         raise ValueError(f"{value} is a file, not a folder; point it at the folder that holds the data set")
@@ -66,7 +74,9 @@ def _wrong_kind_for_file(value: Path, what: str) -> str | None:
     return None if kind == "file" else ""
 
 
-def must_be_file(value: Path) -> Path:
+def must_be_file(value: Path, info: ValidationInfo) -> Path:
+    if not _inputs_checked(info):
+        return value
     problem = _wrong_kind_for_file(value, "a file")
     if problem == "":
         raise ValueError(f"file {value} does not exist; fix the path")
@@ -75,12 +85,14 @@ def must_be_file(value: Path) -> Path:
     return value
 
 
-def _must_be_weights(value: Path) -> Path:
+def _must_be_weights(value: Path, info: ValidationInfo) -> Path:
+    if not _inputs_checked(info):
+        return value
     problem = _wrong_kind_for_file(value, "a weights file")
     if problem == "":
         raise ValueError(
             f"weights file {value} does not exist; fix the path, or build it offline with "
-            "`cpcx weights import dinov2-vits14|efficientnet-lite0 --out <file>` (or `make weights`)"
+            "`cpcx weights import dinov2-vits14|efficientnet-lite0|1|2 --out <file>` (or `make weights`)"
         )
     if problem:
         raise ValueError(problem.replace("name the file itself", "name the .safetensors file itself"))

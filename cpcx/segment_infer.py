@@ -63,7 +63,11 @@ def predict_label(
     crf_params=None,
 ) -> np.ndarray:
     """H×W uint8 class indices: argmax of :func:`predict_probs`, after a dense CRF when ``crf_params`` is given."""
-    probs = predict_probs(model, image, scales, flip, device, precision)
+    return refine_labels(image, predict_probs(model, image, scales, flip, device, precision), crf_params)
+
+
+def refine_labels(image: np.ndarray, probs: torch.Tensor, crf_params=None) -> np.ndarray:
+    """H×W uint8 class indices from C×H×W probabilities: their argmax, or a dense CRF's with ``crf_params``."""
     if crf_params is None:
         return probs.argmax(0).to(torch.uint8).cpu().numpy()
     from cpcx.crf import crf_labels
