@@ -56,9 +56,12 @@ class Backbone:
     def overrides(self) -> list[str]:
         out = [f"model.backbone={self.timm}", f"model.weights=../{self.weights}", f"model.img_size={self.img_size}",
                f"pseudo.img_size={self.img_size}", f"model.topk={self.topk}"]
-        if self.strides is not None:
-            out.append(f"model.feature_strides=[{','.join(map(str, self.strides))}]")
-        if self.fuse is not None:
+        # Every knob spelled out (null too), so a row means the same whatever recipes/voc-mini.yaml ships.
+        out.append("model.feature_strides=null" if self.strides is None else
+                   f"model.feature_strides=[{','.join(map(str, self.strides))}]")
+        if self.fuse is None:
+            out.append("model.fuse=null")
+        else:
             out += [f"model.fuse.backbone={self.fuse.timm}", f"model.fuse.weights=../{self.fuse.weights}"]
             if self.fuse.strides is not None:
                 out.append(f"model.fuse.feature_strides=[{','.join(map(str, self.fuse.strides))}]")
@@ -132,7 +135,14 @@ def cpc_run(b: Backbone, seed: int, logs: Path) -> dict:
     args = [f"name={name}", f"seed={seed}", f"runs_dir={WORK}", f"train.feature_cache_dir={WORK}/features-bb",
             *b.overrides()]
     entry: dict = {"argv": " ".join(["cpcx", "<stage>", "-r", VOC_RECIPE, *args]), "stages": {}}
+    from cpcx.recipe_io import load_recipe
+    from cpcx.runs import read_stage_state, stage_is_current
+
+    recipe = load_recipe(ROOT / VOC_RECIPE, args)
     for stage in ("clusters", "train", "pseudo"):
+        if stage_is_current(recipe, stage):  # a finished stage of this configuration (e.g. a copied run folder)
+            entry["stages"][stage] = {"seconds": read_stage_state(recipe, stage).get("seconds"), "reused": True}
+            continue
         measured = run_measured([*cpcx_argv(), stage, "-r", VOC_RECIPE, *args], logs / f"{name}-{stage}.log",
                                 child_env())
         entry["stages"][stage] = {"seconds": measured.seconds, "cpu_seconds": measured.cpu_seconds,
@@ -194,6 +204,7 @@ def render(results: dict) -> str:
         grid = f"{ref['supervised']['grid'][0]}² × {ref['embed_dim']}" if ref else "—"
         cell = (lambda v: f"{v:.1f}") if ref else (lambda v: "—")
         secs = {st: np.mean([r["stages"][st]["seconds"] for r in runs]) if runs else None for st in ("train", "pseudo")}
+        # (a reused stage keeps the seconds its stage.json recorded)
         lines.append(" | ".join([
             f"| {b.title}", grid, cell(ref["probe"]["map"]) if ref else "—",
             cell(ref["grid_probe"]["map"]) if ref else "—", cell(ref["supervised"]["miou"]) if ref else "—",

@@ -103,7 +103,8 @@ def validate(recipe: Path = RecipeOpt, overrides: Optional[List[str]] = Override
     """Check a recipe (schema, paths, data root) and say so."""
     loaded = _load(recipe, overrides)
     console.print(f"[green]✔[/] {recipe}: valid recipe '{loaded.name}' "
-                  f"({loaded.dataset.kind} data, {loaded.llm.provider} clusters, {loaded.model.backbone})")
+                  f"({loaded.dataset.kind} data, {loaded.llm.provider} clusters, {loaded.model.backbone}"
+                  f"{' + ' + loaded.model.fuse.backbone if loaded.model.fuse else ''})")
 
 
 @app.command()

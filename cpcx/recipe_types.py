@@ -92,7 +92,7 @@ def _must_be_weights(value: Path, info: ValidationInfo) -> Path:
     if problem == "":
         raise ValueError(
             f"weights file {value} does not exist; fix the path, or build it offline with "
-            "`cpcx weights import dinov2-vits14|efficientnet-lite0|1|2 --out <file>` (or `make weights`)"
+            "`cpcx weights import dinov2-vits14|efficientnet-lite0 --out <file>` (or `make weights`)"
         )
     if problem:
         raise ValueError(problem.replace("name the file itself", "name the .safetensors file itself"))
