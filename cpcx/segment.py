@@ -242,12 +242,12 @@ def _predict_and_score(recipe: Recipe, val_set, device, rank: int, world: int, c
 
 # ------------------------------------------------------------------------------------ checkpoints/RNG
 def _load_resume(path: Path) -> dict | None:
-    if not path.is_file():
+    from cpcx.torchload import load_torch_file
+
+    if not path.exists():
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a torn/foreign file is the user's to remove
-        raise CpcxError(f"{path}: cannot read the checkpoint ({exc}); delete it and run without --resume") from None
+    return load_torch_file(path, "segmentation checkpoint", "run `cpcx segment` without --resume to start over "
+                                                            "(it replaces the file)")
 
 
 def _check_compatible(saved: dict, current: dict, path: Path) -> None:
