@@ -54,8 +54,12 @@ def missing_outputs(recipe: Recipe, stage: str) -> tuple[str, str] | None:
 
     folder = recipe.run_dir(stage)
     if stage == "clusters":
-        if not (folder / "clusters.json").is_file():
-            return "clusters.json is missing", "resume"
+        from cpcx.clusters import load_clusters
+
+        try:
+            load_clusters(folder / "clusters.json")
+        except CpcxError:  # gone, empty or torn: the stage (cached or static, so cheap) writes it again
+            return "clusters.json is missing or unreadable", "resume"
         return None
     if stage == "train":
         if not any((folder / "weights" / name).is_file() for name in ("best.pt", "last.pt")):
