@@ -153,3 +153,60 @@ def test_key_in_invalid_answers_is_redacted(tmp_path, server, monkeypatch):
     report = tmp_path / "runs" / "t" / "clusters" / "invalid-answers.json"
     text = report.read_text()
     assert KEY not in text and "[redacted $HOSTILE_KEY]" in text
+
+
+# ------------------------------------------------------------------------------------ more odd servers
+class _Raw:
+    """A server that answers every request with one fixed (status, content type, body)."""
+
+    def __init__(self, status: int, kind: str, body: bytes):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _answer(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("status, kind, body, expected", [
+    (502, "text/html", b"<html>502 Bad Gateway</html>", "(HTTP 502) after 2 tries"),
+    (200, "application/json", b"", "is a server that is neither Ollama nor OpenAI-compatible (HTTP 200"),
+    (200, "application/json", b'{"id": "x", "object": "chat.completion"}', "is a server that is neither"),
+    (200, "application/json", b"[1, 2, 3]", "is a server that is neither"),
+    (200, "application/x-ndjson", b'{"message": 5}\nnot json\n', "is a server that is neither"),
+    (200, "text/plain", b"x" * 100_000, "(HTTP 200, text/plain); fix llm.base_url or llm.provider"),
+])
+@pytest.mark.parametrize("provider", ["openai", "ollama"])
+def test_odd_replies_are_one_line(status, kind, body, expected, provider):
+    raw = _Raw(status, kind, body)
+    try:
+        cfg = (OpenAIConfig(model="m", base_url=raw.url + "/v1", max_retries=1, timeout_s=3) if provider == "openai"
+               else OllamaConfig(model="m", base_url=raw.url, max_retries=1, timeout_s=3))
+        with pytest.raises(CpcxError) as info:
+            build_provider(cfg).chat(HELLO, None)
+        assert expected in _one_line(info)
+        ok, line = check_llm(cfg, timeout=2)
+        assert not ok and "\n" not in line
+    finally:
+        raw.close()

@@ -74,6 +74,11 @@ def mismatch(provider: str, base_url: str | None, detail: str = "") -> CpcxError
     else:
         fix = "fix llm.base_url or llm.provider"
     expected = OLLAMA if provider == "ollama" else OPENAI
-    what = f"{found}, not {expected}" if found != expected else f"{found} whose reply the {provider} client cannot read"
+    if found == expected:
+        what = f"{found} whose reply the {provider} client cannot read"
+    elif found.startswith(("a server that is neither", "nothing")):
+        what = found
+    else:
+        what = f"{found}, not {expected}"
     tail = f" ({detail})" if detail and found == expected else ""
     return CpcxError(f"llm.base_url: {base_url} is {what}{tail}; {fix}")
