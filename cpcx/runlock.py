@@ -67,6 +67,9 @@ def run_lock(folder: Path, command: str, log: Callable[[str], None] | None = Non
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except IsADirectoryError:
+        raise CpcxError(f"{path}: is a folder, but cpcx keeps the run folder's lock in this file; remove the "
+                        "folder (it holds nothing of cpcx's)") from None
     except OSError as exc:
         raise unwritable(folder, exc) from None
     try:

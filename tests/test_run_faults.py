@@ -176,3 +176,12 @@ def test_temp_file_of_a_killed_save_is_removed_by_the_next_command(tmp_path, dat
     done = cpcx(data_root, "evaluate", "-r", str(SMOKE), f"runs_dir={runs}", "--stage", "pseudo")
     assert f"removed 1 temp file(s) left by an interrupted write in {runs / 'smoke'} ({left.name})" in done.stdout
     assert not left.exists() and (weights / "last.pt").read_bytes() == b"the user's checkpoint"
+
+
+def test_lock_file_that_is_a_folder(tmp_path, data_root, voc_root):
+    runs = tmp_path / "runs"
+    (runs / "smoke" / ".lock").mkdir(parents=True)
+    done = cpcx(data_root, "evaluate", "-r", str(SMOKE), f"runs_dir={runs}", "--stage", "pseudo")
+    assert done.returncode == 1
+    assert _error_line(done) == (f"✘ {runs / 'smoke' / '.lock'}: is a folder, but cpcx keeps the run folder's lock "
+                                 "in this file; remove the folder (it holds nothing of cpcx's)")
