@@ -33,6 +33,22 @@ def _place_error(path: Path, exc: OSError) -> CpcxError:
                      f"{path.name}, if any, is unchanged")
 
 
+def ensure_dir(path: str | Path) -> Path:
+    """``mkdir -p`` with one line instead of a traceback when a file sits where the folder should be (or the
+    place cannot be written)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CpcxError(f"{path}: is a file, but cpcx keeps a folder there; move the file away") from None
+    except OSError as exc:
+        if exc.errno in _PLACE_ERRORS:
+            raise CpcxError(f"{path}: cannot create the folder ({_PLACE_ERRORS[exc.errno]}); point the recipe's "
+                            "runs_dir at a writable place") from None
+        raise
+    return path
+
+
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     """Remove the temp files that atomic writes killed mid-way left under ``folder`` (a killed checkpoint save
     leaves one as big as the checkpoint). Only call it where no other process is writing: under the run lock."""
@@ -49,6 +65,8 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
     path = Path(path)
+    if path.is_dir():  # os.replace onto a folder fails only after the whole file is written
+        raise CpcxError(f"{path}: is a folder, but cpcx writes a file there; move the folder away")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -201,7 +201,7 @@ def check_finished(folder: Path, key: dict, shape: tuple) -> str | None:
 def _prepare(folder: Path, key: dict, backbone: ViTBackbone, img_size: int, num_views: int,
              depth: int | None) -> None:
     """Create (or keep, when resuming) the partial token file and the per-image done flags."""
-    folder.mkdir(parents=True, exist_ok=True)
+    atomic.ensure_dir(folder)
     shape = _shape(key, backbone, img_size, num_views, depth)
     partial, done = folder / "tokens.partial.npy", folder / "done.npy"
     if partial.is_file() and done.is_file():

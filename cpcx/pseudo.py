@@ -266,7 +266,7 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
     stage_dir = prepare_stage_dir(recipe, "pseudo", str(device))
     _drop_if_new_checkpoint(recipe, stage_dir, checkpoint, console)
     labels_dir = stage_dir / "labels"
-    labels_dir.mkdir(parents=True, exist_ok=True)
+    atomic.ensure_dir(labels_dir)
     _remove_torn_files(labels_dir)
     u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
     predictor = PatchPredictor(net, device, cfg.precision, cfg.img_size, cfg.flip, cfg.class_max_norm, cfg.scales)

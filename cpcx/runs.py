@@ -152,7 +152,7 @@ def prepare_stage_dir(recipe: Recipe, stage: str, device: str | None = None) -> 
     ``STALE_OUTPUTS`` are removed first, so a resumable stage never keeps labels made by an older model.
     """
     folder = recipe.run_dir(stage)
-    folder.mkdir(parents=True, exist_ok=True)
+    atomic.ensure_dir(folder)
     current = fingerprint(recipe, stage) if stage in STAGES else None
     previous = read_stage_state(recipe, stage)
     if current and previous and previous.get("fingerprint") != current:

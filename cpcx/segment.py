@@ -212,7 +212,7 @@ def _predict_and_score(recipe: Recipe, val_set, device, rank: int, world: int, c
         # Predictions are skipped when present: only those made by this checkpoint and settings may stay.
         if _read_json(stamp) != source:
             shutil.rmtree(predictions, ignore_errors=True)
-        predictions.mkdir(parents=True, exist_ok=True)
+        atomic.ensure_dir(predictions)
         atomic.write_json(stamp, source)
     distributed.barrier()
     indices = range(rank, len(val_set), world)

@@ -185,3 +185,26 @@ def test_lock_file_that_is_a_folder(tmp_path, data_root, voc_root):
     assert done.returncode == 1
     assert _error_line(done) == (f"✘ {runs / 'smoke' / '.lock'}: is a folder, but cpcx keeps the run folder's lock "
                                  "in this file; remove the folder (it holds nothing of cpcx's)")
+
+
+def test_output_that_is_a_folder_and_folder_that_is_a_file(tmp_path):
+    from cpcx import atomic
+    from cpcx.errors import CpcxError
+
+    (tmp_path / "summary.json").mkdir()
+    with pytest.raises(CpcxError) as info:
+        atomic.write_json(tmp_path / "summary.json", {})
+    assert str(info.value) == f"{tmp_path / 'summary.json'}: is a folder, but cpcx writes a file there; move the folder away"
+    (tmp_path / "labels").write_text("a file")
+    with pytest.raises(CpcxError) as info:
+        atomic.ensure_dir(tmp_path / "labels")
+    assert str(info.value) == f"{tmp_path / 'labels'}: is a file, but cpcx keeps a folder there; move the file away"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_clusters_json_that_is_a_folder(tmp_path, data_root, voc_root):
+    runs = tmp_path / "runs"
+    (runs / "smoke" / "clusters" / "clusters.json").mkdir(parents=True)
+    done = cpcx(data_root, "clusters", "-r", str(SMOKE), f"runs_dir={runs}")
+    assert done.returncode == 1
+    assert _error_line(done).endswith("clusters.json: is a folder, but cpcx writes a file there; move the folder away")
