@@ -269,8 +269,16 @@ def _truncate_csv(path: Path, last_epoch: int) -> None:
     """Drop rows of epochs after the checkpoint (written by a run killed before its next checkpoint)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = lines[:1] + [line for line in lines[1:] if line and int(line.split(",")[0]) <= last_epoch]
+    def epoch(line: str) -> int | None:
+        try:
+            return int(line.split(",")[0])
+        except ValueError:
+            return None
+
+    # A line that is not a row of ours (edited by hand, a foreign or binary file) goes too, instead of
+    # stopping the resume with a ValueError: metrics.csv must be the checkpoint's history, nothing else.
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = lines[:1] + [line for line in lines[1:] if (e := epoch(line)) is not None and e <= last_epoch]
     if kept != lines:
         atomic.write_text(path, "\n".join(kept) + "\n")
 

@@ -208,3 +208,12 @@ def test_clusters_json_that_is_a_folder(tmp_path, data_root, voc_root):
     done = cpcx(data_root, "clusters", "-r", str(SMOKE), f"runs_dir={runs}")
     assert done.returncode == 1
     assert _error_line(done).endswith("clusters.json: is a folder, but cpcx writes a file there; move the folder away")
+
+
+def test_segment_resume_with_a_garbled_metrics_csv(tmp_path):
+    from cpcx.segment import _truncate_csv
+
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"epoch,loss,seconds\n1,0.5,3\nhello world\n\xff\xfe\x00binary\n2,0.4,3\n3,0.3,3\n")
+    _truncate_csv(path, 2)
+    assert path.read_text() == "epoch,loss,seconds\n1,0.5,3\n2,0.4,3\n"

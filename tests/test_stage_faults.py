@@ -153,3 +153,33 @@ def test_labels_folder_that_is_a_file(runs, data_root):
     line = _one_error_line(cpcx(data_root, runs, "pseudo"))
     assert line == f"✘ {labels}: is a file, but cpcx keeps a folder there; move the file away"
     assert labels.read_text() == "not a folder"
+
+
+def test_pseudo_with_a_mask_of_another_size(runs, data_root, voc_root, tmp_path):
+    """The ground truth of the first image is half its size: one line naming the mask, both sizes, the fix."""
+    from PIL import Image
+
+    from cpcx.data import build_dataset
+    from cpcx.recipe import VOCDatasetConfig
+
+    ids = build_dataset(VOCDatasetConfig(root=voc_root, limit=16), "train").ids
+    root = tmp_path / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "Annotations", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    for i in ids:
+        (root / "JPEGImages" / f"{i}.jpg").symlink_to(voc_root / "JPEGImages" / f"{i}.jpg")
+        (root / "SegmentationClass" / f"{i}.png").symlink_to(voc_root / "SegmentationClass" / f"{i}.png")
+        if (voc_root / "Annotations" / f"{i}.xml").is_file():
+            (root / "Annotations" / f"{i}.xml").symlink_to(voc_root / "Annotations" / f"{i}.xml")
+    for split in ("train", "val"):
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    mask = root / "SegmentationClass" / f"{ids[0]}.png"
+    with Image.open(voc_root / "SegmentationClass" / f"{ids[0]}.png") as image:
+        width, height = image.size
+        mask.unlink()
+        image.resize((width // 2, height // 2), Image.NEAREST).save(mask)
+    done = cpcx(data_root, runs, "pseudo", f"dataset.root={root}")
+    line = _one_error_line(done)
+    assert line == (f"✘ {mask}: mask is {width // 2}×{height // 2} but its image {root / 'JPEGImages' / (ids[0] + '.jpg')} "
+                    f"is {width}×{height}; masks must match their image pixel for pixel: replace the mask (or remove "
+                    "the image from the split)")
