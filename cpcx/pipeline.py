@@ -38,9 +38,10 @@ def _stage_functions() -> dict[str, Callable[[Recipe, bool, Console], object]]:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None  # JSON of another shape is no record of ours
 
 
 def missing_outputs(recipe: Recipe, stage: str) -> tuple[str, str] | None:

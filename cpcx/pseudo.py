@@ -227,6 +227,8 @@ def _drop_if_new_checkpoint(recipe, stage_dir: Path, checkpoint: Path, console: 
         previous = json.loads(record.read_text())
     except (OSError, ValueError):
         previous = None
+    if not isinstance(previous, dict):  # JSON of another shape: unknown, treated as a missing record
+        previous = None
     if previous and previous.get("sha256") != current["sha256"]:
         dropped = drop_stale_outputs(recipe, "pseudo")
         console.print(f"[yellow]![/] {checkpoint} changed since the last pseudo-labels; "

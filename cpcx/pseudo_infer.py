@@ -153,7 +153,9 @@ def open_token_cache(recipe, net, dataset, size: int, flip: bool, warn=None) -> 
     for meta_path in sorted(recipe.feature_cache_root().glob("*/meta.json")):
         try:
             key = json.loads(meta_path.read_text())["key"]
-        except (OSError, ValueError, KeyError):
+            if not isinstance(key, dict):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
             continue
         if (key.get("img_size") != size or key.get("ids") != ids_hash or key.get("backbone") != net.cfg.backbone
                 or any(v not in key.get("views", []) for v in wanted)

@@ -121,9 +121,10 @@ def fingerprint(recipe: Recipe, stage: str) -> str:
 def read_stage_state(recipe: Recipe, stage: str) -> dict | None:
     path = recipe.run_dir(stage) / "stage.json"
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return state if isinstance(state, dict) else None  # a list or a number is no record: the stage is redone
 
 
 def stage_is_current(recipe: Recipe, stage: str) -> bool:

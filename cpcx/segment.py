@@ -298,9 +298,10 @@ def _read_json(path: Path) -> dict | None:
     import json
 
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 # ------------------------------------------------------------------------------------- distributed

@@ -183,3 +183,34 @@ def test_pseudo_with_a_mask_of_another_size(runs, data_root, voc_root, tmp_path)
     assert line == (f"✘ {mask}: mask is {width // 2}×{height // 2} but its image {root / 'JPEGImages' / (ids[0] + '.jpg')} "
                     f"is {width}×{height}; masks must match their image pixel for pixel: replace the mask (or remove "
                     "the image from the split)")
+
+
+def test_json_files_of_another_shape(runs, data_root):
+    """Valid JSON that is not an object (a list, a number, null) where cpcx keeps a record: never an
+    AttributeError; the record counts as missing and nothing the user had is dropped."""
+    from cpcx.pipeline import plan
+    from cpcx.recipe import load_recipe
+
+    root = runs / "smoke"
+    (root / "summary.json").write_text("[]")
+    (root / "pseudo" / "metrics.json").write_text("[1, 2]")
+    (root / "pseudo" / "no_crf.json").write_text("3")
+    (root / "pseudo" / "checkpoint.json").write_text("null")
+    (root / "segment" / "metrics.json").write_text('"text"')
+    done = cpcx(data_root, runs, "run")
+    assert done.returncode == 0 and done.stdout.count("up to date, skipped") == 4, done.stderr[-3000:]
+    assert json.loads((root / "summary.json").read_text())["name"] == "smoke"
+    for stage in ("pseudo", "segment"):
+        evaluated = cpcx(data_root, runs, "evaluate", "--stage", stage)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        assert "miou" in json.loads((root / stage / "metrics.json").read_text())
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "pseudo" / "labels").glob("*.png")}
+    (root / "pseudo" / "checkpoint.json").write_text("[]")
+    for meta in (root / "train" / "features").glob("*/meta.json"):
+        meta.write_text('{"key": [1]}')
+    labelled = cpcx(data_root, runs, "pseudo")
+    assert labelled.returncode == 0, labelled.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "pseudo" / "labels").glob("*.png")} == before
+    (root / "segment" / "stage.json").write_text("[1]")
+    os.environ.setdefault("CPCX_DATA", str(data_root))
+    assert plan(load_recipe(SMOKE, [f"runs_dir={runs}", *FAST]))["segment"] == "run"
