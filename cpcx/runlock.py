@@ -84,6 +84,9 @@ def run_lock(folder: Path, command: str, log: Callable[[str], None] | None = Non
             else:
                 raise CpcxError(f"{folder}: in use by another cpcx command ({holder}); wait for it to finish, "
                                 "or set CPCX_WAIT_FOR_LOCK=1 to wait for it; nothing was changed") from None
+        except OSError as exc:  # a file system without locks (some network mounts): say so, do not guess
+            raise CpcxError(f"{path}: cannot lock the run folder ({exc.strerror}); put runs_dir on a local file "
+                            "system") from None
         stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         try:
             os.ftruncate(fd, 0)

@@ -217,3 +217,26 @@ def test_segment_resume_with_a_garbled_metrics_csv(tmp_path):
     path.write_bytes(b"epoch,loss,seconds\n1,0.5,3\nhello world\n\xff\xfe\x00binary\n2,0.4,3\n3,0.3,3\n")
     _truncate_csv(path, 2)
     assert path.read_text() == "epoch,loss,seconds\n1,0.5,3\n2,0.4,3\n"
+
+
+@pytest.fixture
+def immutable_runs(tmp_path):
+    """A run folder made immutable with chattr +i (root ignores permission bits, not this); skipped where the
+    file system has no such attribute."""
+    runs = tmp_path / "runs"
+    _seed_run(runs)
+    if subprocess.run(["chattr", "+i", str(runs / "smoke")], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield runs
+    finally:
+        subprocess.run(["chattr", "-i", str(runs / "smoke")], capture_output=True)
+
+
+@pytest.mark.parametrize("command", [["run"], ["segment"], ["evaluate", "--stage", "pseudo"]])
+def test_run_folder_without_write_permission(immutable_runs, data_root, voc_root, command):
+    before = _snapshot(immutable_runs)
+    done = cpcx(data_root, *command, "-r", str(SMOKE), f"runs_dir={immutable_runs}")
+    assert done.returncode == 1
+    assert f"cannot write to {immutable_runs / 'smoke'} (Operation not permitted)" in _error_line(done)
+    assert _snapshot(immutable_runs) == before
