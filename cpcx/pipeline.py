@@ -18,7 +18,8 @@ from rich.table import Table
 
 from cpcx import atomic
 from cpcx.recipe import Recipe
-from cpcx.runs import STAGES, drop_stale_outputs, fingerprint, mark_stage_done, read_stage_state, stage_is_current
+from cpcx.runs import (STAGES, drop_stale_outputs, fingerprint, mark_stage_done, output_written, read_stage_state,
+                       stage_is_current)
 
 
 def _stage_functions() -> dict[str, Callable[[Recipe, bool, Console], object]]:
@@ -75,7 +76,7 @@ def missing_outputs(recipe: Recipe, stage: str) -> tuple[str, str] | None:
         dataset = build_dataset(recipe.dataset, split)
     except CpcxError:
         return None  # the data set itself is the problem: the stage that needs it will say so
-    gone = [i for i in dataset.ids if not (folder / sub / f"{i}.png").is_file()]
+    gone = [i for i in dataset.ids if not output_written(folder / sub / f"{i}.png")]
     if gone:
         return f"{len(gone)} of {len(dataset)} files in {sub}/ are missing (first: {gone[0]}.png)", "resume"
     if dataset.has_masks and not (folder / "metrics.json").is_file():

@@ -247,7 +247,7 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
     from cpcx.data import build_dataset
     from cpcx.device import resolve_device
     from cpcx.model import cluster_vectors, load_checkpoint
-    from cpcx.runs import prepare_stage_dir
+    from cpcx.runs import output_written, prepare_stage_dir
 
     console = console or Console()
     cfg = recipe.pseudo
@@ -286,7 +286,7 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
 
     probe = (_class_probe(predictor, dataset, u, cache, cfg, recipe.seed, stage_dir / "class_probe.pt", console)
              if cfg.class_probe.enabled else None)
-    todo = [i for i, image_id in enumerate(dataset.ids) if not (labels_dir / f"{image_id}.png").is_file()]
+    todo = [i for i, image_id in enumerate(dataset.ids) if not output_written(labels_dir / f"{image_id}.png")]
     done_before = [dataset.ids[i] for i in sorted(set(range(len(dataset))) - set(todo))]
     no_crf = NoCRFScores(stage_dir / "no_crf.json", dataset.num_classes) if dataset.has_masks else None
     console.print(f"pseudo-labels for {len(dataset)} {cfg.split} images at {predictor.size}² on {device}"

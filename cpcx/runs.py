@@ -132,6 +132,15 @@ def stage_is_current(recipe: Recipe, stage: str) -> bool:
     return bool(state and state.get("status") == "done" and state.get("fingerprint") == fingerprint(recipe, stage))
 
 
+def output_written(path: Path) -> bool:
+    """An output to keep (resume) or trust (skip): a file with bytes. Atomic writes never leave an empty one;
+    a hand copy or a tool outside cpcx can, and it is no label."""
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
 def drop_stale_outputs(recipe: Recipe, stage: str) -> list[str]:
     folder = recipe.run_dir(stage)
     dropped = []

@@ -59,15 +59,17 @@ def _labels(runs: Path) -> dict[str, bytes]:
 def test_run_redoes_a_deleted_label_and_deleted_predictions(runs, data_root):
     root = runs / "smoke"
     labels = sorted((root / "pseudo" / "labels").glob("*.png"))
-    kept = {p.name: p.stat().st_mtime_ns for p in labels[1:]}
+    kept = {p.name: p.stat().st_mtime_ns for p in labels[2:]}
     labels[0].unlink()
+    labels[1].write_bytes(b"")  # emptied by hand: no label either
     shutil.rmtree(root / "segment" / "predictions")
     done = cpcx(data_root, runs, "run")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = " ".join(done.stdout.split())
     assert "clusters: up to date, skipped" in out and "train: up to date, skipped" in out
-    assert (f"pseudo: recorded done, but 1 of 16 files in labels/ are missing (first: {labels[0].name}); "
+    assert (f"pseudo: recorded done, but 2 of 16 files in labels/ are missing (first: {labels[0].name}); "
             "redoing what is missing") in out
+    assert labels[1].stat().st_size > 0
     assert "segment: recorded done, but 16 of 16 files in predictions/ are missing" in out
     assert labels[0].is_file() and len(list((root / "segment" / "predictions").glob("*.png"))) == 16
     assert all((root / "pseudo" / "labels" / name).stat().st_mtime_ns == t for name, t in kept.items())

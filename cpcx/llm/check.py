@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cpcx.llm.probe import OLLAMA, OPENAI, identify, mismatch  # noqa: F401
+from cpcx.llm.probe import OLLAMA, OPENAI, identify, mismatch
 from cpcx.llm.providers import _PLACEHOLDER_KEY, _connection_reason, _short
 from cpcx.redact import redact, register_env
 
