@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cpcx import atomic
 from cpcx.errors import CpcxError
 from cpcx.recipe import Recipe
@@ -44,13 +42,14 @@ def save(path: Path, state: dict) -> None:
 
 def load_for_resume(path: Path, recipe: Recipe, cluster_matrix: list | None) -> dict:
     """The checkpoint to resume from, after checking it belongs to this recipe (else a clear refusal)."""
-    if not path.is_file():
+    from cpcx.torchload import load_torch_file
+
+    if not path.exists():
         raise CpcxError(f"{path}: nothing to resume (no checkpoint); run `cpcx train` without --resume")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CpcxError(
-            f"{path}: unreadable checkpoint ({type(exc).__name__}); run `cpcx train` without --resume") from None
+    fix = "run `cpcx train` without --resume to start over (it replaces the file)"
+    ckpt = load_torch_file(path, "training checkpoint", fix)
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in ("model", "optimizer", "meta", "epoch", "history")):
+        raise CpcxError(f"{path}: not a cpcx training checkpoint (keys missing); {fix}")
     changed = changed_keys(ckpt.get("recipe", {}), recipe.model_dump(mode="json"))
     if changed:
         raise CpcxError(

@@ -107,8 +107,15 @@ class ClassProbe:
 
     @classmethod
     def load(cls, path: Path) -> "ClassProbe":
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(state["weight"], state["bias"], state["known"], float(state["mix"]))
+        from cpcx.errors import CpcxError
+        from cpcx.torchload import load_torch_file
+
+        fix = "delete it and re-run `cpcx pseudo` (it trains the probe again)"
+        state = load_torch_file(path, "class probe", fix)
+        try:
+            return cls(state["weight"], state["bias"], state["known"], float(state["mix"]))
+        except (KeyError, TypeError, ValueError):
+            raise CpcxError(f"{path}: not a class probe (weight/bias/known/mix missing); {fix}") from None
 
 
 def train_linear_head(x: torch.Tensor, out_features: int, batch_loss, epochs: int, seed: int,

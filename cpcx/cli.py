@@ -90,10 +90,18 @@ def _run_stage(stage: str, recipe, body: Callable[[], object]) -> None:
 
     from cpcx.runs import mark_stage_done
 
-    start = time.perf_counter()
-    body()
-    if os.environ.get("RANK", "0") == "0":
-        mark_stage_done(recipe, stage, seconds=round(time.perf_counter() - start, 1))
+    with _locked(recipe, stage):
+        start = time.perf_counter()
+        body()
+        if os.environ.get("RANK", "0") == "0":
+            mark_stage_done(recipe, stage, seconds=round(time.perf_counter() - start, 1))
+
+
+def _locked(recipe, command: str):
+    """Hold ``runs/<name>/.lock`` (one command per run folder; refuses an unwritable runs_dir in one line)."""
+    from cpcx.runlock import run_lock
+
+    return run_lock(recipe.run_dir(), command, log=lambda text: console.print(f"[dim]{text}[/]"))
 
 
 # ------------------------------------------------------------------------------------ recipe tools
@@ -137,7 +145,12 @@ def clusters(
     """Group the class names into clusters with the LLM (Algorithm 1) → clusters.json."""
     from cpcx.clusters import run_clusters
 
-    run_clusters(_load(recipe, overrides), dry_run=dry_run, console=console)
+    loaded = _load(recipe, overrides)
+    if dry_run:  # writes nothing: needs neither the lock nor a writable runs_dir
+        run_clusters(loaded, dry_run=True, console=console)
+        return
+    with _locked(loaded, "clusters"):
+        run_clusters(loaded, dry_run=False, console=console)
 
 
 @app.command()
@@ -200,7 +213,9 @@ def evaluate(
         raise CpcxError(f"--stage: '{stage}' is not a stage; use pseudo or segment", code=2)
     from cpcx.evaluate import run_evaluate
 
-    run_evaluate(_load(recipe, overrides), stage=stage, console=console)
+    loaded = _load(recipe, overrides)
+    with _locked(loaded, f"evaluate --stage {stage}"):
+        run_evaluate(loaded, stage=stage, console=console)
 
 
 @app.command()
@@ -209,7 +224,9 @@ def run(recipe: Path = RecipeOpt, overrides: Optional[List[str]] = OverridesArg)
     """The whole pipeline: clusters → train → pseudo → segment → evaluate, skipping up-to-date stages."""
     from cpcx.pipeline import run_pipeline
 
-    run_pipeline(_load(recipe, overrides), console=console)
+    loaded = _load(recipe, overrides)
+    with _locked(loaded, "run"):
+        run_pipeline(loaded, console=console)
 
 
 # ------------------------------------------------------------------------------------- deployment

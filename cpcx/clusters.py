@@ -226,8 +226,10 @@ def _z0_line(c, histogram: list, winner: int, z0: Partition) -> str:
 
 def _invalid(recipe: Recipe, exc: Any) -> CpcxError:  # exc: cpcx.llm.ask.InvalidAnswers
     folder = recipe.run_dir("clusters")
-    path = atomic.write_json(folder / "invalid-answers.json", {"label": exc.label, "problems": exc.problems,
-                                                               "attempts": exc.attempts})
+    from cpcx.redact import redact  # a model may have answered with the API key: never written as such
+
+    path = atomic.write_json(folder / "invalid-answers.json", redact({"label": exc.label, "problems": exc.problems,
+                                                                      "attempts": exc.attempts}))
     tries = len(exc.attempts)
     return CpcxError(f"llm: the answer to {exc.label} was still invalid after {tries} "
                      f"{'try' if tries == 1 else 'tries'} ({'; '.join(exc.problems)}); the raw answers are in "
@@ -243,10 +245,12 @@ def _finish(recipe: Recipe, out: Path, classes: Sequence[str], partition: Partit
         "format": FORMAT_VERSION, "classes": list(classes), "clusters": partition.to_json(),
         "matrix": partition.matrix(classes).astype(int).tolist(), **record,
     }
-    atomic.write_json(out, document)
-    atomic.write_json(folder / "answers.json", [
+    from cpcx.redact import redact  # answers come redacted from the asker; these files are a boundary too
+
+    atomic.write_json(out, redact(document))
+    atomic.write_json(folder / "answers.json", redact([
         {"stage": a.stage, "query": a.query, "key": a.key, **a.value} for a in answers
-    ])
+    ]))
     mark_stage_done(recipe, "clusters")
     _print_table(console, partition, classes)
     console.print(f"[green]✔[/] {len(partition)} clusters → {out}")

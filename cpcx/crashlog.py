@@ -29,6 +29,8 @@ def register_secret_env(name: str) -> None:
 
 
 def redact(text: str) -> str:
+    # Wider than cpcx.redact (the keys cpcx read, redacted where outputs are written): a crash log may be
+    # posted publicly, so every secret-looking variable of the environment goes, whether cpcx read it or not.
     names = [k for k in os.environ if k.upper().endswith(SECRET_SUFFIXES) or k in _secret_names]
     values = sorted({os.environ[k] for k in names if len(os.environ[k]) >= _MIN_SECRET_LEN}, key=len, reverse=True)
     for value in values:  # longest first: a key that contains another key is blanked whole

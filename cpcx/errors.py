@@ -8,7 +8,9 @@ class CpcxError(Exception):
     code = 1
 
     def __init__(self, message: str, code: int | None = None):
-        super().__init__(message)
+        from cpcx.redact import redact  # every message a user sees passes here: a key echoed back is hidden
+
+        super().__init__(redact(message))
         if code is not None:
             self.code = code
 

@@ -106,10 +106,12 @@ def iou_table(classes: Sequence[str], columns: Mapping[str, SegmentationScores],
 
 
 def _read_json(path: Path) -> dict:
+    """An object from a JSON file; {} when it is missing, torn, or JSON of another shape (a list, a number)."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return value if isinstance(value, dict) else {}
 
 
 def write_evaluation(

@@ -109,7 +109,7 @@ class FeatureCache:
         self.meta = json.loads((self.folder / "meta.json").read_text())
         self.views: list[str] = self.meta["key"]["views"]
         self.depth: int | None = self.meta["key"].get("trunk_blocks")
-        self.tokens = np.load(self.folder / "tokens.npy", mmap_mode="r")
+        self.tokens = np.load(self.folder / "tokens.npy", mmap_mode="r", allow_pickle=False)
 
     def __getstate__(self) -> dict:
         # DataLoader workers get the folder, not the array: pickling a memmap would copy all of it.
@@ -139,6 +139,12 @@ class FeatureCache:
         folder = Path(root) / name
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if rank == 0 and (folder / "meta.json").is_file():
+            problem = check_finished(folder, key, _shape(key, backbone, img_size, len(views), depth))
+            if problem:  # a torn or foreign file is never read as tokens: it goes, and is built again
+                log(f"feature cache {folder}: {problem}; removed, rebuilding it")
+                shutil.rmtree(folder, ignore_errors=True)
+        distributed.barrier()
         if not (folder / "meta.json").is_file():  # meta.json is written last: it marks a finished cache
             if not (folder / "tokens.npy").is_file():
                 if rank == 0:
@@ -160,19 +166,53 @@ def _grid(backbone: ViTBackbone, img_size: int) -> tuple[int, int]:
     return backbone.grid_size(img_size, img_size)
 
 
+def _shape(key: dict, backbone: ViTBackbone, img_size: int, num_views: int, depth: int | None) -> tuple:
+    h, w = _grid(backbone, img_size)
+    grid = (h, w) if depth is None else (backbone.vit.num_prefix_tokens + h * w,)
+    return (key["num_images"], num_views, *grid, backbone.embed_dim)
+
+
+def check_finished(folder: Path, key: dict, shape: tuple) -> str | None:
+    """What is wrong with a finished cache (None: nothing): meta.json must hold ``key`` and tokens.npy be a
+    float16 array of ``shape`` whose bytes are all there. Read with ``allow_pickle=False``: an object array
+    (a pickle) is refused, never unpickled."""
+    try:
+        if json.loads((folder / "meta.json").read_text()).get("key") != key:
+            return "meta.json does not hold this cache's key"
+    except (OSError, ValueError, AttributeError):
+        return "meta.json is unreadable"
+    path = folder / "tokens.npy"
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in readers:
+                return f"tokens.npy is unreadable (.npy format {version}, which cpcx never writes)"
+            found, _, dtype = readers[version](handle)  # the header only: nothing is unpickled
+            offset = handle.tell()
+    except (OSError, ValueError, EOFError) as exc:
+        return f"tokens.npy is unreadable ({type(exc).__name__})"
+    if dtype != np.float16 or tuple(found) != tuple(shape):
+        return f"tokens.npy holds {dtype} {tuple(found)}, not float16 {tuple(shape)}"
+    expected = offset + int(np.prod(shape)) * 2
+    if path.stat().st_size < expected:
+        return f"tokens.npy is truncated ({path.stat().st_size} of {expected} bytes)"
+    return None
+
+
 def _prepare(folder: Path, key: dict, backbone: ViTBackbone, img_size: int, num_views: int,
              depth: int | None) -> None:
     """Create (or keep, when resuming) the partial token file and the per-image done flags."""
-    folder.mkdir(parents=True, exist_ok=True)
-    h, w = _grid(backbone, img_size)
-    grid = (h, w) if depth is None else (backbone.vit.num_prefix_tokens + h * w,)
-    shape = (key["num_images"], num_views, *grid, backbone.embed_dim)
+    atomic.ensure_dir(folder)
+    shape = _shape(key, backbone, img_size, num_views, depth)
     partial, done = folder / "tokens.partial.npy", folder / "done.npy"
     if partial.is_file() and done.is_file():
         try:
-            if np.load(partial, mmap_mode="r").shape == shape and np.load(done, mmap_mode="r").shape == shape[:1]:
+            tokens = np.load(partial, mmap_mode="r", allow_pickle=False)
+            flags = np.load(done, mmap_mode="r", allow_pickle=False)
+            if tokens.shape == shape and tokens.dtype == np.float16 and flags.shape == shape[:1]:
                 return  # resume the interrupted build
-        except ValueError:  # a torn header: start over
+        except (ValueError, OSError, EOFError):  # a torn header or file: start over
             pass
     np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=shape).flush()
     np.lib.format.open_memmap(done, mode="w+", dtype=np.uint8, shape=shape[:1]).flush()

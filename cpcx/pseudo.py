@@ -204,7 +204,7 @@ def _class_probe(predictor: PatchPredictor, dataset, u, cache, cfg, seed: int, p
 def find_checkpoint(recipe) -> Path:
     weights = recipe.run_dir("train") / "weights"
     for name in ("best.pt", "last.pt"):
-        if (weights / name).is_file():
+        if (weights / name).exists():  # a folder or a torn file named best.pt is reported, not passed over
             return weights / name
     raise CpcxError(f"{weights / 'best.pt'}: no trained checkpoint; run `cpcx train -r <recipe>` first")
 
@@ -227,6 +227,8 @@ def _drop_if_new_checkpoint(recipe, stage_dir: Path, checkpoint: Path, console: 
         previous = json.loads(record.read_text())
     except (OSError, ValueError):
         previous = None
+    if not isinstance(previous, dict):  # JSON of another shape: unknown, treated as a missing record
+        previous = None
     if previous and previous.get("sha256") != current["sha256"]:
         dropped = drop_stale_outputs(recipe, "pseudo")
         console.print(f"[yellow]![/] {checkpoint} changed since the last pseudo-labels; "
@@ -245,18 +247,14 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
     from cpcx.data import build_dataset
     from cpcx.device import resolve_device
     from cpcx.model import cluster_vectors, load_checkpoint
-    from cpcx.runs import prepare_stage_dir
+    from cpcx.runs import output_written, prepare_stage_dir
 
     console = console or Console()
     cfg = recipe.pseudo
     device = resolve_device(cfg.device, "pseudo.device")
     checkpoint = find_checkpoint(recipe)
-    stage_dir = prepare_stage_dir(recipe, "pseudo", str(device))
-    _drop_if_new_checkpoint(recipe, stage_dir, checkpoint, console)
-    labels_dir = stage_dir / "labels"
-    labels_dir.mkdir(parents=True, exist_ok=True)
-    _remove_torn_files(labels_dir)
-
+    # Everything that can refuse the run is checked before a file is touched: an unreadable new checkpoint
+    # must not cost the labels the old one made (they are dropped only once the new one is known to load).
     dataset = build_dataset(recipe.dataset, cfg.split)
     if dataset.num_classes > 255:
         raise CpcxError(f"{dataset.source}: {dataset.num_classes} classes do not fit 8-bit label PNGs (0..254, "
@@ -267,13 +265,19 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
             f"{checkpoint}: trained on {len(meta['classes'])} classes ({', '.join(meta['classes'][:4])}, ...) but "
             f"the data set has {dataset.num_classes} ({', '.join(dataset.classes[:4])}, ...); train on this data set"
         )
+    stage_dir = prepare_stage_dir(recipe, "pseudo", str(device))
+    _drop_if_new_checkpoint(recipe, stage_dir, checkpoint, console)
+    labels_dir = stage_dir / "labels"
+    atomic.ensure_dir(labels_dir)
+    _remove_torn_files(labels_dir)
     u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
     predictor = PatchPredictor(net, device, cfg.precision, cfg.img_size, cfg.flip, cfg.class_max_norm, cfg.scales)
     if predictor.size != cfg.img_size:
         console.print(f"[dim]pseudo.img_size {cfg.img_size} → {predictor.size} (a multiple of the "
                       f"{net.patch_size}-px patches)[/]")
     crf = CRFParams.from_config(recipe.crf) if recipe.crf.enabled else None
-    cache = open_token_cache(recipe, net, dataset, predictor.size, cfg.flip)
+    cache = open_token_cache(recipe, net, dataset, predictor.size, cfg.flip,
+                             warn=lambda text: console.print(f"[yellow]![/] {text}", soft_wrap=True))
     if cache is not None and cache.trunk is None:
         console.print("[dim]patch tokens from the training feature cache (the backbone never changed): no ViT pass[/]")
     elif cache is not None:
@@ -282,7 +286,7 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
 
     probe = (_class_probe(predictor, dataset, u, cache, cfg, recipe.seed, stage_dir / "class_probe.pt", console)
              if cfg.class_probe.enabled else None)
-    todo = [i for i, image_id in enumerate(dataset.ids) if not (labels_dir / f"{image_id}.png").is_file()]
+    todo = [i for i, image_id in enumerate(dataset.ids) if not output_written(labels_dir / f"{image_id}.png")]
     done_before = [dataset.ids[i] for i in sorted(set(range(len(dataset))) - set(todo))]
     no_crf = NoCRFScores(stage_dir / "no_crf.json", dataset.num_classes) if dataset.has_masks else None
     console.print(f"pseudo-labels for {len(dataset)} {cfg.split} images at {predictor.size}² on {device}"

@@ -137,7 +137,7 @@ class TokenCache:
     trunk: int | None = None
 
 
-def open_token_cache(recipe, net, dataset, size: int, flip: bool) -> TokenCache | None:
+def open_token_cache(recipe, net, dataset, size: int, flip: bool, warn=None) -> TokenCache | None:
     """The training feature cache when it holds exactly what the ViT would compute here (same images, size,
     normalisation, backbone weights, views), else None.
 
@@ -145,7 +145,7 @@ def open_token_cache(recipe, net, dataset, size: int, flip: bool) -> TokenCache 
     matches the cached tokens, whatever the schedule says; a trunk cache is compared on the weights of its
     own blocks only (the ones after it may have trained).
     """
-    from cpcx.feature_cache import cache_digest
+    from cpcx.feature_cache import _shape, cache_digest, check_finished
 
     wanted = ["orig", "hflip"] if flip else ["orig"]
     ids_hash = hashlib.sha256("\n".join(dataset.ids).encode()).hexdigest()
@@ -153,7 +153,9 @@ def open_token_cache(recipe, net, dataset, size: int, flip: bool) -> TokenCache 
     for meta_path in sorted(recipe.feature_cache_root().glob("*/meta.json")):
         try:
             key = json.loads(meta_path.read_text())["key"]
-        except (OSError, ValueError, KeyError):
+            if not isinstance(key, dict):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
             continue
         if (key.get("img_size") != size or key.get("ids") != ids_hash or key.get("backbone") != net.cfg.backbone
                 or any(v not in key.get("views", []) for v in wanted)
@@ -162,7 +164,12 @@ def open_token_cache(recipe, net, dataset, size: int, flip: bool) -> TokenCache 
         trunk = key.get("trunk_blocks")
         if key.get("weights") != cache_digest(net.backbone, trunk):
             continue
-        tokens = np.load(meta_path.parent / "tokens.npy", mmap_mode="r")
+        problem = check_finished(meta_path.parent, key, _shape(key, net.backbone, size, len(key["views"]), trunk))
+        if problem:  # never read a torn or foreign file as tokens: the ViT computes them instead
+            if warn is not None:
+                warn(f"feature cache {meta_path.parent}: {problem}; not used (the next `cpcx train` rebuilds it)")
+            continue
+        tokens = np.load(meta_path.parent / "tokens.npy", mmap_mode="r", allow_pickle=False)
         found.append(TokenCache(tokens, [key["views"].index(v) for v in wanted], trunk))
     # The deepest match: a frozen run whose shared cache folder also holds trunk caches reads its final tokens,
     # not a trunk it would have to finish (same answer up to float16 rounding, but it should not depend on

@@ -122,14 +122,24 @@ def fingerprint(recipe: Recipe, stage: str) -> str:
 def read_stage_state(recipe: Recipe, stage: str) -> dict | None:
     path = recipe.run_dir(stage) / "stage.json"
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return state if isinstance(state, dict) else None  # a list or a number is no record: the stage is redone
 
 
 def stage_is_current(recipe: Recipe, stage: str) -> bool:
     state = read_stage_state(recipe, stage)
     return bool(state and state.get("status") == "done" and state.get("fingerprint") == fingerprint(recipe, stage))
+
+
+def output_written(path: Path) -> bool:
+    """An output to keep (resume) or trust (skip): a file with bytes. Atomic writes never leave an empty one;
+    a hand copy or a tool outside cpcx can, and it is no label."""
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def drop_stale_outputs(recipe: Recipe, stage: str) -> list[str]:
@@ -153,7 +163,7 @@ def prepare_stage_dir(recipe: Recipe, stage: str, device: str | None = None) -> 
     ``STALE_OUTPUTS`` are removed first, so a resumable stage never keeps labels made by an older model.
     """
     folder = recipe.run_dir(stage)
-    folder.mkdir(parents=True, exist_ok=True)
+    atomic.ensure_dir(folder)
     current = fingerprint(recipe, stage) if stage in STAGES else None
     previous = read_stage_state(recipe, stage)
     if current and previous and previous.get("fingerprint") != current:

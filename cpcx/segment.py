@@ -212,7 +212,7 @@ def _predict_and_score(recipe: Recipe, val_set, device, rank: int, world: int, c
         # Predictions are skipped when present: only those made by this checkpoint and settings may stay.
         if _read_json(stamp) != source:
             shutil.rmtree(predictions, ignore_errors=True)
-        predictions.mkdir(parents=True, exist_ok=True)
+        atomic.ensure_dir(predictions)
         atomic.write_json(stamp, source)
     distributed.barrier()
     indices = range(rank, len(val_set), world)
@@ -242,12 +242,12 @@ def _predict_and_score(recipe: Recipe, val_set, device, rank: int, world: int, c
 
 # ------------------------------------------------------------------------------------ checkpoints/RNG
 def _load_resume(path: Path) -> dict | None:
-    if not path.is_file():
+    from cpcx.torchload import load_torch_file
+
+    if not path.exists():
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a torn/foreign file is the user's to remove
-        raise CpcxError(f"{path}: cannot read the checkpoint ({exc}); delete it and run without --resume") from None
+    return load_torch_file(path, "segmentation checkpoint", "run `cpcx segment` without --resume to start over "
+                                                            "(it replaces the file)")
 
 
 def _check_compatible(saved: dict, current: dict, path: Path) -> None:
@@ -269,8 +269,16 @@ def _truncate_csv(path: Path, last_epoch: int) -> None:
     """Drop rows of epochs after the checkpoint (written by a run killed before its next checkpoint)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = lines[:1] + [line for line in lines[1:] if line and int(line.split(",")[0]) <= last_epoch]
+    def epoch(line: str) -> int | None:
+        try:
+            return int(line.split(",")[0])
+        except ValueError:
+            return None
+
+    # A line that is not a row of ours (edited by hand, a foreign or binary file) goes too, instead of
+    # stopping the resume with a ValueError: metrics.csv must be the checkpoint's history, nothing else.
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = lines[:1] + [line for line in lines[1:] if (e := epoch(line)) is not None and e <= last_epoch]
     if kept != lines:
         atomic.write_text(path, "\n".join(kept) + "\n")
 
@@ -290,9 +298,10 @@ def _read_json(path: Path) -> dict | None:
     import json
 
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 # ------------------------------------------------------------------------------------- distributed

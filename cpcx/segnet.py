@@ -246,15 +246,15 @@ def load_segnet(path: str | Path, map_location: str | torch.device = "cpu") -> t
 
     ``meta`` is the checkpoint's (arch, encoder, classes, mean, std) plus its ``epoch`` and ``val_miou``.
     """
+    from cpcx.torchload import load_torch_file
+
     path = Path(path)
-    if not path.is_file():
-        raise CpcxError(f"{path}: checkpoint not found; run `cpcx segment -r <recipe>` first")
+    fix = "delete it and train again with `cpcx segment -r <recipe>`"
+    ckpt = load_torch_file(path, "`cpcx segment` checkpoint", fix, map_location)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
         ckpt["meta"]["arch"], ckpt["model"]
-    except Exception as exc:  # noqa: BLE001 - torn, foreign or not a segmentation checkpoint
-        raise CpcxError(f"{path}: not a readable `cpcx segment` checkpoint ({_short(exc)}); delete it and "
-                        "train again with `cpcx segment`") from None
+    except Exception:  # noqa: BLE001 - a torch file, but not a segmentation checkpoint
+        raise CpcxError(f"{path}: not a `cpcx segment` checkpoint (no meta/model); {fix}") from None
     meta = {**ckpt["meta"], "epoch": ckpt.get("epoch"), "val_miou": ckpt.get("val_miou")}
     net = build_network(meta["arch"], meta["encoder"], int(meta["num_classes"]), None)
     net.load_state_dict(ckpt["model"], strict=True)

@@ -200,6 +200,8 @@ def _save(state: dict[str, torch.Tensor], out: Path, meta: dict[str, str]) -> No
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch ``.pt/.pth/.bin`` (``state_dict``/``model`` unwrapped)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CpcxError(f"{path}: is a folder, not a weights file; point it at the .safetensors/.pt file inside")
     if not path.is_file():
         raise CpcxError(f"{path}: weights file not found; fix the path or build it with `cpcx weights import`")
     suffix = path.suffix.lower()
@@ -210,7 +212,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         if suffix not in (".pt", ".pth", ".bin", ".ckpt"):
             raise CpcxError(f"{path}: unknown weights format '{suffix}'; use .safetensors, .pt or .pth")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        from cpcx.torchload import load_torch_file
+
+        obj = load_torch_file(path, "torch state dict", "save model.state_dict() with torch.save, or use safetensors")
     except CpcxError:
         raise
     except Exception as exc:

@@ -8,6 +8,11 @@ in order; every request is recorded so tests can count calls and look at what wa
     with FakeLLMServer() as server:
         server.push('{"cat": "animal"}', Status(500), Hang(2.0), Reply("...", finish_reason="length"))
         ...  # point llm.base_url at server.openai_url or server.url
+
+``apis`` narrows what it speaks (``("openai",)``: an OpenAI-compatible server such as vLLM, whose /api/* routes
+are 404 "Not Found"); ``any_post_is_chat`` answers every POST with a chat completion (a proxy that ignores the
+path); ``html=True`` answers every request with a web page and status 200. ``{authorization}`` in a scripted
+text or error message is replaced by the request's Authorization header (a server that echoes the key).
 """
 from __future__ import annotations
 
@@ -53,8 +58,10 @@ class Request:
 
 
 class FakeLLMServer:
-    def __init__(self, models: tuple[str, ...] = ("fake-model",)):
+    def __init__(self, models: tuple[str, ...] = ("fake-model",), apis: tuple[str, ...] = ("openai", "ollama"),
+                 any_post_is_chat: bool = False, html: bool = False):
         self.models = list(models)
+        self.apis, self.any_post_is_chat, self.html = apis, any_post_is_chat, html
         self.script: deque[Scripted] = deque()
         self.default: Callable[[Request], Scripted] | None = None
         self.requests: list[Request] = []
@@ -134,8 +141,23 @@ def _handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                 server.requests.append(request)
             return request
 
+        def _page(self) -> bool:
+            if not server.html:
+                return False
+            self._send(200, b"<!doctype html><html><body><h1>Welcome to nginx!</h1></body></html>", "text/html")
+            return True
+
+        def _unserved(self, path: str) -> bool:
+            """404 as an OpenAI-only server answers a route of Ollama's API (vLLM/FastAPI's body)."""
+            if path.startswith("/api/") and "ollama" not in server.apis:
+                self._send(404, {"detail": "Not Found"})
+                return True
+            return False
+
         def do_GET(self) -> None:
             request = self._record("GET")
+            if self._page() or self._unserved(request.path):
+                return
             if request.path == "/v1/models":
                 self._send(200, {"object": "list", "data": [
                     {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in server.models]})
@@ -146,6 +168,12 @@ def _handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             request = self._record("POST")
+            if self._page():
+                return
+            if server.any_post_is_chat and request.path != "/v1/chat/completions":
+                request = Request(request.method, "/v1/chat/completions", request.headers, request.body)
+            if self._unserved(request.path):
+                return
             if request.path == "/api/show":
                 name = (request.body or {}).get("model", "")
                 if name in server.models:
@@ -166,11 +194,14 @@ def _handler(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(item.seconds)
                 self._send(500, {"error": "answered too late"})
                 return
+            auth = request.headers.get("authorization", "")
             if isinstance(item, Status):
-                self._send(item.code, {"error": {"message": item.message, "type": "server_error"}}
-                           if request.path.startswith("/v1") else {"error": item.message})
+                message = item.message.replace("{authorization}", auth)
+                self._send(item.code, {"error": {"message": message, "type": "server_error"}}
+                           if request.path.startswith("/v1") else {"error": message})
                 return
             reply = item if isinstance(item, Reply) else Reply(item)
+            reply = Reply(reply.text.replace("{authorization}", auth), reply.finish_reason)
             if request.path == "/v1/chat/completions":
                 self._send(200, _openai_completion(model, reply))
             else:

@@ -103,9 +103,17 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
 def test_plan_skips_done_stages_resumes_interrupted_and_redoes_changed(recipe_path):
     recipe = load_recipe(recipe_path)
     assert plan(recipe) == {"clusters": "run", "train": "run", "pseudo": "run", "segment": "run"}
+    from cpcx.clusters import class_names
+
+    names = list(class_names(recipe))
     for stage in ("clusters", "train"):
         prepare_stage_dir(recipe, stage)
         mark_stage_done(recipe, stage)
+    atomic.write_json(recipe.run_dir("clusters") / "clusters.json",
+                      {"classes": names, "clusters": [{"name": "all", "members": names}]})
+    # done, but its checkpoint is gone: the record alone is not trusted (issue 19)
+    assert plan(recipe) == {"clusters": "skip", "train": "run", "pseudo": "run", "segment": "run"}
+    atomic.write_bytes(recipe.run_dir("train") / "weights" / "best.pt", b"a checkpoint")
     prepare_stage_dir(recipe, "pseudo")  # interrupted: status running
     assert plan(recipe) == {"clusters": "skip", "train": "skip", "pseudo": "resume", "segment": "run"}
     changed = load_recipe(recipe_path, ["model.topk=3"])

@@ -14,6 +14,8 @@ from PIL import Image
 
 from cpcx.errors import CpcxError
 
+IGNORE = 255  # the "ignore" value of masks (cpcx.metrics.IGNORE_INDEX; not imported: data must not need metrics)
+
 Split = str  # "train" | "val"
 
 
@@ -121,7 +123,40 @@ class SegmentationDataset:
                 f"{self.source}: data set '{self.name}' split '{self.split}' has no ground-truth masks; "
                 "mask-based scores need a data set with masks"
             )
-        return self._load_mask(i)
+        mask = self._load_mask(i)
+        self._check_mask(i, mask)
+        return mask
+
+    def _check_mask(self, i: int, mask: np.ndarray) -> None:
+        """A mask must cover its image pixel for pixel and hold class indices or 255.
+
+        A mask of another size is refused, not resized: it is almost always paired with the wrong image or
+        cropped/scaled by another tool, and a nearest-neighbour resize would score misaligned pixels into an
+        mIoU that looks valid. Out-of-range values would be dropped silently by the confusion matrix.
+        """
+        try:
+            with Image.open(self._paths[i]) as image:  # the header only: no decoding
+                width, height = image.size
+        except OSError:
+            return  # an unreadable image is reported where it is read, with its own message
+        if mask.shape != (height, width):
+            raise CpcxError(
+                f"{self.mask_source(i)}: mask is {mask.shape[1]}×{mask.shape[0]} but its image {self._paths[i]} is "
+                f"{width}×{height}; masks must match their image pixel for pixel: replace the mask (or remove the "
+                "image from the split)"
+            )
+        labelled = mask[mask != IGNORE]
+        if labelled.size:
+            top = int(labelled.max())
+            if top >= self.num_classes:
+                raise CpcxError(
+                    f"{self.mask_source(i)}: mask holds value {top} but the classes are 0..{self.num_classes - 1} "
+                    "(255 = ignore); fix the mask or the class list"
+                )
+
+    def mask_source(self, i: int) -> str:
+        """The file (or annotation) that mask ``i`` comes from, for messages."""
+        return f"{self.source} (mask of image '{self.ids[i]}')"
 
     def _load_mask(self, i: int) -> np.ndarray:
         raise NotImplementedError

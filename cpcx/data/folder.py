@@ -138,6 +138,9 @@ class FolderDataset(SegmentationDataset):
     def _compute_labels(self) -> np.ndarray:
         return self._csv_labels
 
+    def mask_source(self, i: int) -> str:
+        return str(self.mask_dir / f"{self.ids[i]}.png")
+
     def _load_mask(self, i: int) -> np.ndarray:
         path = self.mask_dir / f"{self.ids[i]}.png"
         mask = load_label_png(path)

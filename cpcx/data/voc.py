@@ -83,6 +83,9 @@ class VOCDataset(SegmentationDataset):
     def _mask_path(self, image_id: str) -> Path:
         return self.mask_dir / f"{image_id}.png"
 
+    def mask_source(self, i: int) -> str:
+        return str(self._mask_path(self.ids[i]))
+
     def _load_mask(self, i: int) -> np.ndarray:
         return load_label_png(self._mask_path(self.ids[i]))
 

@@ -13,6 +13,7 @@ from cpcx.errors import CpcxError
 from cpcx.llm.answers import AnswerError, Assignment, Shape, answer_schema, parse_answer, validate_answer
 from cpcx.llm.cache import CACHE_VERSION, AnswerCache, request_key
 from cpcx.llm.providers import ChatProvider, build_provider
+from cpcx.redact import redact
 
 
 @dataclass
@@ -88,6 +89,9 @@ class Asker:
             # query r of the vote samples with seed + r: independent answers even where the server honours seeds
             seed = self.cfg.seed + query if stage == "generate" else self.cfg.seed
             reply = self.provider.chat(conversation, self.schema if self.cfg.json_schema else None, seed=seed)
+            # A model that returns the API key as text: it is redacted before it is parsed, so it reaches
+            # neither the cache nor answers.json / clusters.json / invalid-answers.json.
+            reply.text = redact(reply.text)
             attempts.append(reply.text)
             try:
                 assignment = parse_answer(reply.text, self.classes)

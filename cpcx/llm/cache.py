@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 
 from cpcx import atomic
 from cpcx.errors import CpcxError
+from cpcx.redact import redact
 
 CACHE_VERSION = 1
 FILE_NAME = "llm-answers.sqlite"
@@ -99,7 +100,7 @@ class AnswerCache:
         conn = self._connect(create=True)
         with conn:
             _query(conn, self.path, "INSERT OR REPLACE INTO answers (key, request, value) VALUES (?, ?, ?)",
-                   (key, canonical_json(identity), canonical_json(check_value(value))))
+                   (key, canonical_json(identity), canonical_json(check_value(redact(value)))))
 
     def close(self) -> None:
         if self._conn is not None:

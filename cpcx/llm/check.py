@@ -8,17 +8,25 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from cpcx.llm.probe import OLLAMA, OPENAI, identify, mismatch
 from cpcx.llm.providers import _PLACEHOLDER_KEY, _connection_reason, _short
+from cpcx.redact import redact, register_env
 
 
 def check_llm(llm_cfg: Any, timeout: float = 2.0) -> tuple[bool, str]:
     """``(ok, message)`` for an ``llm`` recipe section; never raises for network problems."""
     if llm_cfg.provider == "static":
         return True, f"static clusters in the recipe ({len(llm_cfg.clusters)} clusters), no server needed"
-    if llm_cfg.provider == "ollama":
-        return _check_ollama(llm_cfg, timeout)
-    if llm_cfg.provider == "openai":
-        return _check_openai(llm_cfg, timeout)
+    try:
+        if llm_cfg.provider == "ollama":
+            return _check_ollama(llm_cfg, timeout)
+        if llm_cfg.provider == "openai":
+            register_env(llm_cfg.api_key_env)
+            ok, line = _check_openai(llm_cfg, timeout)
+            return ok, redact(line)
+    except (ValueError, AttributeError, TypeError, KeyError) as exc:
+        # the client could not read the reply (an HTML page, another kind of server): say what is there
+        return False, str(mismatch(llm_cfg.provider, llm_cfg.base_url, f"{type(exc).__name__}"))
     return False, f"llm.provider: unknown provider '{llm_cfg.provider}'"
 
 
@@ -34,6 +42,8 @@ def _check_ollama(cfg: Any, timeout: float) -> tuple[bool, str]:
         return False, (f"Ollama server at {cfg.base_url} is not reachable ({reason}); start it with "
                        "`ollama serve` or fix llm.base_url")
     except ollama.ResponseError as exc:
+        if identify(cfg.base_url, timeout) != OLLAMA:
+            return False, str(mismatch("ollama", cfg.base_url))
         return False, f"{cfg.base_url} answered HTTP {exc.status_code} to /api/tags; is it an Ollama server?"
     names = {m.model for m in listed.models if m.model}
     wanted = cfg.model if ":" in cfg.model else f"{cfg.model}:latest"
@@ -68,6 +78,9 @@ def _check_openai(cfg: Any, timeout: float) -> tuple[bool, str]:
         reason = _connection_reason(exc.__cause__ or exc)
         return False, f"{where} is not reachable ({reason}); start the server or fix llm.base_url"
     except openai.NotFoundError:
+        found = identify(cfg.base_url, timeout) if cfg.base_url else OPENAI
+        if found == OLLAMA or found.startswith("a web page"):  # a 404 page is not a server without /models
+            return False, str(mismatch("openai", cfg.base_url))
         return True, f"{where} is reachable (it does not list its models)"
     except openai.APIStatusError as exc:
         return False, f"{where} answered HTTP {exc.status_code} to /models ({_short(exc.message)})"

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from cpcx.errors import CpcxError
+from cpcx.llm.probe import OLLAMA, identify, mismatch
+from cpcx.redact import register_env
 
 #: First back-off delay in seconds (doubled after each failed try, capped at 8 s). Tests make it tiny.
 BACKOFF_BASE_S = 0.5
@@ -98,6 +100,10 @@ class ChatProvider:
 class OpenAIProvider(ChatProvider):
     provider = "openai"
 
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        register_env(cfg.api_key_env)  # a server or model may echo the key back: it is redacted wherever it shows
+
     def api_key(self) -> str:
         key = os.environ.get(self.cfg.api_key_env, "")
         if key:
@@ -146,6 +152,8 @@ class OpenAIProvider(ChatProvider):
         except openai.NotFoundError as exc:
             raise CpcxError(f"llm.model: {self.where} does not serve model '{self.cfg.model}' (HTTP 404: "
                             f"{_short(exc.message)}); fix llm.model or llm.base_url") from None
+        except openai.APIResponseValidationError as exc:  # a 2xx reply that is no chat completion
+            raise mismatch(self.provider, self.cfg.base_url, _short(str(exc))) from None
         except openai.APIStatusError as exc:
             hint = "check llm.model and llm.max_tokens"
             if schema is not None and exc.status_code in (400, 422):
@@ -153,6 +161,10 @@ class OpenAIProvider(ChatProvider):
                         "(llama-cpp-python) or llm.json_schema=false")
             raise CpcxError(f"llm: {self.where} rejected the request (HTTP {exc.status_code}: "
                             f"{_short(exc.message)}); {hint}") from None
+        except (ValueError, AttributeError, TypeError, KeyError) as exc:
+            # A reply the client cannot parse (an HTML page with status 200 gives AttributeError in openai and
+            # ValueError in langchain): not the server we expected, which no retry mends.
+            raise mismatch(self.provider, self.cfg.base_url, f"{type(exc).__name__}: {_short(str(exc), 80)}") from None
         meta = message.response_metadata or {}
         return Reply(_text(message.content), meta.get("finish_reason"), _keep_meta(meta))
 
@@ -187,6 +199,10 @@ class OllamaProvider(ChatProvider):
             # format=<schema>: Ollama constrains decoding to the schema (grammar), so the JSON is well formed.
             message = model.invoke(messages, format=schema) if schema else model.invoke(messages)
         except ollama.ResponseError as exc:
+            # A 404 is "model not pulled" only when an Ollama server says it: an OpenAI-compatible server or a
+            # web server answers /api/chat with 404 "Not Found" too.
+            if exc.status_code == 404 and identify(self.cfg.base_url) != OLLAMA:
+                raise mismatch(self.provider, self.cfg.base_url) from None
             if exc.status_code == 404 and "not found" in str(exc.error).lower():
                 raise CpcxError(f"llm.model: model '{self.cfg.model}' is not pulled on the Ollama server at "
                                 f"{self.cfg.base_url}; run `ollama pull {self.cfg.model}`") from None
@@ -198,6 +214,10 @@ class OllamaProvider(ChatProvider):
             raise TransientError("timed out") from None
         except (ConnectionError, httpx.TransportError) as exc:
             raise TransientError(_connection_reason(exc)) from None
+        except (ValueError, AttributeError, TypeError, KeyError) as exc:
+            # JSONDecodeError (an HTML page) or pydantic's ValidationError (JSON of another API, e.g. an
+            # OpenAI-compatible server): the base_url is not an Ollama server, which no retry mends.
+            raise mismatch(self.provider, self.cfg.base_url, f"{type(exc).__name__}: {_short(str(exc), 80)}") from None
         meta = message.response_metadata or {}
         return Reply(_text(message.content), meta.get("done_reason"), _keep_meta(meta))
 

@@ -143,22 +143,26 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[CPCNet
     ``meta`` holds classes, cluster_matrix (n_foreground × L or None), num_classes, num_clusters, model_cfg,
     mean/std, patch_size, the number of finished epochs and the mean training loss of the last one.
     """
+    from cpcx.torchload import load_torch_file
+
     path = Path(path)
-    if not path.is_file():
-        raise CpcxError(f"{path}: no checkpoint; run `cpcx train -r <recipe>` first")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torn or foreign file: one line, not an unpickling traceback
-        raise CpcxError(f"{path}: not a cpcx checkpoint ({type(exc).__name__}); re-run `cpcx train`") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
-        raise CpcxError(f"{path}: not a cpcx checkpoint (no model/meta); re-run `cpcx train`")
+    fix = "delete it and re-run `cpcx train -r <recipe>`"
+    ckpt = load_torch_file(path, "cpcx training checkpoint", fix, map_location)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("meta"), dict):
+        raise CpcxError(f"{path}: not a cpcx training checkpoint (no model/meta); {fix}")
     meta = ckpt["meta"]
-    # The backbone weights are in the state dict: neither the download nor the original file is needed.
-    model_cfg = {**meta["model_cfg"], "pretrained": False, "weights": None}
-    if model_cfg.get("fuse"):  # the second backbone's weights are in the state dict too
-        model_cfg["fuse"] = {**model_cfg["fuse"], "pretrained": False, "weights": None}
-    cfg = ModelConfig.model_validate(model_cfg)
-    net = build_model(cfg, meta["num_classes"], meta["num_clusters"], load_weights=False)
-    net.load_state_dict(ckpt["model"])
+    try:
+        # The backbone weights are in the state dict: neither the download nor the original file is needed.
+        model_cfg = {**meta["model_cfg"], "pretrained": False, "weights": None}
+        if model_cfg.get("fuse"):  # the second backbone's weights are in the state dict too
+            model_cfg["fuse"] = {**model_cfg["fuse"], "pretrained": False, "weights": None}
+        cfg = ModelConfig.model_validate(model_cfg)
+        net = build_model(cfg, meta["num_classes"], meta["num_clusters"], load_weights=False)
+        net.load_state_dict(ckpt["model"])
+    except CpcxError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a foreign or edited checkpoint: its meta and weights disagree
+        raise CpcxError(f"{path}: its network cannot be rebuilt ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); {fix}") from None
     net.eval()
     return net, {**meta, "epoch": ckpt.get("epoch"), "loss": ckpt.get("loss")}
