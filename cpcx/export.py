@@ -74,18 +74,13 @@ def default_out(recipe, fmt: str) -> Path:
 def export_segmenter(recipe, fmt: str, out: Path | None = None, weights: Path | None = None,
                      console: Console | None = None) -> tuple[Path, Parity]:
     """Write the segment checkpoint as ``fmt`` (onnx | torchscript) → (file, parity measured on it)."""
-    from cpcx.predict import find_checkpoint
-    from cpcx.segnet import load_segnet
+    from cpcx.predict import find_checkpoint, open_segmenter
 
     console = console or Console()
     if fmt not in FORMATS:
         raise CpcxError(f"--format: '{fmt}' is not an export format; use onnx or torchscript", code=2)
     checkpoint = find_checkpoint(recipe, weights)
-    try:
-        segnet, meta = load_segnet(checkpoint, map_location="cpu")
-    except CpcxError as exc:
-        exc.code = 2
-        raise
+    segnet, meta = open_segmenter(recipe, weights)
     segnet = segnet.float().eval()
     model = ExportableSegNet(segnet).eval()
     out = Path(out) if out is not None else default_out(recipe, fmt)

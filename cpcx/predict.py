@@ -114,6 +114,18 @@ def find_checkpoint(recipe, weights: Path | None = None) -> Path:
                     f"`cpcx segment -r <recipe>` or pass --weights FILE", code=2)
 
 
+def open_segmenter(recipe, weights: Path | None = None):
+    """(segmenter on the CPU, meta) from the recipe's segment checkpoint or ``weights``; a checkpoint that
+    cannot be read is a usage error (code 2) for predict and export, which have nothing else to go on."""
+    from cpcx.segnet import load_segnet
+
+    try:
+        return load_segnet(find_checkpoint(recipe, weights), map_location="cpu")
+    except CpcxError as exc:
+        exc.code = 2
+        raise
+
+
 def run_predict(recipe, inputs: Sequence[str], out: Path | None = None, recursive: bool = False,
                 probs: bool = False, weights: Path | None = None, console: Console | None = None,
                 err_console: Console | None = None, max_side: int = MAX_SIDE) -> Summary:
@@ -123,7 +135,6 @@ def run_predict(recipe, inputs: Sequence[str], out: Path | None = None, recursiv
     from cpcx.crf import CRFParams
     from cpcx.device import resolve_device
     from cpcx.segment_infer import predict_probs, refine_labels
-    from cpcx.segnet import load_segnet
 
     console = console or Console()
     err_console = err_console or console
@@ -135,11 +146,7 @@ def run_predict(recipe, inputs: Sequence[str], out: Path | None = None, recursiv
     cfg = recipe.segment
     device = resolve_device(cfg.device, "segment.device")
     checkpoint = find_checkpoint(recipe, weights)
-    try:
-        model, meta = load_segnet(checkpoint, map_location="cpu")
-    except CpcxError as exc:
-        exc.code = 2
-        raise
+    model, meta = open_segmenter(recipe, weights)
     model.to(device)
     names = list(meta["classes"])
     crf_params = CRFParams.from_config(recipe.crf) if cfg.crf else None

@@ -54,3 +54,16 @@ def server():
     """A scripted OpenAI/Ollama-speaking HTTP server on 127.0.0.1 (tests/fake_llm_server.py)."""
     with FakeLLMServer(models=("fake-model",)) as s:
         yield s
+
+
+@pytest.fixture
+def good_recipe(tmp_path, voc_root) -> Path:
+    """A minimal valid recipe on the VOC slice (static clusters), for command-line tests."""
+    import yaml
+
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "good", "dataset": {"kind": "voc", "root": str(voc_root)},
+        "llm": {"provider": "static", "clusters": {"animal": ["cat", "dog"]}},
+    }))
+    return path

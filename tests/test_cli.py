@@ -19,16 +19,6 @@ def cpcx(*args: str, env: dict | None = None, cwd: Path | None = None) -> subpro
                           env=full_env, cwd=cwd or REPO, timeout=120)
 
 
-@pytest.fixture
-def good_recipe(tmp_path, voc_root) -> Path:
-    path = tmp_path / "good.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "good", "dataset": {"kind": "voc", "root": str(voc_root)},
-        "llm": {"provider": "static", "clusters": {"animal": ["cat", "dog"]}},
-    }))
-    return path
-
-
 def test_validate_ok(good_recipe):
     result = cpcx("validate", "-r", str(good_recipe), "model.topk=4")
     assert result.returncode == 0, result.stderr

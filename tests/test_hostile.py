@@ -32,16 +32,6 @@ def _one_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def good_recipe(tmp_path, voc_root) -> Path:
-    path = tmp_path / "good.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "good", "dataset": {"kind": "voc", "root": str(voc_root)},
-        "llm": {"provider": "static", "clusters": {"animal": ["cat", "dog"]}},
-    }))
-    return path
-
-
 # ------------------------------------------------------------------------------------------ recipes
 @pytest.mark.parametrize("name", ["38_alias_bomb", "39_alias_cycle", "40_nested_3000_deep", "41_duplicate_top_key"])
 def test_yaml_bombs_end_fast_in_one_line(name):
