@@ -84,7 +84,7 @@ def _standardise(train: torch.Tensor, *others: torch.Tensor):
 
 def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, val_x: torch.Tensor, val_y: np.ndarray) -> dict:
     """Multi-label mAP × 100 on val; labels without the background column. L2 chosen by 3-fold CV on train."""
-    train_y_t = torch.from_numpy(train_y).float()
+    train_y_t = torch.from_numpy(np.array(train_y, dtype=np.float32))  # a copy: dataset labels are read-only
     folds = np.arange(len(train_x)) % 3
     cv = {}
     for l2 in PROBE_L2:

@@ -81,52 +81,59 @@ BACKBONES = {b.key: b for b in (
              "weights/efficientnet_lite1.safetensors", 448, 240, (16, 32), topk=8),
     Backbone("lite2-s16s32", "EfficientNet-Lite2, stride 16 + 32, 448", "tf_efficientnet_lite2",
              "weights/efficientnet_lite2.safetensors", 448, 260, (16, 32), topk=8),
-    Backbone("lite0-s8s16s32", "EfficientNet-Lite0, stride 8 + 16 + 32, 320", "tf_efficientnet_lite0",
-             "weights/efficientnet_lite0.safetensors", 320, 224, (8, 16, 32), topk=8),
 )}
 
 
 # ------------------------------------------------------------------------------------------ references
-def references(b: Backbone, recipe) -> dict:
+def references(b: Backbone, recipe, have: dict | None = None) -> dict:
+    """The probes and the supervised reference of ``b``; what ``have`` already holds is not measured again."""
     import timm
     import torch
 
     from backbone_probe import grid_features, linear_probe, pooled_features, supervised_reference
     from cpcx.data import build_dataset
     from cpcx.model.backbone import build_backbone
+    from cpcx.recipe import FuseConfig
     from cpcx.weights import load_state_dict_file
 
-    from cpcx.recipe import FuseConfig
-
+    out = dict(have or {})
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train, val = build_dataset(recipe.dataset, "train"), build_dataset(recipe.dataset, "val")
-    fuse = None if b.fuse is None else FuseConfig(backbone=b.fuse.timm, weights=ROOT / b.fuse.weights,
-                                                  feature_strides=b.fuse.strides)
-    grid_net = build_backbone(b.timm, weights=ROOT / b.weights, feature_strides=b.strides, fuse=fuse).eval()
+    labels = (np.asarray(train.labels)[:, 1:], np.asarray(val.labels)[:, 1:])
 
-    def pooled(member: Backbone, dataset):
-        """The member as a classifier: the whole ViT (class token) or CNN (pooled) at its native size."""
+    def pooled(member: Backbone, dataset, size: int):
+        """The member as a classifier: the whole ViT (class token) or CNN (pooled) at ``size``."""
         if member.kind == "vit":
             from cpcx.weights import dinov2_at_size
 
-            model = dinov2_at_size(load_state_dict_file(ROOT / member.weights), (member.probe_size,) * 2)
+            model = dinov2_at_size(load_state_dict_file(ROOT / member.weights), (size, size))
         else:
             model = timm.create_model(member.timm, pretrained=False)
             model.load_state_dict(load_state_dict_file(ROOT / member.weights))
         cfg = model.eval().pretrained_cfg
-        return pooled_features(model, dataset, member.probe_size, cfg["mean"], cfg["std"], member.kind)
+        return pooled_features(model, dataset, size, cfg["mean"], cfg["std"], member.kind)
 
-    members = [b] if b.fuse is None else [b, b.fuse]  # a fused grid's probe: both classifiers' features side by side
-    labels = (np.asarray(train.labels)[:, 1:], np.asarray(val.labels)[:, 1:])
-    pooled_x = [torch.cat([pooled(m, d) for m in members], dim=1) for d in (train, val)]
-    grids = [grid_features(grid_net, d, b.img_size) for d in (train, val)]
-    masks = [[d.load_mask(i) for i in range(len(d))] for d in (train, val)]
-    return {
-        "probe": linear_probe(pooled_x[0], labels[0], pooled_x[1], labels[1]),
-        "grid_probe": linear_probe(grids[0].float().mean((2, 3)), labels[0], grids[1].float().mean((2, 3)), labels[1]),
-        "supervised": supervised_reference(grids[0], masks[0], grids[1], masks[1], train.num_classes),
-        "embed_dim": int(grid_net.embed_dim),
-    }
+    # A fused grid's probe: both classifiers' features side by side. "probe" at each network's native size,
+    # "probe_grid" at the size each reads in the CPC grid (the second of a fused pair: grid cells × its stride).
+    members = [b] if b.fuse is None else [b, b.fuse]
+    cells = b.img_size // (14 if b.kind == "vit" else min(b.strides))
+    sizes = {"probe": [m.probe_size for m in members],
+             "probe_grid": [b.img_size] + ([cells * min(b.fuse.strides or (14,))] if b.fuse else [])}
+    for name, member_sizes in sizes.items():
+        if name not in out:
+            x = [torch.cat([pooled(m, d, size) for m, size in zip(members, member_sizes)], dim=1) for d in (train, val)]
+            out[name] = {**linear_probe(x[0], labels[0], x[1], labels[1]), "sizes": member_sizes}
+    if not {"grid_probe", "supervised", "embed_dim"} <= set(out):
+        fuse = None if b.fuse is None else FuseConfig(backbone=b.fuse.timm, weights=ROOT / b.fuse.weights,
+                                                      feature_strides=b.fuse.strides)
+        grid_net = build_backbone(b.timm, weights=ROOT / b.weights, feature_strides=b.strides, fuse=fuse).eval()
+        grids = [grid_features(grid_net, d, b.img_size) for d in (train, val)]
+        masks = [[d.load_mask(i) for i in range(len(d))] for d in (train, val)]
+        out["grid_probe"] = linear_probe(grids[0].float().mean((2, 3)), labels[0], grids[1].float().mean((2, 3)),
+                                         labels[1])
+        out["supervised"] = supervised_reference(grids[0], masks[0], grids[1], masks[1], train.num_classes)
+        out["embed_dim"] = int(grid_net.embed_dim)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ CPC runs
@@ -182,20 +189,28 @@ def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
 
 
+def _probe_cell(ref: dict | None, name: str) -> str:
+    if not ref or name not in ref:
+        return "—"
+    sizes = ref[name].get("sizes")
+    return f"{ref[name]['map']:.1f}" + (f" ({' + '.join(map(str, sizes))})" if sizes else "")
+
+
 def render(results: dict) -> str:
     lines = [
         "# Backbones on the VOC slice (issue 17)", "",
         f"Generated by `benchmarks/backbones.py` ({results.get('date', '?')}; {results.get('machine', '?')}). "
-        "mIoU and mAP × 100. Probe: logistic regression on the backbone's pooled classifier features at its "
-        "native size (L2 by 3-fold CV on train), train 311 → val 172 mAP; grid probe: the same on the mean of the "
+        "mIoU and mAP × 100. Probe: logistic regression on the backbone's pooled classifier features (class "
+        "token of a ViT, pooled last features of a CNN; both side by side for a fused grid) at its native size and "
+        "at the size it reads in the grid (L2 by 3-fold CV on train), train 311 → val 172 mAP; grid probe: the same on the mean of the "
         "CPC patch grid. Supervised reference: a linear head on the frozen grid trained on the 311 true masks, "
         "val mIoU. Pseudo: voc-mini with that backbone (class probe and CRF as the recipe ships), the 311 train "
         f"images; 'choose / report' split the CRF figure into the first {CHOOSE} ids and the other "
         f"{311 - CHOOSE}. Seconds: mean over seeds, wall, 2 cores (train includes the token extraction of the "
         "first seed only when its cache is new).", "",
-        "| backbone | grid | probe mAP | grid probe mAP | supervised val mIoU | pseudo CRF | pseudo no CRF "
-        "| CRF choose / report | seeds | train s | pseudo s |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        "| backbone | grid | probe mAP (native px) | probe mAP (px the grid reads) | grid probe mAP "
+        "| supervised val mIoU | pseudo CRF | pseudo no CRF | CRF choose / report | seeds | train s | pseudo s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for key, b in BACKBONES.items():
         ref = results["references"].get(key)
@@ -206,7 +221,7 @@ def render(results: dict) -> str:
         secs = {st: np.mean([r["stages"][st]["seconds"] for r in runs]) if runs else None for st in ("train", "pseudo")}
         # (a reused stage keeps the seconds its stage.json recorded)
         lines.append(" | ".join([
-            f"| {b.title}", grid, cell(ref["probe"]["map"]) if ref else "—",
+            f"| {b.title}", grid, _probe_cell(ref, "probe"), _probe_cell(ref, "probe_grid"),
             cell(ref["grid_probe"]["map"]) if ref else "—", cell(ref["supervised"]["miou"]) if ref else "—",
             _mean_std([r["crf"] for r in runs]), _mean_std([r["no_crf"] for r in runs]),
             f"{_mean_std([r['crf_choose'] for r in runs])} / {_mean_std([r['crf_report'] for r in runs])}",
@@ -240,6 +255,15 @@ def main(argv=None) -> int:
         parser.error(f"unknown backbone(s) {', '.join(unknown)}; known: {', '.join(BACKBONES)}")
 
     def save() -> None:
+        # Merge into what is on disk now: several invocations (references in one, runs in another) may share
+        # the file, and each must add its entries without dropping the other's.
+        on_disk = read_json(path) or {"references": {}, "runs": {}}
+        for key in keys:
+            if key in results["references"]:
+                on_disk.setdefault("references", {})[key] = results["references"][key]
+            for seed, entry in results["runs"].get(key, {}).items():
+                on_disk.setdefault("runs", {}).setdefault(key, {})[seed] = entry
+        results.update(on_disk)
         results["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         results["machine"] = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, no GPU"
         atomic.write_json(path, results)
@@ -247,9 +271,10 @@ def main(argv=None) -> int:
 
     for key in keys:
         b = BACKBONES[key]
-        if not args.no_references and (args.redo or key not in results["references"]):
+        have = {} if args.redo else results["references"].get(key, {})
+        if not args.no_references and not {"probe", "probe_grid", "supervised"} <= set(have):
             print(f"{key}: references …", flush=True)
-            results["references"][key] = references(b, recipe)
+            results["references"][key] = references(b, recipe, have)
             save()
             print(f"{key}: {json.dumps(results['references'][key])}", flush=True)
         for seed in [] if args.no_runs else args.seeds:
