@@ -35,9 +35,10 @@ RECIPE = "recipes/voc-mini.yaml"
 FOUR_GROUPS = ("llm.clusters={vehicle: [aeroplane, bicycle, boat, bus, car, motorbike, train], "
                "animal: [bird, cat, cow, dog, horse, sheep], person: [person], "
                "indoor: [bottle, chair, diningtable, pottedplant, sofa, tvmonitor]}")
-#: The sweep ran before voc-mini enabled its class probe: pinned off, like the four groups, so the rows compare.
+#: The sweep ran before voc-mini enabled its class probe and put EfficientNet-Lite0 beside the ViT (model.fuse):
+#: both pinned off, like the four groups, so the rows compare.
 SHARED = ["runs_dir=runs-bench", "seed=0", "train.feature_cache_dir=runs-bench/features-voc", FOUR_GROUPS,
-          "pseudo.class_probe.enabled=false"]
+          "pseudo.class_probe.enabled=false", "model.fuse=null"]
 FINETUNE = ["train.trunk_cache=true", "train.backbone_lr=0.0001"]
 
 #: name → (overrides, why it is worth a row)

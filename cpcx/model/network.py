@@ -146,6 +146,8 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> tuple[CPCNet
     from cpcx.torchload import load_torch_file
 
     path = Path(path)
+    if not path.exists():  # nothing to delete: say what makes it
+        raise CpcxError(f"{path}: no checkpoint; run `cpcx train -r <recipe>` first")
     fix = "delete it and re-run `cpcx train -r <recipe>`"
     ckpt = load_torch_file(path, "cpcx training checkpoint", fix, map_location)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("meta"), dict):
