@@ -13,6 +13,7 @@ of the recipe's data set when its root is there (else a synthetic one) at two si
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import warnings
@@ -82,16 +83,23 @@ def export_segmenter(recipe, fmt: str, out: Path | None = None, weights: Path | 
     checkpoint = find_checkpoint(recipe, weights)
     segnet, meta = open_segmenter(recipe, weights)
     segnet = segnet.float().eval()
-    model = ExportableSegNet(segnet).eval()
+    # A grid segmenter (cpcx.segment.grid) resizes every input to its fixed size itself: nothing to pad.
+    model = ExportableSegNet(segnet).eval() if hasattr(segnet, "multiple") else segnet
     out = Path(out) if out is not None else default_out(recipe, fmt)
     info = {"classes": list(meta["classes"]), "arch": meta["arch"], "encoder": meta["encoder"],
             "checkpoint": str(checkpoint), "epoch": meta.get("epoch"),
             "input": "image: float32 N×3×H×W RGB in [0, 1], any size; normalised inside",
             "output": "logits: float32 N×C×H×W; argmax over C = index into classes"}
-    example = torch.rand(1, 3, 2 * model.multiple + 5, 3 * model.multiple + 3, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), warnings.catch_warnings():
+    multiple = getattr(model, "multiple", 16)
+    example = torch.rand(1, 3, 2 * multiple + 5, 3 * multiple + 3, generator=torch.Generator().manual_seed(0))
+    from cpcx.segment.grid import GridSegNet, fixed_position_embeddings
+
+    fixed = fixed_position_embeddings() if isinstance(segnet, GridSegNet) else contextlib.nullcontext()
+    with torch.no_grad(), warnings.catch_warnings(), fixed:
         # Tracer notes about Python ints from shapes: the pads are built from them on purpose (see above).
         warnings.simplefilter("ignore")
+        if isinstance(segnet, GridSegNet):
+            model(example)  # computes the constant position tables outside the trace (see fixed_position_embeddings)
         data = _onnx_bytes(model, example, info) if fmt == "onnx" else _torchscript_bytes(model, example, info)
     atomic.write_bytes(out, data)
     console.print(f"[green]✔[/] exported {out} ({fmt}, {len(data) / 1e6:.1f} MB) · input image: float32 N×3×H×W RGB "

@@ -86,6 +86,11 @@ def cache_key(backbone_name: str, backbone: ViTBackbone, img_size: int, views: S
     return key
 
 
+def cache_name(key: dict) -> str:
+    """The folder name of the cache of ``key`` under its root."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class _Resized(Dataset):
     """Normalised, resized images (views are applied on the batch) for extraction."""
 
@@ -122,6 +127,10 @@ class FeatureCache:
         """Tokens (h, w, e) or (T, e) float16 of one image and view (a copy, safe to hand to a DataLoader)."""
         return torch.from_numpy(np.array(self.tokens[index, view]))
 
+    def get_all(self, index: int) -> torch.Tensor:
+        """Tokens (V, h, w, e) float16 of one image in every view of the cache."""
+        return torch.from_numpy(np.array(self.tokens[index]))
+
     @classmethod
     def build(cls, root: Path, backbone_name: str, backbone: ViTBackbone, images: ImageLabelDataset,
               img_size: int, views: Sequence[str], device: torch.device, precision: str, batch_size: int,
@@ -135,7 +144,7 @@ class FeatureCache:
         """
         key = cache_key(backbone_name, backbone, img_size, views, images.ids, depth)
         depth = key.get("trunk_blocks")
-        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        name = cache_name(key)
         folder = Path(root) / name
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

@@ -117,7 +117,7 @@ def find_checkpoint(recipe, weights: Path | None = None) -> Path:
 def open_segmenter(recipe, weights: Path | None = None):
     """(segmenter on the CPU, meta) from the recipe's segment checkpoint or ``weights``; a checkpoint that
     cannot be read is a usage error (code 2) for predict and export, which have nothing else to go on."""
-    from cpcx.segnet import load_segnet
+    from cpcx.segment.networks import load_segnet
 
     try:
         return load_segnet(find_checkpoint(recipe, weights), map_location="cpu")
@@ -134,7 +134,7 @@ def run_predict(recipe, inputs: Sequence[str], out: Path | None = None, recursiv
 
     from cpcx.crf import CRFParams
     from cpcx.device import resolve_device
-    from cpcx.segment_infer import predict_probs, refine_labels
+    from cpcx.segment.infer import predict_probs, refine_labels
 
     console = console or Console()
     err_console = err_console or console

@@ -313,9 +313,17 @@ class CRFConfig(Section):
 
 class SegmentConfig(Section):
     arch: Literal["deeplabv2", "deeplabv3", "deeplabv3plus"] = Field("deeplabv2", description="Segmentation network.")
-    encoder: str = Field("resnet101", description="smp encoder name (or tu-<timm name>).")
+    encoder: str = Field("resnet101", description="smp encoder name (or tu-<timm name>), or grid: the CPC network's "
+                         "frozen patch grid (model.backbone + model.fuse from the train checkpoint), tokens cached.")
     encoder_weights: Optional[Literal["imagenet"]] = Field("imagenet", description="imagenet (download) or null.")
     encoder_file: Optional[WeightsFile] = Field(None, description="Local encoder weights (offline).")
+    head_channels: int = Field(256, ge=8, le=4096, description="encoder grid: width of the ASPP head.")
+    aspp_rates: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        [2, 4, 6], min_length=3, max_length=3,
+        description="encoder grid: the three ASPP dilation rates (smp's ASPP), in grid cells.")
+    labels: Literal["pseudo", "ground_truth"] = Field(
+        "pseudo", description="What the segmenter learns from: pseudo (the method) or ground_truth (an oracle "
+                              "reference for benchmarks: the true masks of the same training images).")
     epochs: int = Field(30, ge=1, description="Training epochs on the pseudo-labels.")
     batch_size: int = Field(16, ge=1, description="Images per step, over all devices.")
     lr: float = Field(0.01, gt=0, description="SGD initial learning rate (poly decay, power 0.9).")
@@ -345,6 +353,20 @@ class SegmentConfig(Section):
         if not 0 < value[0] <= value[1]:
             raise ValueError("must be [low, high] with 0 < low <= high")
         return value
+
+    @model_validator(mode="after")
+    def _grid_encoder(self) -> "SegmentConfig":
+        if self.encoder != "grid":
+            return self
+        # One line per contradiction: a grid segmenter reads every image at model.img_size with a frozen backbone.
+        if self.arch != "deeplabv3":
+            raise ValueError(f"encoder grid takes arch deeplabv3 (an ASPP head on the grid), not {self.arch}")
+        if list(self.scales) != [1.0]:
+            raise ValueError("encoder grid reads every image at model.img_size, so test-time scales do not apply; "
+                             "set segment.scales=[1.0]")
+        if self.encoder_file is not None:
+            raise ValueError("encoder grid takes its backbone from the train checkpoint; drop segment.encoder_file")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- recipe

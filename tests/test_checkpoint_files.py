@@ -54,8 +54,8 @@ def files(tmp_path):
 def _loaders():
     from cpcx.class_probe import ClassProbe
     from cpcx.model import load_checkpoint
-    from cpcx.segment import _load_resume
-    from cpcx.segnet import load_segnet
+    from cpcx.segment.stage import _load_resume
+    from cpcx.segment.networks import load_segnet
     from cpcx.weights import load_state_dict_file
 
     return {"load_checkpoint": load_checkpoint, "load_segnet": load_segnet, "segment resume": _load_resume,

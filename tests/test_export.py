@@ -20,7 +20,7 @@ from smoke_segmenter import REPO, SMOKE, train_smoke_segmenter
 from cpcx.errors import CpcxError
 from cpcx.export import export_segmenter
 from cpcx.recipe import load_recipe
-from cpcx.segnet import load_segnet
+from cpcx.segment.networks import load_segnet
 
 RELATIVE = 1e-3  # max |Δ logit| / max |logit|
 
@@ -127,7 +127,7 @@ def test_every_arch_exports_with_dynamic_size(arch, fmt, tmp_path):
     """A tiny timm encoder under each head: the parity check (two sizes, one odd) passes for every arch."""
     from cpcx import atomic
     from cpcx.recipe import SegmentConfig
-    from cpcx.segnet import build_segnet, segnet_meta
+    from cpcx.segment.networks import build_segnet, segnet_meta
 
     torch.manual_seed(0)
     cfg = SegmentConfig(arch=arch, encoder="tu-test_efficientnet", encoder_weights=None)

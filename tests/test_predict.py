@@ -207,8 +207,8 @@ def test_cli_exit_codes_all_good_default_folder_and_usage_errors(segmenter, voc_
 def test_predictions_follow_the_recipes_scales_flip_and_crf(segmenter, voc_root, tmp_path):
     """Same labels as segment_infer's val predictions with the recipe's test-time settings."""
     from cpcx.crf import CRFParams
-    from cpcx.segment_infer import predict_label
-    from cpcx.segnet import load_segnet
+    from cpcx.segment.infer import predict_label
+    from cpcx.segment.networks import load_segnet
 
     recipe = load_recipe(SMOKE, [*segmenter, "segment.scales=[0.75,1.0]", "segment.flip=true", "segment.crf=true"],
                          check_inputs=False)
@@ -253,7 +253,7 @@ def test_recipe_loads_without_its_data_root_only_when_asked(segmenter):
 def test_tiny_images_a_failing_network_and_the_terminal_bar(segmenter, voc_root, tmp_path, monkeypatch):
     """1×1 and 3×2 images are predicted; an image the network fails on (e.g. out of memory) costs one line and
     the next one goes on; on a terminal the rich bar runs alongside those lines."""
-    import cpcx.segment_infer as segment_infer
+    import cpcx.segment.infer as segment_infer
 
     Image.new("RGB", (1, 1), (200, 10, 10)).save(tmp_path / "one.png")
     Image.new("RGB", (3, 2), (10, 200, 10)).save(tmp_path / "three.png")

@@ -211,7 +211,7 @@ def test_clusters_json_that_is_a_folder(tmp_path, data_root, voc_root):
 
 
 def test_segment_resume_with_a_garbled_metrics_csv(tmp_path):
-    from cpcx.segment import _truncate_csv
+    from cpcx.segment.stage import _truncate_csv
 
     path = tmp_path / "metrics.csv"
     path.write_bytes(b"epoch,loss,seconds\n1,0.5,3\nhello world\n\xff\xfe\x00binary\n2,0.4,3\n3,0.3,3\n")

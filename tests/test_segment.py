@@ -23,9 +23,9 @@ from cpcx.data import build_dataset, load_label_png, save_label_png
 from cpcx.errors import CpcxError
 from cpcx.recipe import Recipe, SegmentConfig
 from cpcx.segment import run_segment
-from cpcx.segment_data import random_scale_crop
-from cpcx.segment_infer import predict_probs
-from cpcx.segnet import build_segnet
+from cpcx.segment.data import random_scale_crop
+from cpcx.segment.infer import predict_probs
+from cpcx.segment.networks import build_segnet
 
 IMAGES = 8
 
@@ -226,7 +226,7 @@ def test_random_scale_crop_pads_with_the_fill_colour_and_ignore():
 
 def test_crf_refinement_of_predictions(tiny_model, voc_root):
     from cpcx.crf import CRFParams
-    from cpcx.segment_infer import predict_label
+    from cpcx.segment.infer import predict_label
 
     image = build_dataset(make_recipe(voc_root, "/tmp/unused").dataset, "val").load_image(2)[:60, :70]
     plain = predict_label(tiny_model, image, scales=[1.0])

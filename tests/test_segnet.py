@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from cpcx.errors import CpcxError
 from cpcx.recipe import SegmentConfig
-from cpcx.segnet import DEEPLABV2_RATES, ASPPv2, DeepLabV2, SegNet, build_segnet, load_segnet, segnet_meta
+from cpcx.segment.networks import DEEPLABV2_RATES, ASPPv2, DeepLabV2, SegNet, build_segnet, load_segnet, segnet_meta
 
 TINY = "tu-test_efficientnet"  # a few-thousand-parameter timm model: real code paths, no download
 

@@ -28,6 +28,7 @@ from cpcx.device import autocast, seed_everything
 from cpcx.errors import CpcxError
 from cpcx.metrics import IGNORE_INDEX, ConfusionMatrix
 from cpcx.recipe import Recipe
+from cpcx.segment.grid import GRID_ENCODER
 
 CSV_HEADER = ["epoch", "lr", "loss", "val_miou", "seconds"]
 POLY_POWER = 0.9
@@ -38,12 +39,13 @@ def run_segment(recipe: Recipe, resume: bool = False, console: Console | None = 
     """Train on ``runs/<name>/pseudo/labels`` (train split), predict the val split, score it → the stage folder."""
     from cpcx.data import build_dataset
     from cpcx.runs import prepare_stage_dir
-    from cpcx.segment_data import check_pseudo_labels
+    from cpcx.segment.data import check_pseudo_labels
 
     console = console or Console()
     train_set = build_dataset(recipe.dataset, "train")
     val_set = build_dataset(recipe.dataset, "val")
-    check_pseudo_labels(train_set, recipe.run_dir("pseudo") / "labels")
+    if recipe.segment.labels == "pseudo":
+        check_pseudo_labels(train_set, recipe.run_dir("pseudo") / "labels")
     info = distributed.init_from_env(recipe.segment.device, "segment.device")
     try:
         device, rank, world = info.device, info.rank, info.world_size
@@ -51,7 +53,12 @@ def run_segment(recipe: Recipe, resume: bool = False, console: Console | None = 
         if rank == 0:
             prepare_stage_dir(recipe, "segment", str(device))
         distributed.barrier()
-        _train(recipe, train_set, val_set, device, rank, world, resume, console, log)
+        if recipe.segment.encoder == GRID_ENCODER:
+            from cpcx.segment.grid_train import train_grid
+
+            train_grid(recipe, train_set, val_set, device, rank, world, resume, console, log)
+        else:
+            _train(recipe, train_set, val_set, device, rank, world, resume, console, log)
         _predict_and_score(recipe, val_set, device, rank, world, console, log)
     finally:
         distributed.cleanup(info)
@@ -60,8 +67,8 @@ def run_segment(recipe: Recipe, resume: bool = False, console: Console | None = 
 
 # ------------------------------------------------------------------------------------------- training
 def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, resume: bool, console, log) -> None:
-    from cpcx.segment_data import PseudoLabelCrops
-    from cpcx.segnet import build_segnet, segnet_meta
+    from cpcx.segment.data import PseudoLabelCrops, TrainLabels
+    from cpcx.segment.networks import build_segnet, segnet_meta
 
     cfg = recipe.segment
     folder = recipe.run_dir("segment")
@@ -72,7 +79,7 @@ def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, re
     if resume and checkpoint is None:
         log(f"[yellow]![/] {weights / 'last.pt'} not found: training from the start")
     model = build_segnet(cfg, train_set.num_classes, load_weights=checkpoint is None).to(device)
-    meta = segnet_meta(cfg, train_set.classes)
+    meta = {**segnet_meta(cfg, train_set.classes), "labels": cfg.labels}
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start_epoch, best = 0, {"miou": None, "epoch": None}
     if checkpoint is not None:
@@ -95,12 +102,14 @@ def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, re
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     net = model.module if world > 1 else model
-    crops = PseudoLabelCrops(train_set, recipe.run_dir("pseudo") / "labels", cfg.crop_size, cfg.scale_range,
+    labels = TrainLabels(train_set, recipe.run_dir("pseudo") / "labels", ground_truth=cfg.labels == "ground_truth")
+    crops = PseudoLabelCrops(train_set, labels, cfg.crop_size, cfg.scale_range,
                              fill=net.mean.flatten().tolist(), seed=recipe.seed)
     sampler = torch.utils.data.DistributedSampler(crops, num_replicas=world, rank=rank, shuffle=True, seed=recipe.seed)
     steps_per_epoch = len(sampler) // per_device
     total_steps = steps_per_epoch * cfg.epochs
-    log(f"segment: {cfg.arch} · {cfg.encoder} on {len(train_set)} pseudo-labelled images · {device} × {world} · "
+    what = "GROUND-TRUTH masks: oracle reference" if labels.ground_truth else "pseudo-labels"
+    log(f"segment: {cfg.arch} · {cfg.encoder} on {len(train_set)} images ({what}) · {device} × {world} · "
         f"batch {per_device * world} · crop {cfg.crop_size} · epochs {start_epoch + 1}–{cfg.epochs}")
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -178,7 +187,7 @@ def _per_device_batch(cfg, num_images: int, world: int) -> int:
 
 def _val_miou(net, val_set, device, precision: str, rank: int, world: int, console) -> float:
     """Single-scale val mIoU; each rank scores a shard and the confusion matrices are summed."""
-    from cpcx.segment_infer import confusion_on
+    from cpcx.segment.infer import confusion_on
 
     indices = range(rank, len(val_set), world)
     with _progress(console, "val (single scale)", len(indices), rank == 0, plain=False) as advance:
@@ -193,8 +202,8 @@ def _val_miou(net, val_set, device, precision: str, rank: int, world: int, conso
 # ----------------------------------------------------------------------------------------- inference
 def _predict_and_score(recipe: Recipe, val_set, device, rank: int, world: int, console, log) -> None:
     from cpcx.crf import CRFParams
-    from cpcx.segment_infer import write_predictions
-    from cpcx.segnet import load_segnet
+    from cpcx.segment.infer import write_predictions
+    from cpcx.segment.networks import load_segnet
 
     cfg = recipe.segment
     folder = recipe.run_dir("segment")
@@ -219,8 +228,14 @@ def _predict_and_score(recipe: Recipe, val_set, device, rank: int, world: int, c
     started = time.perf_counter()
     how = f"{len(cfg.scales)} scale{'s' if len(cfg.scales) > 1 else ''}{' + flip' if cfg.flip else ''}"
     with _progress(console, f"predict val ({how})", len(indices), rank == 0) as advance:
-        written = write_predictions(model, val_set, predictions, indices, cfg.scales, cfg.flip, device,
-                                    cfg.precision, crf_params, on_image=advance)
+        if meta["encoder"] == GRID_ENCODER:  # from the val images' cached tokens
+            from cpcx.segment.grid_train import write_grid_predictions
+
+            written = write_grid_predictions(recipe, model, val_set, predictions, indices, device, crf_params,
+                                             on_image=advance, log=log)
+        else:
+            written = write_predictions(model, val_set, predictions, indices, cfg.scales, cfg.flip, device,
+                                        cfg.precision, crf_params, on_image=advance)
     written = int(distributed.all_reduce_sum(torch.tensor([written], device=device)).item())
     log(f"predictions: {written} written, {len(val_set) - written} already there · {predictions}")
     distributed.barrier()
@@ -234,10 +249,12 @@ def _predict_and_score(recipe: Recipe, val_set, device, rank: int, world: int, c
     _, confusion = evaluate_label_folder(val_set, predictions)
     extra = {"stage": "segment", "best_epoch": source["epoch"], "best_val_miou_single_scale": source["val_miou"],
              "scales": source["scales"], "flip": cfg.flip, "crf": cfg.crf, "arch": cfg.arch, "encoder": cfg.encoder,
+             "labels": meta.get("labels", "pseudo"),
+             "oracle": meta.get("labels") == "ground_truth",  # trained on the true masks: a reference, not the method
              "train_seconds": _csv_seconds(folder / "metrics.csv"),
              "predict_seconds": round(time.perf_counter() - started, 1)}
     write_evaluation(folder, val_set.classes, confusion, split="val", images=len(val_set), extra=extra,
-                     label="val", console=console)
+                     label="val (ORACLE: trained on ground truth)" if extra["oracle"] else "val", console=console)
 
 
 # ------------------------------------------------------------------------------------ checkpoints/RNG
@@ -251,8 +268,8 @@ def _load_resume(path: Path) -> dict | None:
 
 
 def _check_compatible(saved: dict, current: dict, path: Path) -> None:
-    for key in ("arch", "encoder", "num_classes"):
-        if saved.get(key) != current.get(key):
+    for key in ("arch", "encoder", "num_classes", "labels"):
+        if saved.get(key, "pseudo" if key == "labels" else None) != current.get(key):
             raise CpcxError(
                 f"{path}: was trained with {key}={saved.get(key)} but the recipe says {current.get(key)}; "
                 "run without --resume to start afresh"

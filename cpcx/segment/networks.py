@@ -256,6 +256,16 @@ def load_segnet(path: str | Path, map_location: str | torch.device = "cpu") -> t
     except Exception:  # noqa: BLE001 - a torch file, but not a segmentation checkpoint
         raise CpcxError(f"{path}: not a `cpcx segment` checkpoint (no meta/model); {fix}") from None
     meta = {**ckpt["meta"], "epoch": ckpt.get("epoch"), "val_miou": ckpt.get("val_miou")}
+    if meta["encoder"] == "grid":  # the CPC backbone's grid + ASPP head (cpcx.segment.grid), backbone inside
+        from cpcx.segment.grid import build_grid_segnet
+
+        try:
+            grid = build_grid_segnet(meta, int(meta["num_classes"]))
+            grid.load_state_dict(ckpt["model"], strict=True)
+        except Exception as exc:  # noqa: BLE001 - an edited or foreign checkpoint: meta and weights disagree
+            raise CpcxError(f"{path}: its grid segmenter cannot be rebuilt ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); {fix}") from None
+        return grid.eval(), meta
     net = build_network(meta["arch"], meta["encoder"], int(meta["num_classes"]), None)
     net.load_state_dict(ckpt["model"], strict=True)
     model = SegNet(net, tuple(meta["mean"]), tuple(meta["std"]), multiple=input_multiple(net))

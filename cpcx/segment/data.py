@@ -1,4 +1,8 @@
-"""Training data of the segmentation stage: images with their pseudo-labels, randomly scaled, flipped, cropped.
+"""Training data of the segmentation stage: images with their labels, randomly scaled, flipped, cropped.
+
+The labels are the pseudo-labels (``segment.labels: pseudo``, always in a real run) or, as an oracle reference
+for benchmarks only, the data set's ground-truth masks of the same images (``segment.labels: ground_truth``):
+DeepLab(pseudo-labels) / DeepLab(ground truth) is what the pseudo-labels cost.
 
 Augmentation draws from a generator seeded by (seed, epoch, index), not from worker RNGs: an epoch is the
 same whatever the number of workers, and ``--resume`` replays exactly what an uninterrupted run would see.
@@ -59,8 +63,31 @@ def check_pseudo_labels(dataset, label_dir: Path, recipe_hint: str = "<recipe>")
             pass
 
 
+class TrainLabels:
+    """``labels(index)`` → H×W uint8 class indices (255: ignore) of one training image: its pseudo-label PNG, or
+    its ground-truth mask with ``ground_truth`` (the oracle reference). Picklable for DataLoader workers."""
+
+    def __init__(self, dataset, label_dir: Path | None, ground_truth: bool = False):
+        if ground_truth and not dataset.has_masks:
+            raise CpcxError(f"segment.labels: ground_truth, but the {dataset.split} split of {dataset.source} has no "
+                            "masks; use segment.labels=pseudo")
+        self.dataset, self.ground_truth = dataset, bool(ground_truth)
+        self.label_dir = None if label_dir is None else Path(label_dir)
+
+    @property
+    def kind(self) -> str:
+        return "ground_truth" if self.ground_truth else "pseudo"
+
+    def __call__(self, index: int) -> np.ndarray:
+        if self.ground_truth:
+            return self.dataset.load_mask(index)
+        return load_label_png(pseudo_label_path(self.label_dir, self.dataset.ids[index]))
+
+
 class PseudoLabelCrops(torch.utils.data.Dataset):
     """Items ``{"image": 3×S×S uint8, "label": S×S int64, "index"}``: random scale, h-flip, crop of size S.
+
+    ``labels``: a :class:`TrainLabels` or the folder of the pseudo-labels.
 
     Images smaller than the crop after scaling are padded with the ``fill`` colour (the normalisation mean,
     so padding is zero after normalisation) and their labels with 255, which the loss ignores.
@@ -69,7 +96,7 @@ class PseudoLabelCrops(torch.utils.data.Dataset):
     def __init__(
         self,
         dataset,
-        label_dir: Path,
+        labels: "TrainLabels | Path",
         crop_size: int,
         scale_range: tuple[float, float] = (0.5, 1.5),
         fill: Sequence[float] = (0.485, 0.456, 0.406),
@@ -77,7 +104,7 @@ class PseudoLabelCrops(torch.utils.data.Dataset):
         seed: int = 0,
     ):
         self.dataset = dataset
-        self.label_dir = Path(label_dir)
+        self.labels = labels if isinstance(labels, TrainLabels) else TrainLabels(dataset, Path(labels))
         self.crop_size = int(crop_size)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.fill = np.asarray([round(255 * v) for v in fill], dtype=np.uint8)
@@ -91,7 +118,7 @@ class PseudoLabelCrops(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         image = self.dataset.load_image(index)
-        label = load_label_png(pseudo_label_path(self.label_dir, self.dataset.ids[index]))
+        label = self.labels(index)
         image, label = random_scale_crop(image, label, rng, self.crop_size, self.scale_range, self.fill, self.hflip)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),

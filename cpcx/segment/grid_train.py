@@ -1,0 +1,231 @@
+"""Training and val predictions of the grid segmenter (:mod:`cpcx.segment.grid`) on cached tokens.
+
+The frozen backbone's tokens of the training images come from the train stage's feature cache when it holds
+them (same backbone weights, ``model.img_size``, ``train.views``, images), else they are extracted once into
+``runs/<name>/segment/features`` (or the shared ``train.feature_cache_dir``); the val images' tokens (one view,
+two with ``segment.flip``) likewise. An epoch shows each training image once, in one of ``train.views`` drawn
+from (seed, epoch); its label is resized (nearest) to 4× the grid and put in the same view, and the loss is
+the cross-entropy of the bilinearly upsampled logits there (255 ignored).
+
+Checkpoints hold the whole :class:`GridSegNet` (backbone included), so ``cpcx predict`` and ``cpcx export``
+need nothing else; ``--resume`` restores head and optimizer from ``weights/last.pt``.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from cpcx import atomic, distributed
+from cpcx.augment import apply_view
+from cpcx.device import autocast, seed_everything
+from cpcx.feature_cache import FeatureCache, cache_key, cache_name
+from cpcx.metrics import IGNORE_INDEX, ConfusionMatrix
+from cpcx.recipe import Recipe
+from cpcx.segment.grid import GRID_ENCODER, GridHead, GridSegNet, grid_meta
+
+#: Labels are learned at this multiple of the grid: finer than the grid, far cheaper than the image.
+LABEL_UPSAMPLE = 4
+
+
+def grid_segnet_from_train(recipe: Recipe, num_classes: int) -> tuple[GridSegNet, dict]:
+    """A fresh :class:`GridSegNet` on the train checkpoint's backbone → (network, its ``grid`` meta)."""
+    from cpcx.model import load_checkpoint
+    from cpcx.pseudo import find_checkpoint
+
+    net, train_meta = load_checkpoint(find_checkpoint(recipe), map_location="cpu")
+    cfg = recipe.segment
+    head = GridHead(net.backbone.embed_dim, num_classes, cfg.head_channels, cfg.aspp_rates)
+    model = GridSegNet(net.backbone, head, recipe.model.img_size)
+    return model, grid_meta(train_meta["model_cfg"], recipe.model.img_size, cfg.head_channels, cfg.aspp_rates)
+
+
+def token_cache(recipe: Recipe, backbone, dataset, views: list[str], device, log) -> FeatureCache:
+    """Tokens of ``dataset`` in ``views``: the train stage's cache when it has this key, else built here."""
+    from cpcx.data.views import ImageLabelDataset
+
+    size = recipe.model.img_size
+    key = cache_key(recipe.model.backbone, backbone, size, views, dataset.ids)
+    train_root = recipe.feature_cache_root()
+    own_root = recipe.train.feature_cache_dir or recipe.run_dir("segment") / "features"
+    root = train_root if (train_root / cache_name(key) / "meta.json").is_file() else own_root
+    return FeatureCache.build(root, recipe.model.backbone, backbone, ImageLabelDataset(dataset), size, views,
+                              device, recipe.segment.precision, recipe.segment.batch_size, 0, log=log, prune=False)
+
+
+def _label_grid(labels, index: int, size: int, views: list[str]) -> torch.Tensor:
+    """(V, size, size) uint8: the image's label squashed to the square the backbone reads, in every view."""
+    label = Image.fromarray(np.asarray(labels(index), dtype=np.uint8)).resize((size, size), Image.NEAREST)
+    label = torch.from_numpy(np.array(label))
+    return torch.stack([apply_view(label, v) for v in views])
+
+
+class _Epoch:
+    """(image, view) pairs of one epoch on one rank: a permutation and view draws from (seed, epoch)."""
+
+    def __init__(self, n: int, num_views: int, seed: int, epoch: int, rank: int, world: int):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2**32, epoch, 13]).generate_state(1)[0]))
+        order = torch.randperm(n, generator=g)
+        views = torch.randint(num_views, (n,), generator=g)
+        per_rank = n // world
+        self.order = order[rank * per_rank:(rank + 1) * per_rank]
+        self.views = views[self.order]
+
+
+def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int, resume: bool, console, log) -> None:
+    from cpcx.segment.data import TrainLabels
+    from cpcx.segment.stage import (CSV_HEADER, POLY_POWER, _check_compatible, _epoch_seed, _load_resume, _loss,
+                                    _mean_over_ranks, _per_device_batch, _progress, _truncate_csv)
+
+    cfg, views = recipe.segment, list(recipe.train.views)
+    folder = recipe.run_dir("segment")
+    weights = folder / "weights"
+    per_device = _per_device_batch(cfg, len(train_set), world)
+    seed_everything(recipe.seed)
+    checkpoint = _load_resume(weights / "last.pt") if resume else None
+    if resume and checkpoint is None:
+        log(f"[yellow]![/] {weights / 'last.pt'} not found: training from the start")
+    model, grid = grid_segnet_from_train(recipe, train_set.num_classes)
+    labels = TrainLabels(train_set, recipe.run_dir("pseudo") / "labels", ground_truth=cfg.labels == "ground_truth")
+    meta = segment_meta(recipe, train_set.classes, model, grid)
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    start_epoch, best = 0, {"miou": None, "epoch": None}
+    if checkpoint is not None:
+        _check_compatible(checkpoint["meta"], meta, weights / "last.pt")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, best = int(checkpoint["epoch"]), dict(checkpoint["best"])
+        if rank == 0:
+            _truncate_csv(folder / "metrics.csv", start_epoch)
+    elif rank == 0:
+        for stale in (folder / "metrics.csv", weights / "best.pt", weights / "last.pt"):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(folder / "predictions", ignore_errors=True)
+    if start_epoch >= cfg.epochs:
+        log(f"[green]✔[/] {weights / 'last.pt'}: training already finished ({start_epoch} epochs)")
+        return
+    model.to(device)
+    tokens = token_cache(recipe, model.backbone, train_set, views, device, log)
+    val_tokens = token_cache(recipe, model.backbone, val_set, val_views(cfg.flip), device, log) \
+        if val_set.has_masks else None
+    grid_h, grid_w = tokens.tokens.shape[2:4]
+    size = LABEL_UPSAMPLE * grid_h
+    targets = torch.stack([_label_grid(labels, i, size, views) for i in range(len(train_set))])  # (N, V, s, s)
+    head = model.head
+    if world > 1:
+        head = torch.nn.parallel.DistributedDataParallel(head, device_ids=[device] if device.type == "cuda" else None)
+    steps_per_epoch = (len(train_set) // world) // per_device
+    total_steps = steps_per_epoch * cfg.epochs
+    log(f"segment: {cfg.arch} head on the frozen {grid_h}×{grid_w} grid of {recipe.model.backbone}"
+        f"{' + ' + recipe.model.fuse.backbone if recipe.model.fuse else ''} · {len(train_set)} images "
+        f"({_what(labels.kind)}) · {device} × {world} · batch {per_device * world} · epochs {start_epoch + 1}–{cfg.epochs}")
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        torch.manual_seed(_epoch_seed(recipe.seed, epoch, rank))
+        plan = _Epoch(len(train_set), len(views), recipe.seed, epoch, rank, world)
+        model.train()
+        loss_sum, loss_count, lr = torch.zeros((), device=device), 0, cfg.lr
+        with _progress(console, f"epoch {epoch}/{cfg.epochs}", steps_per_epoch, rank == 0, plain=False) as advance:
+            for i in range(steps_per_epoch):
+                step = (epoch - 1) * steps_per_epoch + i
+                lr = cfg.lr * (1 - step / total_steps) ** POLY_POWER
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                pick, view = plan.order[i * per_device:(i + 1) * per_device], plan.views[i * per_device:(i + 1) * per_device]
+                x = torch.from_numpy(np.stack([tokens.tokens[int(a), int(b)] for a, b in zip(pick, view)]))
+                y = targets[pick, view].long()
+                with autocast(device, cfg.precision):
+                    logits = head(x.to(device, non_blocking=True))
+                logits = F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)
+                loss = _loss(logits, y.to(device, non_blocking=True))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach()
+                loss_count += 1
+                advance(lambda: f"loss {loss.item():.3f} · lr {lr:.2e}")
+        mean_loss = _mean_over_ranks(loss_sum, loss_count, world)
+        miou, val_started = None, time.perf_counter()
+        if val_tokens is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and rank == 0:
+            miou = confusion_from_tokens(model, val_tokens, val_set, device).result().miou
+        val_seconds = time.perf_counter() - val_started
+        if rank == 0:
+            improved = miou is not None and (best["miou"] is None or miou > best["miou"])
+            if improved:
+                best = {"miou": miou, "epoch": epoch}
+            state = {"model": model.state_dict(), "meta": meta, "epoch": epoch, "best": best}
+            atomic.save_torch(weights / "last.pt", {**state, "optimizer": optimizer.state_dict()})
+            if improved or (not val_set.has_masks and epoch == cfg.epochs):
+                atomic.save_torch(weights / "best.pt", {**state, "val_miou": miou})
+            seconds = time.perf_counter() - started
+            atomic.append_csv_row(folder / "metrics.csv", CSV_HEADER,
+                                  [epoch, lr, mean_loss, "" if miou is None else miou, round(seconds, 2)])
+            shown = "" if miou is None else f" · val mIoU {100 * miou:.1f} ({val_seconds:.0f} s)"
+            log(f"epoch {epoch}/{cfg.epochs}: loss {mean_loss:.4f}{shown} · {seconds:.0f} s")
+        distributed.barrier()
+
+
+def _what(kind: str) -> str:
+    return "GROUND-TRUTH masks: oracle reference" if kind == "ground_truth" else "pseudo-labels"
+
+
+def val_views(flip: bool) -> list[str]:
+    return ["orig", "hflip"] if flip else ["orig"]
+
+
+def segment_meta(recipe: Recipe, classes, model: GridSegNet, grid: dict) -> dict:
+    cfg = recipe.segment
+    return {"arch": cfg.arch, "encoder": GRID_ENCODER, "num_classes": len(classes), "classes": list(classes),
+            "mean": list(model.backbone.mean), "std": list(model.backbone.std), "grid": grid, "labels": cfg.labels}
+
+
+@torch.no_grad()
+def probs_from_tokens(model: GridSegNet, tokens: torch.Tensor, views: list[str], size: tuple[int, int]) -> torch.Tensor:
+    """C×H×W class probabilities of one image from its (V, h, w, e) tokens: softmax per view, views undone
+    (each is its own inverse) and averaged, upsampled bilinearly to the image's ``size``."""
+    logits = model.head(tokens.float())
+    probs = torch.stack([apply_view(p, v) for p, v in zip(logits.softmax(1), views)]).mean(0)
+    return F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def confusion_from_tokens(model: GridSegNet, cache: FeatureCache, dataset, device) -> ConfusionMatrix:
+    confusion = ConfusionMatrix(dataset.num_classes)
+    was_training = model.training
+    model.eval()
+    try:
+        for index in range(len(dataset)):
+            mask = dataset.load_mask(index)
+            probs = probs_from_tokens(model, cache.get_all(index).to(device), cache.views, mask.shape)
+            confusion.update(mask, probs.argmax(0).to(torch.uint8).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return confusion
+
+
+def write_grid_predictions(recipe: Recipe, model: GridSegNet, val_set, folder: Path, indices, device,
+                           crf_params=None, on_image=None, log=print) -> int:
+    """``folder/<id>.png`` for ``val_set[indices]`` from cached tokens (resumable: existing files are kept)."""
+    from cpcx.data.palette import save_label_png
+    from cpcx.segment.infer import refine_labels
+
+    cache = token_cache(recipe, model.backbone, val_set, val_views(recipe.segment.flip), device, log)
+    written = 0
+    model.eval()
+    for index in indices:
+        path = folder / f"{val_set.ids[index]}.png"
+        if not path.is_file():
+            image = val_set.load_image(index)
+            probs = probs_from_tokens(model, cache.get_all(index).to(device), cache.views, image.shape[:2])
+            save_label_png(path, refine_labels(image, probs, crf_params))
+            written += 1
+        if on_image is not None:
+            on_image()
+    return written
+
