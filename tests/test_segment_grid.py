@@ -205,3 +205,32 @@ def test_grid_segmenter_exports_with_parity(finished, tmp_path, fmt):
     out, parity = export_segmenter(recipe, fmt, out=tmp_path / f"grid.{fmt}", console=quiet())
     assert out.is_file() and len(parity.sizes) == 2
     assert parity.worst_relative <= RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("shape, size", [((1, 3, 375, 500), 336), ((2, 3, 100, 90), 336), ((1, 3, 64, 64), 64),
+                                         ((1, 3, 30, 41), 64)])
+def test_exportable_resize_equals_torch_antialiased_bilinear(shape, size):
+    """GridSegNet reads images as the token cache does (torch's antialiased bilinear), in exportable ops."""
+    from cpcx.segment.grid import resize_antialiased
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    reference = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                                antialias=True)
+    torch.testing.assert_close(resize_antialiased(x, size), reference, atol=1e-4, rtol=0)
+
+
+def test_token_statistics_are_the_mean_and_std_of_every_token(tmp_path):
+    from cpcx.segment.grid_train import token_statistics
+
+    tokens = np.random.default_rng(0).normal(3.0, 2.0, size=(7, 2, 3, 3, 5)).astype(np.float16)
+    np.save(tmp_path / "tokens.npy", tokens)
+
+    class Cache:
+        pass
+
+    cache = Cache()
+    cache.tokens = np.load(tmp_path / "tokens.npy", mmap_mode="r")
+    mean, std = token_statistics(cache, chunk=3)
+    flat = tokens.astype(np.float64).reshape(-1, 5)
+    np.testing.assert_allclose(mean.numpy(), flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std.numpy(), flat.std(0), rtol=1e-4)

@@ -8,8 +8,8 @@ epochs keeps far less of them (voc-mini: DeepLabV3+ EfficientNet-Lite0 kept 24.2
 stays frozen, and its tokens are computed once (the train stage's cache when size and views match): an epoch
 then costs seconds.
 
-The head: a 1×1 projection to ``segment.head_channels`` (the grid is up to ~800 channels wide; ASPP on it
-directly would cost ~10× more), smp's ``DeepLabV3Decoder`` with depthwise-separable ASPP at rates
+The head: per-channel standardisation (the training tokens' mean and std), a 1×1 projection to ``segment.head_channels`` (the grid is up to ~800
+channels wide; ASPP on it directly would cost ~10× more), smp's ``DeepLabV3Decoder`` with depthwise-separable ASPP at rates
 ``segment.aspp_rates`` in grid cells (smp's 12/24/36 are pixel rates of a stride-8 map; a 24 × 24 grid needs
 2/4/6), dropout, a 1×1 classifier. Logits are upsampled bilinearly to the image.
 
@@ -36,6 +36,11 @@ class GridHead(nn.Module):
         super().__init__()
         from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3Decoder
 
+        # The grid's channels differ in scale (raw ViT tokens beside per-map LayerNormed CNN maps): standardised
+        # first with the training tokens' statistics (set_standardization; saved with the head), else one part
+        # dominates the projection (val mIoU 32.5 → 54.2 with ground-truth masks on voc-mini's fused grid).
+        self.register_buffer("token_mean", torch.zeros(embed_dim))
+        self.register_buffer("token_std", torch.ones(embed_dim))
         self.project = nn.Sequential(nn.Conv2d(embed_dim, channels, 1, bias=False), nn.BatchNorm2d(channels),
                                      nn.ReLU())
         self.decoder = DeepLabV3Decoder(channels, channels, tuple(int(r) for r in rates), aspp_separable=True,
@@ -43,8 +48,13 @@ class GridHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
+    @torch.no_grad()
+    def set_standardization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.token_mean.copy_(mean)
+        self.token_std.copy_(std.clamp_min(1e-6))
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = tokens.permute(0, 3, 1, 2).float()
+        x = ((tokens.float() - self.token_mean) / self.token_std).permute(0, 3, 1, 2)
         return self.classifier(self.dropout(self.decoder([self.project(x)])))
 
 

@@ -80,7 +80,8 @@ class _Epoch:
 def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int, resume: bool, console, log) -> None:
     from cpcx.segment.data import TrainLabels
     from cpcx.segment.stage import (CSV_HEADER, POLY_POWER, _check_compatible, _epoch_seed, _load_resume, _loss,
-                                    _mean_over_ranks, _per_device_batch, _progress, _truncate_csv)
+                                    _mean_over_ranks, _per_device_batch, _progress, _truncate_csv,
+                                    make_optimizer)
 
     cfg, views = recipe.segment, list(recipe.train.views)
     folder = recipe.run_dir("segment")
@@ -93,8 +94,7 @@ def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int
     model, grid = grid_segnet_from_train(recipe, train_set.num_classes)
     labels = TrainLabels(train_set, recipe.run_dir("pseudo") / "labels", ground_truth=cfg.labels == "ground_truth")
     meta = segment_meta(recipe, train_set.classes, model, grid)
-    optimizer = torch.optim.SGD(model.head.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, model.head.parameters())
     start_epoch, best = 0, {"miou": None, "epoch": None}
     if checkpoint is not None:
         _check_compatible(checkpoint["meta"], meta, weights / "last.pt")
@@ -114,6 +114,8 @@ def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int
     tokens = token_cache(recipe, model.backbone, train_set, views, device, log)
     val_tokens = token_cache(recipe, model.backbone, val_set, val_views(cfg.flip), device, log) \
         if val_set.has_masks else None
+    if checkpoint is None:
+        model.head.set_standardization(*token_statistics(tokens))
     grid_h, grid_w = tokens.tokens.shape[2:4]
     size = LABEL_UPSAMPLE * grid_h
     targets = torch.stack([_label_grid(labels, i, size, views) for i in range(len(train_set))])  # (N, V, s, s)
@@ -170,6 +172,19 @@ def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int
             shown = "" if miou is None else f" · val mIoU {100 * miou:.1f} ({val_seconds:.0f} s)"
             log(f"epoch {epoch}/{cfg.epochs}: loss {mean_loss:.4f}{shown} · {seconds:.0f} s")
         distributed.barrier()
+
+
+def token_statistics(cache: FeatureCache, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of every cached token (all images, views and cells), in float64 chunks."""
+    total = total_sq = None
+    count = 0
+    for start in range(0, cache.tokens.shape[0], chunk):
+        x = torch.from_numpy(np.array(cache.tokens[start:start + chunk])).double().reshape(-1, cache.tokens.shape[-1])
+        total = x.sum(0) if total is None else total + x.sum(0)
+        total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
+        count += x.shape[0]
+    mean = total / count
+    return mean.float(), (total_sq / count - mean * mean).clamp_min(0).sqrt().float()
 
 
 def _what(kind: str) -> str:

@@ -80,7 +80,7 @@ def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, re
         log(f"[yellow]![/] {weights / 'last.pt'} not found: training from the start")
     model = build_segnet(cfg, train_set.num_classes, load_weights=checkpoint is None).to(device)
     meta = {**segnet_meta(cfg, train_set.classes), "labels": cfg.labels}
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, model.parameters())
     start_epoch, best = 0, {"miou": None, "epoch": None}
     if checkpoint is not None:
         _check_compatible(checkpoint["meta"], meta, weights / "last.pt")
@@ -160,6 +160,13 @@ def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, re
             shown = "" if miou is None else f" · val mIoU {100 * miou:.1f} (single scale, {val_seconds:.0f} s)"
             log(f"epoch {epoch}/{cfg.epochs}: loss {mean_loss:.4f}{shown} · {seconds:.0f} s")
         distributed.barrier()
+
+
+def make_optimizer(cfg, parameters) -> torch.optim.Optimizer:
+    """``segment.optimizer``: SGD with momentum (DeepLab's) or AdamW; the poly schedule drives either's lr."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
