@@ -234,3 +234,19 @@ def test_token_statistics_are_the_mean_and_std_of_every_token(tmp_path):
     flat = tokens.astype(np.float64).reshape(-1, 5)
     np.testing.assert_allclose(mean.numpy(), flat.mean(0), rtol=1e-5)
     np.testing.assert_allclose(std.numpy(), flat.std(0), rtol=1e-4)
+
+
+def test_cpcx_predict_with_a_grid_checkpoint(finished, tmp_path):
+    """`cpcx predict` needs only the grid checkpoint: labels at each image's size, overlays and probabilities."""
+    from cpcx.predict import run_predict
+
+    recipe, _, _ = finished
+    val = build_dataset(recipe.dataset, "val")
+    inputs = [str(val.image_path(i)) for i in range(2)]
+    summary = run_predict(recipe, inputs, out=tmp_path / "out", probs=True, console=quiet())
+    assert (summary.done, summary.failed) == (2, 0)
+    for i in range(2):
+        label = load_label_png(tmp_path / "out" / "labels" / f"{val.ids[i]}.png")
+        assert label.shape == val.load_mask(i).shape
+        assert (tmp_path / "out" / "overlays" / f"{val.ids[i]}.jpg").is_file()
+        assert (tmp_path / "out" / "probs" / f"{val.ids[i]}.npz").is_file()

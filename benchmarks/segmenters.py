@@ -1,0 +1,170 @@
+"""What the final segmenter keeps of its pseudo-labels (issue 18): each segmenter trained on the pseudo-labels and,
+as an oracle reference, on the ground-truth masks of the same training images; VOC slice, per seed.
+
+    .venv/bin/python benchmarks/segmenters.py                        # every segmenter, seeds 0 1 2
+    .venv/bin/python benchmarks/segmenters.py --only grid --seeds 0
+
+The pseudo-labels are those of ``benchmarks/backbones.py``'s runs of the shipped grid
+(``runs-bench/bb-vit-lite0-s<seed>``: run that first); each segmenter row gets its own run folder
+``runs-bench/seg-<segmenter>-<labels>-s<seed>`` whose clusters/train/pseudo are links to that run, and
+``cpcx segment`` is measured as a separate process (wall and CPU seconds, peak RSS).
+
+Val mIoU is over the 172 val images and also split into the first 86 val ids ("choose": where the segmenter
+settings were chosen) and the other 86 ("report": never looked at while choosing). The ratio pseudo / ground
+truth is the fair measure of what the pseudo-labels cost that segmenter. Results:
+``benchmarks/results/segmenters.{json,md}``; finished entries are skipped on a re-run (``--redo`` measures again).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_exec import child_env, cpcx_argv, read_json, run_measured, tail  # noqa: E402
+from results_rows import ROOT, VOC_RECIPE  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results"
+WORK = "runs-bench"
+SOURCE = "bb-vit-lite0-s{seed}"  # benchmarks/backbones.py's runs of the grid voc-mini ships
+
+#: Every segment knob spelled out, so a row means the same whatever recipes/voc-mini.yaml ships.
+SEGMENTERS: dict[str, tuple[str, list[str]]] = {
+    "grid": ("DeepLabV3 (ASPP) head on the frozen fused grid (ships)", [
+        "segment.arch=deeplabv3", "segment.encoder=grid", "segment.encoder_weights=null", "segment.encoder_file=null",
+        "segment.head_channels=128", "segment.aspp_rates=[2,4,6]", "segment.optimizer=adamw", "segment.lr=0.001",
+        "segment.weight_decay=0.01", "segment.epochs=16", "segment.batch_size=16", "segment.scales=[1.0]",
+        "segment.flip=true", "segment.eval_every=16", "segment.workers=0"]),
+    "lite0": ("DeepLabV3+ EfficientNet-Lite0 on images (shipped before)", [
+        "segment.arch=deeplabv3plus", "segment.encoder=tu-tf_efficientnet_lite0", "segment.encoder_weights=null",
+        "segment.encoder_file=../weights/efficientnet_lite0.safetensors", "segment.optimizer=sgd", "segment.lr=0.01",
+        "segment.weight_decay=0.0001", "segment.epochs=4", "segment.batch_size=8", "segment.crop_size=256",
+        "segment.scales=[1.0]", "segment.flip=false", "segment.eval_every=4", "segment.workers=1"]),
+}
+LABELS = ("pseudo", "ground_truth")
+
+
+def link_upstream(name: str, seed: int) -> None:
+    """The run folder of one row: its upstream stages are links to the source run's."""
+    folder = ROOT / WORK / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage in ("clusters", "train", "pseudo"):
+        link = folder / stage
+        if not link.exists():
+            link.symlink_to(Path("..") / SOURCE.format(seed=seed) / stage)
+
+
+def segment_run(key: str, labels: str, seed: int, logs: Path) -> dict:
+    name = f"seg-{key}-{labels}-s{seed}"
+    source = ROOT / WORK / SOURCE.format(seed=seed)
+    if not (source / "pseudo" / "metrics.json").is_file():
+        return {"error": f"{source}: no pseudo-labels; run benchmarks/backbones.py --only vit-lite0 first"}
+    link_upstream(name, seed)
+    args = [f"name={name}", f"seed={seed}", f"runs_dir={WORK}", f"train.feature_cache_dir={WORK}/features-bb",
+            f"segment.labels={labels}", *SEGMENTERS[key][1]]
+    measured = run_measured([*cpcx_argv(), "segment", "-r", VOC_RECIPE, *args], logs / f"{name}.log", child_env())
+    entry = {"argv": " ".join(["cpcx", "segment", "-r", VOC_RECIPE, *args]), "seconds": measured.seconds,
+             "cpu_seconds": measured.cpu_seconds, "max_rss_mib": measured.max_rss_mib}
+    if measured.returncode != 0:
+        return {**entry, "error": tail(logs / f"{name}.log")}
+    folder = ROOT / WORK / name / "segment"
+    metrics = read_json(folder / "metrics.json")
+    entry.update({"miou": 100 * metrics["miou"], "oracle": metrics.get("oracle"),
+                  "train_seconds": metrics.get("train_seconds"), "predict_seconds": metrics.get("predict_seconds")})
+    entry.update(halves(folder / "predictions"))
+    return entry
+
+
+def halves(predictions: Path) -> dict:
+    """Val mIoU on the first half of the val ids (choose) and on the other half (report)."""
+    from cpcx.data import build_dataset, load_label_png
+    from cpcx.metrics import ConfusionMatrix
+    from cpcx.recipe_io import load_recipe
+
+    dataset = build_dataset(load_recipe(ROOT / VOC_RECIPE).dataset, "val")
+    half = len(dataset) // 2
+    parts = {"choose": ConfusionMatrix(dataset.num_classes), "report": ConfusionMatrix(dataset.num_classes)}
+    for i, image_id in enumerate(dataset.ids):
+        parts["choose" if i < half else "report"].update(dataset.load_mask(i),
+                                                         load_label_png(predictions / f"{image_id}.png"))
+    return {k: 100 * float(m.result().miou) for k, m in parts.items()}
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+
+def render(results: dict) -> str:
+    lines = [
+        "# Segmenters: pseudo-labels against the ground-truth oracle (VOC slice)", "",
+        f"{results['date'][:10]} · {results['machine']} · `.venv/bin/python benchmarks/segmenters.py`. "
+        "Each segmenter trained on the 311 train images' CRF pseudo-labels of the shipped fused grid "
+        "(benchmarks/backbones.py runs, one per seed), and on their ground-truth masks (ORACLE, a reference). "
+        "Val mIoU on the 172 val images, mean ± std over seeds; choose / report: the first 86 val ids (settings "
+        "were chosen there) and the other 86. seconds: the whole `cpcx segment` process.", "",
+        "| segmenter | labels | val mIoU | choose / report | pseudo ÷ oracle | seeds | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, (title, _) in SEGMENTERS.items():
+        rows = results["runs"].get(key, {})
+        done = {labels: [r for r in rows.get(labels, {}).values() if "miou" in r] for labels in LABELS}
+        for labels in LABELS:
+            runs = done[labels]
+            ratio = ""
+            if labels == "pseudo" and done["ground_truth"]:
+                ratio = f"{np.mean([r['miou'] for r in runs]) / np.mean([r['miou'] for r in done['ground_truth']]):.2f}" \
+                    if runs else ""
+            lines.append(
+                f"| {title} | {'ORACLE: ground truth' if labels == 'ground_truth' else 'pseudo-labels'} | "
+                f"{_mean_std([r['miou'] for r in runs])} | {_mean_std([r['choose'] for r in runs])} / "
+                f"{_mean_std([r['report'] for r in runs])} | {ratio} | "
+                f"{', '.join(sorted(rows.get(labels, {}), key=int)) or '—'} | "
+                f"{_mean_std([r['seconds'] for r in runs])} |")
+    errors = [f"- {k} {labels} seed {s}: {r['error']}" for k, by in results["runs"].items()
+              for labels, seeds in by.items() for s, r in seeds.items() if "error" in r]
+    return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(SEGMENTERS), default=None)
+    parser.add_argument("--labels", nargs="*", choices=LABELS, default=list(LABELS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--redo", action="store_true")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    path = OUT / "segmenters.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    logs = ROOT / WORK / "logs"
+
+    def save() -> None:
+        results.update({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                        "machine": f"{os.cpu_count()} cores, {platform.machine()}, no GPU"})
+        OUT.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        (OUT / "segmenters.md").write_text(render(results))
+
+    for key in args.only or list(SEGMENTERS):
+        for labels in args.labels:
+            for seed in args.seeds:
+                slot = results["runs"].setdefault(key, {}).setdefault(labels, {})
+                if str(seed) in slot and "miou" in slot[str(seed)] and not args.redo:
+                    continue
+                print(f"segment {key} · {labels} · seed {seed}", flush=True)
+                slot[str(seed)] = segment_run(key, labels, seed, logs)
+                print(f"  → {json.dumps(slot[str(seed)])[:300]}", flush=True)
+                save()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
