@@ -5,9 +5,10 @@ fault we did not foresee): a Python traceback tells the user nothing, so the CLI
 error type, its message and the path of a log file that holds the traceback for a bug report. With
 ``CPCX_DEBUG=1`` (or ``cpcx --debug``) the traceback is printed on the terminal as well.
 
-The log may be attached to a public issue, so every text written is redacted first: the value of any
-environment variable whose name ends in _KEY/_TOKEN/_SECRET/_PASSWORD, and of the variable a loaded recipe
-names in ``llm.api_key_env`` (which may be called anything), is replaced by ``***``.
+The log may be attached to a public issue, so every text written is redacted first
+(``cpcx.redact.redact_environment``): the value of any environment variable whose name ends in
+_KEY/_TOKEN/_SECRET/_PASSWORD, and of the variable a loaded recipe names in ``llm.api_key_env`` (which may be
+called anything), shows as ``[redacted $NAME]``.
 """
 from __future__ import annotations
 
@@ -18,24 +19,15 @@ import time
 import traceback
 from pathlib import Path
 
-SECRET_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
-_MIN_SECRET_LEN = 4  # shorter values ("1", "yes") would blank ordinary words out of the traceback, and are no key
-_secret_names: set[str] = set()
-
+from cpcx.redact import redact_environment, register_env
 
 def register_secret_env(name: str) -> None:
-    """Redact this environment variable's value too (``llm.api_key_env`` of a loaded recipe)."""
-    _secret_names.add(name)
+    """Redact this environment variable's value too (``llm.api_key_env`` of a loaded recipe, any name)."""
+    register_env(name)
 
 
 def redact(text: str) -> str:
-    # Wider than cpcx.redact (the keys cpcx read, redacted where outputs are written): a crash log may be
-    # posted publicly, so every secret-looking variable of the environment goes, whether cpcx read it or not.
-    names = [k for k in os.environ if k.upper().endswith(SECRET_SUFFIXES) or k in _secret_names]
-    values = sorted({os.environ[k] for k in names if len(os.environ[k]) >= _MIN_SECRET_LEN}, key=len, reverse=True)
-    for value in values:  # longest first: a key that contains another key is blanked whole
-        text = text.replace(value, "***")
-    return text
+    return redact_environment(text)
 
 
 def debug_enabled() -> bool:

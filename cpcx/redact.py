@@ -1,9 +1,12 @@
-"""Keep API keys out of everything cpcx prints or writes.
+"""Keep API keys out of everything cpcx prints or writes: the one place that knows what a secret is.
 
 The key itself is never put in a message, but a server can echo it back (an HTTP error body that repeats the
 Authorization header) and a model can return it as text (it then lands in the answer cache, answers.json and
 clusters.json). So the *value* of every key cpcx reads is registered here, and the boundaries (error
 messages, the answer cache, the clusters stage's files) pass what they print or write through ``redact``.
+Crash logs (``cpcx.crashlog``) may be posted publicly, so ``redact_environment`` goes wider: every
+secret-looking variable of the environment too (names ending in _KEY/_TOKEN/_SECRET/_PASSWORD), whether cpcx
+read it or not. Either way a value shows as ``[redacted $NAME]``.
 """
 from __future__ import annotations
 
@@ -22,11 +25,26 @@ def register_env(name: str | None) -> None:
         _secrets[value] = name or "?"
 
 
-def _text(text: str) -> str:
-    for value, name in sorted(_secrets.items(), key=lambda item: -len(item[0])):  # longest first: nested keys
+SECRET_SUFFIXES = ("_KEY", "_TOKEN", "_SECRET", "_PASSWORD")
+#: Environment values shorter than this are not blanked by ``redact_environment`` ("1", "yes" are no keys).
+_MIN_ENV_LENGTH = 4
+
+
+def _replace(text: str, secrets: dict[str, str]) -> str:
+    for value, name in sorted(secrets.items(), key=lambda item: -len(item[0])):  # longest first: nested keys
         if value in text:
             text = text.replace(value, f"[redacted ${name}]")
     return text
+
+
+def _text(text: str) -> str:
+    return _replace(text, _secrets)
+
+
+def redact_environment(text: str) -> str:
+    """``text`` without the registered keys nor the value of any secret-looking environment variable."""
+    found = {v: k for k, v in os.environ.items() if k.upper().endswith(SECRET_SUFFIXES) and len(v) >= _MIN_ENV_LENGTH}
+    return _replace(text, {**found, **_secrets})
 
 
 def redact(obj: Any) -> Any:

@@ -113,7 +113,7 @@ def test_unexpected_error_is_one_line_and_a_redacted_log(tmp_path, good_recipe):
     line = _one_line(result)
     logs = list((tmp_path / "state" / "cpcx" / "logs").glob("crash-*.log"))
     assert len(logs) == 1
-    assert line == (f"✘ unexpected error: ValueError: the server echoed *** back; the traceback is in {logs[0]} "
+    assert line == (f"✘ unexpected error: ValueError: the server echoed [redacted $OPENAI_API_KEY] back; the traceback is in {logs[0]} "
                     "(CPCX_DEBUG=1 or --debug prints it here); please report it")
     text = logs[0].read_text()
     assert "Traceback (most recent call last)" in text and "in boom" in text and "second line" in text
@@ -137,7 +137,7 @@ def test_debug_switch_shows_the_traceback_redacted(tmp_path, good_recipe, switch
     result = cpcx(*args, pre=BOOM, env=env)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr and "in boom" in result.stderr
-    assert result.stderr.rstrip().splitlines()[-1].startswith("✘ unexpected error: ValueError: the server echoed *** back")
+    assert result.stderr.rstrip().splitlines()[-1].startswith("✘ unexpected error: ValueError: the server echoed [redacted $OPENAI_API_KEY] back")
     assert KEY not in result.stderr + result.stdout
 
 
@@ -153,9 +153,9 @@ def test_key_named_by_the_recipe_is_redacted(tmp_path, voc_root):
            "cpcx.clusters.run_clusters = boom")
     result = cpcx("clusters", "-r", str(recipe), pre=pre, env=_crash_env(tmp_path, MY_LLM_CREDENTIAL="hunter2-secret"))
     assert result.returncode == 1
-    assert "RuntimeError: got ***" in _one_line(result)
+    assert "RuntimeError: got [redacted $MY_LLM_CREDENTIAL]" in _one_line(result)
     log = next((tmp_path / "state" / "cpcx" / "logs").glob("crash-*.log")).read_text()
-    assert "hunter2-secret" not in log and "got ***" in log
+    assert "hunter2-secret" not in log and "got [redacted $MY_LLM_CREDENTIAL]" in log
 
 
 def test_user_errors_and_exits_are_not_reported_as_crashes(tmp_path, good_recipe):
@@ -169,4 +169,4 @@ def test_user_errors_and_exits_are_not_reported_as_crashes(tmp_path, good_recipe
 def test_unexpected_error_line_survives_an_ascii_terminal(tmp_path, good_recipe):
     result = cpcx("validate", "-r", str(good_recipe), pre=BOOM, env=_crash_env(tmp_path, PYTHONIOENCODING="ascii"))
     assert result.returncode == 1
-    assert _one_line(result).startswith("\\u2718 unexpected error: ValueError: the server echoed *** back")
+    assert _one_line(result).startswith("\\u2718 unexpected error: ValueError: the server echoed [redacted $OPENAI_API_KEY] back")
