@@ -96,6 +96,38 @@ def halves(predictions: Path) -> dict:
     return {k: 100 * float(m.result().miou) for k, m in parts.items()}
 
 
+def flip_ablation(seed: int, labels: str = "pseudo") -> dict:
+    """A finished grid row scored again from its val tokens without the mirrored view (what segment.flip adds),
+    on the whole val split and its two halves: no training, the same checkpoint."""
+    import torch
+
+    from cpcx.data import build_dataset
+    from cpcx.metrics import ConfusionMatrix
+    from cpcx.recipe_io import load_recipe
+    from cpcx.segment.grid_train import probs_from_tokens, token_cache
+    from cpcx.segment.networks import load_segnet
+
+    name = f"seg-grid-{labels}-s{seed}"
+    recipe = load_recipe(ROOT / VOC_RECIPE, [f"name={name}", f"runs_dir={WORK}",
+                                             f"train.feature_cache_dir={WORK}/features-bb", *SEGMENTERS["grid"][1]])
+    model, _ = load_segnet(recipe.run_dir("segment") / "weights" / "best.pt")
+    val = build_dataset(recipe.dataset, "val")
+    cache = token_cache(recipe, model.backbone, val, ["orig", "hflip"], torch.device("cpu"), print)
+    half = len(val) // 2
+    out = {}
+    for views in (["orig"], ["orig", "hflip"]):
+        parts = {"all": ConfusionMatrix(val.num_classes), "choose": ConfusionMatrix(val.num_classes),
+                 "report": ConfusionMatrix(val.num_classes)}
+        for i in range(len(val)):
+            mask = val.load_mask(i)
+            tokens = cache.get_all(i)[[cache.views.index(v) for v in views]]
+            label = probs_from_tokens(model, tokens, views, mask.shape).argmax(0).numpy()
+            for part in ("all", "choose" if i < half else "report"):
+                parts[part].update(mask, label)
+        out["flip" if len(views) == 2 else "no_flip"] = {k: 100 * float(m.result().miou) for k, m in parts.items()}
+    return out
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "—"
@@ -128,6 +160,15 @@ def render(results: dict) -> str:
                 f"{_mean_std([r['report'] for r in runs])} | {ratio} | "
                 f"{', '.join(sorted(rows.get(labels, {}), key=int)) or '—'} | "
                 f"{_mean_std([r['seconds'] for r in runs])} |")
+    flips = [r["flip_ablation"] for r in results["runs"].get("grid", {}).get("pseudo", {}).values()
+             if "flip_ablation" in r]
+    if flips:
+        lines += ["", f"segment.flip on the grid row (pseudo-labels; the same checkpoints scored from their val tokens "
+                      f"with and without the mirrored view; `--flip-ablation`), {len(flips)} seed(s):", "",
+                  "| val views | val mIoU | choose / report |", "|---|---|---|"]
+        for key, title in (("flip", "orig + hflip (averaged)"), ("no_flip", "orig only")):
+            lines.append(f"| {title} | {_mean_std([f[key]['all'] for f in flips])} | "
+                         f"{_mean_std([f[key]['choose'] for f in flips])} / {_mean_std([f[key]['report'] for f in flips])} |")
     errors = [f"- {k} {labels} seed {s}: {r['error']}" for k, by in results["runs"].items()
               for labels, seeds in by.items() for s, r in seeds.items() if "error" in r]
     return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
@@ -139,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", nargs="*", choices=LABELS, default=list(LABELS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--flip-ablation", action="store_true",
+                        help="score the finished grid rows again without the mirrored val view (no training)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     path = OUT / "segmenters.json"
@@ -152,6 +195,14 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(results, indent=1) + "\n")
         (OUT / "segmenters.md").write_text(render(results))
 
+    if args.flip_ablation:
+        for seed in args.seeds:
+            entry = results["runs"].get("grid", {}).get("pseudo", {}).get(str(seed))
+            if entry and "miou" in entry:
+                entry["flip_ablation"] = flip_ablation(seed)
+                print(f"seed {seed}: {entry['flip_ablation']}", flush=True)
+        save()
+        return 0
     for key in args.only or list(SEGMENTERS):
         for labels in args.labels:
             for seed in args.seeds:

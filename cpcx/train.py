@@ -29,7 +29,7 @@ from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from cpcx import atomic, checkpoint, distributed
+from cpcx import atomic, checkpoint, distributed, viz
 from cpcx.augment import TrainTransform, pick_view, sample_generator
 from cpcx.device import autocast, seed_everything
 from cpcx.errors import CpcxError
@@ -299,6 +299,8 @@ class _Trainer:
         if self.info.is_main:
             self._save(epoch + 1, loss, new_best=self.best[1] == epoch + 1)
             atomic.append_csv_row(self.folder / "metrics.csv", METRICS_HEADER, row)
+            viz.training_curves(self.folder / "metrics.csv", self.folder / "figures" / "curves.png",
+                                title=f"{self.folder.parent.name} · train")
         distributed.barrier()
 
     def _save(self, epochs_done: int, loss: float, new_best: bool) -> None:

@@ -4,7 +4,8 @@
   over the image (the paper's Fig. 6);
 * ``label_overlays``: ground truth vs pseudo-label before and after the CRF, in VOC colours over the image
   (Figs. 4–5);
-* ``iou_bar_chart``: per-class IoU, one bar per scored variant (e.g. with and without CRF).
+* ``iou_bar_chart``: per-class IoU, one bar per scored variant (e.g. with and without CRF);
+* ``training_curves``: a stage's ``metrics.csv`` drawn per epoch (loss; val mIoU or P/R/F1 where measured).
 
 Which images are drawn is ``sample_indices``: evenly spaced over the split, so the same images every run.
 """
@@ -136,4 +137,51 @@ def iou_bar_chart(path: str | Path, class_names: Sequence[str], columns: Mapping
     ax.legend(fontsize=8, loc="lower right")
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+#: metrics.csv columns drawn by ``training_curves``, by panel; others (epoch, lr, seconds, …) are not curves.
+LOSS_COLUMNS = ("loss", "mce", "pce")
+SCORE_COLUMNS = ("val_miou", "precision", "recall", "f1")
+
+
+def training_curves(csv_path: str | Path, path: str | Path, title: str = "") -> Path | None:
+    """Loss per epoch and, where measured, the scores (val mIoU, P/R/F1) of a stage's ``metrics.csv``, as the
+    ultralytics ``results.png`` beside its CSV. Empty cells (e.g. val mIoU between evaluations) are skipped.
+    None (nothing drawn) when the CSV has no row yet."""
+    import csv
+
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return None
+
+    def series(column: str) -> tuple[list[int], list[float]]:
+        xs, ys = [], []
+        for row in rows:
+            try:
+                x, y = int(row["epoch"]), float(row[column])
+            except (KeyError, TypeError, ValueError):  # not measured this epoch (or not a column of this stage)
+                continue
+            xs.append(x)
+            ys.append(y)
+        return xs, ys
+
+    panels = [(name, [c for c in columns if series(c)[1]]) for name, columns in
+              (("loss", LOSS_COLUMNS), ("score", SCORE_COLUMNS))]
+    panels = [(name, columns) for name, columns in panels if columns]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, columns) in zip(axes[0], panels):
+        for column in columns:
+            xs, ys = series(column)
+            ax.plot(xs, [100 * y for y in ys] if column == "val_miou" else ys, marker="o", ms=3,
+                    label="val mIoU (%)" if column == "val_miou" else column)
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)

@@ -250,3 +250,24 @@ def test_cpcx_predict_with_a_grid_checkpoint(finished, tmp_path):
         assert label.shape == val.load_mask(i).shape
         assert (tmp_path / "out" / "overlays" / f"{val.ids[i]}.jpg").is_file()
         assert (tmp_path / "out" / "probs" / f"{val.ids[i]}.npz").is_file()
+
+
+def test_training_curves_figure_beside_metrics_csv(finished):
+    """figures/curves.png is drawn from metrics.csv after every epoch (loss, and val mIoU where measured)."""
+    from PIL import Image
+
+    recipe, _, _ = finished
+    path = recipe.run_dir("segment") / "figures" / "curves.png"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 400
+
+
+def test_training_curves_skip_unmeasured_epochs(tmp_path):
+    from cpcx.viz import training_curves
+
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("epoch,lr,loss,val_miou,seconds\n1,0.01,1.5,,3\n2,0.01,1.1,0.31,3\n")
+    assert training_curves(csv_path, tmp_path / "curves.png").is_file()
+    (tmp_path / "empty.csv").write_text("epoch,lr,loss,val_miou,seconds\n")
+    assert training_curves(tmp_path / "empty.csv", tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()

@@ -82,6 +82,7 @@ def test_two_epochs_on_real_images(reference):
     assert all(np.isfinite(float(r["loss"])) and 0 <= float(r["f1"]) <= 1 for r in rows)
     assert best == folder / "weights" / "best.pt" and (folder / "weights" / "last.pt").is_file()
     assert (folder / "recipe.resolved.yaml").is_file() and len(list((folder / "features").iterdir())) == 1
+    assert (folder / "figures" / "curves.png").stat().st_size > 1000  # loss and P/R/F1 per epoch, drawn each epoch
 
     net, meta = load_checkpoint(best)
     assert meta["classes"][0] == "background" and len(meta["classes"]) == 21 and net.num_clusters == 4

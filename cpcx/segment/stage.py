@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from cpcx import atomic, distributed
+from cpcx import atomic, distributed, viz
 from cpcx.device import autocast, seed_everything
 from cpcx.errors import CpcxError
 from cpcx.metrics import IGNORE_INDEX, ConfusionMatrix
@@ -157,6 +157,8 @@ def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, re
             seconds = time.perf_counter() - started
             atomic.append_csv_row(folder / "metrics.csv", CSV_HEADER,
                                   [epoch, lr, mean_loss, "" if miou is None else miou, round(seconds, 2)])
+            viz.training_curves(folder / "metrics.csv", folder / "figures" / "curves.png",
+                                title=f"{folder.parent.name} · segment")
             shown = "" if miou is None else f" · val mIoU {100 * miou:.1f} (single scale, {val_seconds:.0f} s)"
             log(f"epoch {epoch}/{cfg.epochs}: loss {mean_loss:.4f}{shown} · {seconds:.0f} s")
         distributed.barrier()
