@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_exec import child_env, cpcx_argv, read_json, run_measured, tail  # noqa: E402
+from results_exec import mean_std, pseudo_scores, read_json, run_stages  # noqa: E402
 from results_rows import ROOT, VOC_RECIPE  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
@@ -141,28 +141,11 @@ def cpc_run(b: Backbone, seed: int, logs: Path) -> dict:
     name = f"bb-{b.key}-s{seed}"
     args = [f"name={name}", f"seed={seed}", f"runs_dir={WORK}", f"train.feature_cache_dir={WORK}/features-bb",
             *b.overrides()]
-    entry: dict = {"argv": " ".join(["cpcx", "<stage>", "-r", VOC_RECIPE, *args]), "stages": {}}
-    from cpcx.recipe_io import load_recipe
-    from cpcx.runs import read_stage_state, stage_is_current
-
-    recipe = load_recipe(ROOT / VOC_RECIPE, args)
-    for stage in ("clusters", "train", "pseudo"):
-        if stage_is_current(recipe, stage):  # a finished stage of this configuration (e.g. a copied run folder)
-            entry["stages"][stage] = {"seconds": read_stage_state(recipe, stage).get("seconds"), "reused": True}
-            continue
-        measured = run_measured([*cpcx_argv(), stage, "-r", VOC_RECIPE, *args], logs / f"{name}-{stage}.log",
-                                child_env())
-        entry["stages"][stage] = {"seconds": measured.seconds, "cpu_seconds": measured.cpu_seconds,
-                                  "max_rss_mib": measured.max_rss_mib}
-        if measured.returncode != 0:
-            entry["error"] = f"{stage} failed: {tail(logs / f'{name}-{stage}.log')}"
-            return entry
-    pseudo = ROOT / WORK / name / "pseudo"
-    entry["crf"] = 100 * read_json(pseudo / "metrics.json")["miou"]
-    from cpcx.metrics import scores_from_confusion
-
-    entry["no_crf"] = 100 * float(scores_from_confusion(np.array(read_json(pseudo / "no_crf.json")["matrix"])).miou)
-    entry.update(subset_scores(pseudo / "labels"))
+    entry = run_stages(VOC_RECIPE, args, ("clusters", "train", "pseudo"), name, logs)
+    if "error" not in entry:
+        pseudo = ROOT / WORK / name / "pseudo"
+        entry.update(pseudo_scores(pseudo))
+        entry.update(subset_scores(pseudo / "labels"))
     return entry
 
 
@@ -181,14 +164,6 @@ def subset_scores(labels_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ table
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
-
-
 def _probe_cell(ref: dict | None, name: str) -> str:
     if not ref or name not in ref:
         return "—"
@@ -223,8 +198,8 @@ def render(results: dict) -> str:
         lines.append(" | ".join([
             f"| {b.title}", grid, _probe_cell(ref, "probe"), _probe_cell(ref, "probe_grid"),
             cell(ref["grid_probe"]["map"]) if ref else "—", cell(ref["supervised"]["miou"]) if ref else "—",
-            _mean_std([r["crf"] for r in runs]), _mean_std([r["no_crf"] for r in runs]),
-            f"{_mean_std([r['crf_choose'] for r in runs])} / {_mean_std([r['crf_report'] for r in runs])}",
+            mean_std([r["crf"] for r in runs]), mean_std([r["no_crf"] for r in runs]),
+            f"{mean_std([r['crf_choose'] for r in runs])} / {mean_std([r['crf_report'] for r in runs])}",
             ", ".join(map(str, seeds)) or "—",
             *(f"{secs[st]:.0f}" if secs[st] is not None else "—" for st in ("train", "pseudo")),
         ]) + " |")

@@ -19,10 +19,8 @@ import platform
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_exec import child_env, cpcx_argv, read_json, run_measured, tail  # noqa: E402
+from results_exec import mean_std, pseudo_scores, read_json, run_stages  # noqa: E402
 from results_rows import ROOT  # noqa: E402
 from segmenters import SEGMENTERS  # noqa: E402
 
@@ -44,34 +42,11 @@ def coco_run(key: str, seed: int, logs: Path) -> dict:
     name = f"coco-{key}-s{seed}"
     args = [f"name={name}", f"seed={seed}", f"runs_dir={WORK}", f"train.feature_cache_dir={WORK}/features-coco-grids",
             *GRIDS[key][1], *SEGMENTERS["grid"][1]]
-    entry: dict = {"argv": " ".join(["cpcx", "<stage>", "-r", RECIPE, *args]), "stages": {}}
-    from cpcx.recipe_io import load_recipe
-    from cpcx.runs import read_stage_state, stage_is_current
-
-    recipe = load_recipe(ROOT / RECIPE, args)
-    for stage in STAGES:
-        if stage_is_current(recipe, stage):
-            entry["stages"][stage] = {"seconds": read_stage_state(recipe, stage).get("seconds"), "reused": True}
-            continue
-        measured = run_measured([*cpcx_argv(), stage, "-r", RECIPE, *args], logs / f"{name}-{stage}.log", child_env())
-        entry["stages"][stage] = {"seconds": measured.seconds, "cpu_seconds": measured.cpu_seconds,
-                                  "max_rss_mib": measured.max_rss_mib}
-        if measured.returncode != 0:
-            entry["error"] = f"{stage} failed: {tail(logs / f'{name}-{stage}.log')}"
-            return entry
-    from cpcx.metrics import scores_from_confusion
-
-    pseudo = ROOT / WORK / name / "pseudo"
-    entry["crf"] = 100 * read_json(pseudo / "metrics.json")["miou"]
-    entry["no_crf"] = 100 * float(scores_from_confusion(np.array(read_json(pseudo / "no_crf.json")["matrix"])).miou)
-    entry["segment"] = 100 * read_json(ROOT / WORK / name / "segment" / "metrics.json")["miou"]
+    entry = run_stages(RECIPE, args, STAGES, name, logs)
+    if "error" not in entry:
+        entry.update(pseudo_scores(ROOT / WORK / name / "pseudo"))
+        entry["segment"] = 100 * read_json(ROOT / WORK / name / "segment" / "metrics.json")["miou"]
     return entry
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
 def render(results: dict) -> str:
@@ -86,10 +61,10 @@ def render(results: dict) -> str:
     ]
     for key, (title, _) in GRIDS.items():
         runs = [r for r in results["runs"].get(key, {}).values() if "crf" in r]
-        seconds = [_mean_std([r["stages"][s]["seconds"] for r in runs if r["stages"].get(s, {}).get("seconds")])
+        seconds = [mean_std([r["stages"][s]["seconds"] for r in runs if r["stages"].get(s, {}).get("seconds")])
                    for s in STAGES]
-        lines.append(f"| {title} | {_mean_std([r['crf'] for r in runs])} | {_mean_std([r['no_crf'] for r in runs])} | "
-                     f"{_mean_std([r['segment'] for r in runs])} | "
+        lines.append(f"| {title} | {mean_std([r['crf'] for r in runs])} | {mean_std([r['no_crf'] for r in runs])} | "
+                     f"{mean_std([r['segment'] for r in runs])} | "
                      f"{', '.join(sorted(results['runs'].get(key, {}), key=int)) or '—'} | " + " | ".join(seconds) + " |")
     errors = [f"- {k} seed {s}: {r['error']}" for k, by in results["runs"].items() for s, r in by.items() if "error" in r]
     return "\n".join(lines + ([""] + errors if errors else [])) + "\n"

@@ -60,6 +60,47 @@ def run_measured(argv: Sequence[str], log: Path, env: dict[str, str]) -> Measure
                     round(usage["maxrss_kib"] / 1024, 1))  # ru_maxrss is in KiB on Linux
 
 
+def run_stages(recipe_file: str, args: Sequence[str], stages: Sequence[str], name: str, logs: Path) -> dict:
+    """Each stage of one run as its own measured process, skipping stages already finished with this recipe
+    (e.g. a copied run folder) → ``{"argv", "stages": {stage: seconds…}}`` plus ``"error"`` at the first failure."""
+    from cpcx.recipe_io import load_recipe
+    from cpcx.runs import read_stage_state, stage_is_current
+
+    entry: dict = {"argv": " ".join(["cpcx", "<stage>", "-r", recipe_file, *args]), "stages": {}}
+    recipe = load_recipe(ROOT / recipe_file, list(args))
+    for stage in stages:
+        if stage_is_current(recipe, stage):
+            entry["stages"][stage] = {"seconds": read_stage_state(recipe, stage).get("seconds"), "reused": True}
+            continue
+        log = logs / f"{name}-{stage}.log"
+        measured = run_measured([*cpcx_argv(), stage, "-r", recipe_file, *args], log, child_env())
+        entry["stages"][stage] = {"seconds": measured.seconds, "cpu_seconds": measured.cpu_seconds,
+                                  "max_rss_mib": measured.max_rss_mib}
+        if measured.returncode != 0:
+            entry["error"] = f"{stage} failed: {tail(log)}"
+            break
+    return entry
+
+
+def pseudo_scores(pseudo: Path) -> dict:
+    """CRF and no-CRF pseudo-label mIoU × 100 of a finished pseudo stage folder."""
+    import numpy as np
+
+    from cpcx.metrics import scores_from_confusion
+
+    no_crf = scores_from_confusion(np.array(read_json(pseudo / "no_crf.json")["matrix"])).miou
+    return {"crf": 100 * read_json(pseudo / "metrics.json")["miou"], "no_crf": 100 * float(no_crf)}
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """'m' for one value, 'm ± s' (sample standard deviation, ddof 1) for more, '—' for none."""
+    import numpy as np
+
+    if not values:
+        return "—"
+    return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
 def child_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 

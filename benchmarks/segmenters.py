@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_exec import child_env, cpcx_argv, read_json, run_measured, tail  # noqa: E402
+from results_exec import child_env, cpcx_argv, mean_std, read_json, run_measured, tail  # noqa: E402
 from results_rows import ROOT, VOC_RECIPE  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
@@ -164,12 +164,6 @@ def flip_ablation(seed: int, labels: str = "pseudo") -> dict:
     return out
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values):.1f}"
-
-
 def render(results: dict) -> str:
     lines = [
         f"# Segmenters: pseudo-labels against the ground-truth oracle ({D.recipe})", "",
@@ -194,11 +188,11 @@ def render(results: dict) -> str:
                     if runs else ""
             lines.append(
                 f"| {title} | {'ORACLE: ground truth' if labels == 'ground_truth' else 'pseudo-labels'} | "
-                f"{_mean_std([r['miou'] for r in runs])} | {_mean_std([r['choose'] for r in runs])} / "
-                f"{_mean_std([r['report'] for r in runs])} | {ratio} | "
+                f"{mean_std([r['miou'] for r in runs])} | {mean_std([r['choose'] for r in runs])} / "
+                f"{mean_std([r['report'] for r in runs])} | {ratio} | "
                 f"{', '.join(sorted(rows.get(labels, {}), key=int)) or '—'} | "
-                f"{_mean_std([r['seconds'] for r in runs])} | "
-                f"{_mean_std([r['epoch_seconds'] for r in runs if r.get('epoch_seconds')])} |")
+                f"{mean_std([r['seconds'] for r in runs])} | "
+                f"{mean_std([r['epoch_seconds'] for r in runs if r.get('epoch_seconds')])} |")
     flips = [r["flip_ablation"] for r in results["runs"].get("grid", {}).get("pseudo", {}).values()
              if "flip_ablation" in r]
     if flips:
@@ -206,8 +200,8 @@ def render(results: dict) -> str:
                       f"with and without the mirrored view; `--flip-ablation`), {len(flips)} seed(s):", "",
                   "| val views | val mIoU | choose / report |", "|---|---|---|"]
         for key, title in (("flip", "orig + hflip (averaged)"), ("no_flip", "orig only")):
-            lines.append(f"| {title} | {_mean_std([f[key]['all'] for f in flips])} | "
-                         f"{_mean_std([f[key]['choose'] for f in flips])} / {_mean_std([f[key]['report'] for f in flips])} |")
+            lines.append(f"| {title} | {mean_std([f[key]['all'] for f in flips])} | "
+                         f"{mean_std([f[key]['choose'] for f in flips])} / {mean_std([f[key]['report'] for f in flips])} |")
     errors = [f"- {k} {labels} seed {s}: {r['error']}" for k, by in results["runs"].items()
               for labels, seeds in by.items() for s, r in seeds.items() if "error" in r]
     return "\n".join(lines + ([""] + errors if errors else [])) + "\n"

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cpcx import atomic, distributed, viz
+from cpcx import distributed
 from cpcx.augment import apply_view
 from cpcx.device import autocast, seed_everything
 from cpcx.feature_cache import FeatureCache, cache_key, cache_name
-from cpcx.metrics import IGNORE_INDEX, ConfusionMatrix
+from cpcx.metrics import ConfusionMatrix
 from cpcx.recipe import Recipe
 from cpcx.segment.grid import GRID_ENCODER, GridHead, GridSegNet, grid_meta
 
@@ -79,9 +79,9 @@ class _Epoch:
 
 def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int, resume: bool, console, log) -> None:
     from cpcx.segment.data import TrainLabels
-    from cpcx.segment.stage import (CSV_HEADER, POLY_POWER, _check_compatible, _epoch_seed, _load_resume, _loss,
-                                    _mean_over_ranks, _per_device_batch, _progress, _truncate_csv,
-                                    make_optimizer)
+    from cpcx.segment.stage import (POLY_POWER, _check_compatible, _epoch_seed, _load_resume, _loss,
+                                    _mean_over_ranks, _per_device_batch, _progress, _truncate_csv, make_optimizer,
+                                    record_epoch)
 
     cfg, views = recipe.segment, list(recipe.train.views)
     folder = recipe.run_dir("segment")
@@ -159,20 +159,8 @@ def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int
             miou = confusion_from_tokens(model, val_tokens, val_set, device).result().miou
         val_seconds = time.perf_counter() - val_started
         if rank == 0:
-            improved = miou is not None and (best["miou"] is None or miou > best["miou"])
-            if improved:
-                best = {"miou": miou, "epoch": epoch}
-            state = {"model": model.state_dict(), "meta": meta, "epoch": epoch, "best": best}
-            atomic.save_torch(weights / "last.pt", {**state, "optimizer": optimizer.state_dict()})
-            if improved or (not val_set.has_masks and epoch == cfg.epochs):
-                atomic.save_torch(weights / "best.pt", {**state, "val_miou": miou})
-            seconds = time.perf_counter() - started
-            atomic.append_csv_row(folder / "metrics.csv", CSV_HEADER,
-                                  [epoch, lr, mean_loss, "" if miou is None else miou, round(seconds, 2)])
-            viz.training_curves(folder / "metrics.csv", folder / "figures" / "curves.png",
-                                title=f"{folder.parent.name} · segment")
-            shown = "" if miou is None else f" · val mIoU {100 * miou:.1f} ({val_seconds:.0f} s)"
-            log(f"epoch {epoch}/{cfg.epochs}: loss {mean_loss:.4f}{shown} · {seconds:.0f} s")
+            best = record_epoch(folder, model.state_dict(), optimizer, meta, best, epoch, cfg.epochs, lr, mean_loss,
+                                miou, val_set.has_masks, started, f"{val_seconds:.0f} s", log)
         distributed.barrier()
 
 

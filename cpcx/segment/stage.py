@@ -147,21 +147,32 @@ def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, re
             miou = _val_miou(net, val_set, device, cfg.precision, rank, world, console)
         val_seconds = time.perf_counter() - val_started
         if rank == 0:
-            improved = miou is not None and (best["miou"] is None or miou > best["miou"])
-            if improved:
-                best = {"miou": miou, "epoch": epoch}
-            state = {"model": net.net.state_dict(), "meta": meta, "epoch": epoch, "best": best}
-            atomic.save_torch(weights / "last.pt", {**state, "optimizer": optimizer.state_dict()})
-            if improved or (not val_set.has_masks and epoch == cfg.epochs):
-                atomic.save_torch(weights / "best.pt", {**state, "val_miou": miou})
-            seconds = time.perf_counter() - started
-            atomic.append_csv_row(folder / "metrics.csv", CSV_HEADER,
-                                  [epoch, lr, mean_loss, "" if miou is None else miou, round(seconds, 2)])
-            viz.training_curves(folder / "metrics.csv", folder / "figures" / "curves.png",
-                                title=f"{folder.parent.name} · segment")
-            shown = "" if miou is None else f" · val mIoU {100 * miou:.1f} (single scale, {val_seconds:.0f} s)"
-            log(f"epoch {epoch}/{cfg.epochs}: loss {mean_loss:.4f}{shown} · {seconds:.0f} s")
+            best = record_epoch(folder, net.net.state_dict(), optimizer, meta, best, epoch, cfg.epochs, lr, mean_loss,
+                                miou, val_set.has_masks, started, f"single scale, {val_seconds:.0f} s", log)
         distributed.barrier()
+
+
+def record_epoch(folder: Path, model_state: dict, optimizer, meta: dict, best: dict, epoch: int, epochs: int,
+                 lr: float, mean_loss: float, miou: float | None, has_masks: bool, started: float, how: str,
+                 log) -> dict:
+    """The end of an epoch on rank 0 → the new ``best``: ``weights/last.pt`` (and ``best.pt`` when val mIoU
+    improved, or at the end without val masks), the metrics.csv row, the curves figure and the log line.
+    Checkpoint before row: a kill in between redoes nothing and --resume truncates nothing it needs."""
+    weights = folder / "weights"
+    improved = miou is not None and (best["miou"] is None or miou > best["miou"])
+    if improved:
+        best = {"miou": miou, "epoch": epoch}
+    state = {"model": model_state, "meta": meta, "epoch": epoch, "best": best}
+    atomic.save_torch(weights / "last.pt", {**state, "optimizer": optimizer.state_dict()})
+    if improved or (not has_masks and epoch == epochs):
+        atomic.save_torch(weights / "best.pt", {**state, "val_miou": miou})
+    seconds = time.perf_counter() - started
+    atomic.append_csv_row(folder / "metrics.csv", CSV_HEADER,
+                          [epoch, lr, mean_loss, "" if miou is None else miou, round(seconds, 2)])
+    viz.training_curves(folder / "metrics.csv", folder / "figures" / "curves.png", title=f"{folder.parent.name} · segment")
+    shown = "" if miou is None else f" · val mIoU {100 * miou:.1f} ({how})"
+    log(f"epoch {epoch}/{epochs}: loss {mean_loss:.4f}{shown} · {seconds:.0f} s")
+    return best
 
 
 def make_optimizer(cfg, parameters) -> torch.optim.Optimizer:
