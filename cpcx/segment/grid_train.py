@@ -12,7 +12,6 @@ need nothing else; ``--resume`` restores head and optimizer from ``weights/last.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -80,8 +79,8 @@ class _Epoch:
 def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int, resume: bool, console, log) -> None:
     from cpcx.segment.data import TrainLabels
     from cpcx.segment.stage import (POLY_POWER, _check_compatible, _epoch_seed, _load_resume, _loss,
-                                    _mean_over_ranks, _per_device_batch, _progress, _truncate_csv, make_optimizer,
-                                    record_epoch)
+                                    _mean_over_ranks, _per_device_batch, _progress, _truncate_csv, clear_previous_run,
+                                    make_optimizer, record_epoch)
 
     cfg, views = recipe.segment, list(recipe.train.views)
     folder = recipe.run_dir("segment")
@@ -104,9 +103,7 @@ def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int
         if rank == 0:
             _truncate_csv(folder / "metrics.csv", start_epoch)
     elif rank == 0:
-        for stale in (folder / "metrics.csv", weights / "best.pt", weights / "last.pt"):
-            stale.unlink(missing_ok=True)
-        shutil.rmtree(folder / "predictions", ignore_errors=True)
+        clear_previous_run(folder)
     if start_epoch >= cfg.epochs:
         log(f"[green]✔[/] {weights / 'last.pt'}: training already finished ({start_epoch} epochs)")
         return

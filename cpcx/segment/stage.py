@@ -89,10 +89,8 @@ def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, re
         start_epoch, best = int(checkpoint["epoch"]), dict(checkpoint["best"])
         if rank == 0:
             _truncate_csv(folder / "metrics.csv", start_epoch)
-    elif rank == 0:  # a fresh run: outputs of an earlier one must not mix with this one's
-        for stale in (folder / "metrics.csv", weights / "best.pt", weights / "last.pt"):
-            stale.unlink(missing_ok=True)
-        shutil.rmtree(folder / "predictions", ignore_errors=True)
+    elif rank == 0:
+        clear_previous_run(folder)
     if start_epoch >= cfg.epochs:
         log(f"[green]✔[/] {weights / 'last.pt'}: training already finished ({start_epoch} epochs)")
         return
@@ -150,6 +148,13 @@ def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, re
             best = record_epoch(folder, net.net.state_dict(), optimizer, meta, best, epoch, cfg.epochs, lr, mean_loss,
                                 miou, val_set.has_masks, started, f"single scale, {val_seconds:.0f} s", log)
         distributed.barrier()
+
+
+def clear_previous_run(folder: Path) -> None:
+    """A fresh (not resumed) run: the outputs of an earlier one must not mix with this one's."""
+    for stale in (folder / "metrics.csv", folder / "weights" / "best.pt", folder / "weights" / "last.pt"):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(folder / "predictions", ignore_errors=True)
 
 
 def record_epoch(folder: Path, model_state: dict, optimizer, meta: dict, best: dict, epoch: int, epochs: int,
