@@ -63,7 +63,7 @@ D = DATA["voc"]  # set by --data
 
 #: Every segment knob spelled out, so a row means the same whatever recipes/voc-mini.yaml ships.
 SEGMENTERS: dict[str, tuple[str, list[str]]] = {
-    "grid": ("DeepLabV3 (ASPP) head on the frozen fused grid (ships)", [
+    "grid": ("DeepLabV3 (ASPP) head on the frozen fused grid, val flip (ships without: below)", [
         "segment.arch=deeplabv3", "segment.encoder=grid", "segment.encoder_weights=null", "segment.encoder_file=null",
         "segment.head_channels=128", "segment.aspp_rates=[2,4,6]", "segment.optimizer=adamw", "segment.lr=0.001",
         "segment.weight_decay=0.01", "segment.epochs=16", "segment.batch_size=16", "segment.scales=[1.0]",
