@@ -38,6 +38,7 @@ from cpcx.augment import apply_view, normalize, resize_image
 from cpcx.data.views import ImageLabelDataset
 from cpcx.device import autocast
 from cpcx.model.backbone import ViTBackbone
+from cpcx.progress import PlainProgress
 
 FORMAT = 1
 
@@ -245,7 +246,7 @@ def _extract(folder: Path, backbone: ViTBackbone, images: ImageLabelDataset, img
     backbone.eval()
     loader = DataLoader(_Resized(images, todo, img_size, backbone.mean, backbone.std), batch_size=batch_size,
                         num_workers=workers, shuffle=False)
-    report = _Every(30.0, len(todo), log if rank == 0 else (lambda text: None))
+    report = PlainProgress("feature cache", len(todo), log if rank == 0 else (lambda text: None))
     for indices, batch in loader:
         batch = batch.to(device)
         stacked = torch.cat([apply_view(batch, v) for v in views])  # (V·b, 3, S, S)
@@ -259,28 +260,6 @@ def _extract(folder: Path, backbone: ViTBackbone, images: ImageLabelDataset, img
         done.flush()
         report(len(idx))
     backbone.train(was_training)
-
-
-class _Every:
-    """A plain progress line (count, rate, ETA) at most every ``seconds``: extraction takes minutes on a CPU and
-    hours at COCO scale, and a log that stays silent that long looks like a hang."""
-
-    def __init__(self, seconds: float, total: int, log: Callable[[str], None]):
-        import time
-
-        self.clock, self.seconds, self.total, self.log = time.perf_counter, seconds, total, log
-        self.t0 = self.last = self.clock()
-        self.done = 0
-
-    def __call__(self, count: int) -> None:
-        self.done += count
-        now = self.clock()
-        if now - self.last < self.seconds and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        self.log(f"feature cache: {self.done}/{self.total} images, {rate:.2f} img/s, eta {eta:.0f} s")
 
 
 def _finish(folder: Path, key: dict) -> None:

@@ -236,16 +236,11 @@ class _progress:
             self.bar.__enter__()
             self.task = self.bar.add_task("predict", total=self.total)
             return lambda: self.bar.update(self.task, advance=1)
-        self.last = time.monotonic()
-        every = max(1, self.total // 10)
+        from cpcx.progress import PlainProgress
 
-        def advance() -> None:
-            self.done += 1
-            if self.done % every == 0 or self.done == self.total or time.monotonic() - self.last >= PLAIN_EVERY_S:
-                self.last = time.monotonic()
-                self.console.print(f"predict: {self.done}/{self.total}", highlight=False)
-
-        return advance
+        lines = PlainProgress("predict", self.total, lambda text: self.console.print(text, highlight=False),
+                              seconds=PLAIN_EVERY_S)
+        return lambda: lines(1)
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:

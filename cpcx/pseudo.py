@@ -317,19 +317,13 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
 
 
 def _with_progress(console: Console, total: int, work):
-    """Run ``work(advance)`` under a progress bar, or with a line per 10% when the output is not a terminal."""
+    """Run ``work(advance)`` under a progress bar, or with plain progress lines when the output is not a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    if not console.is_terminal:
-        count, step, start = 0, max(1, total // 10), time.perf_counter()
+    if not console.is_terminal:  # plain logs: a line every 10 % and at least every 30 s, with rate and ETA
+        from cpcx.progress import PlainProgress
 
-        def log(n: int) -> None:
-            nonlocal count
-            count += n
-            if count % step == 0 or count == total:
-                console.print(f"pseudo: {count}/{total} images, {count / (time.perf_counter() - start):.2f}/s")
-
-        return work(log)
+        return work(PlainProgress("pseudo", total, lambda text: console.print(text, highlight=False)))
     with Progress(TextColumn("pseudo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("pseudo", total=total)

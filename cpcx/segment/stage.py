@@ -359,7 +359,8 @@ def _progress(
     console: Console, description: str, total: int, enabled: bool, plain: bool = True
 ) -> Iterator[Callable[..., None]]:
     """``advance(info=None)`` per item, ``info`` a callable giving the status text (called only when shown):
-    a rich bar on a terminal, else a plain line every ~10% (if ``plain``); nothing off rank 0."""
+    a rich bar on a terminal, else plain lines (if ``plain``: every 10 % and at least every 30 s, with rate and
+    ETA; cpcx.progress); nothing off rank 0."""
     if not enabled or not (plain or console.is_terminal):
         yield lambda info=None: None
         return
@@ -379,14 +380,9 @@ def _progress(
 
             yield advance_bar
         return
-    done = 0
-    every = max(1, total // 10)
+    from cpcx.progress import PlainProgress
 
-    def advance(info: Callable[[], str] | None = None) -> None:
-        nonlocal done
-        done += 1
-        if done % every == 0 or done == total:
-            text = f" {info()}" if info is not None else ""
-            console.print(f"{description}: {done}/{total}{text}", soft_wrap=True)
+    lines = PlainProgress(description, total, lambda text: console.print(text, soft_wrap=True, highlight=False),
+                          unit="steps" if description.startswith("epoch") else "images")
 
-    yield advance
+    yield lambda info=None: lines(1, info)
