@@ -24,6 +24,14 @@ COCO_RECIPE = "recipes/coco-mini.yaml"
 SECTIONS = ("table4", "sources", "table5", "coco", "speed")
 #: A smoke run of the whole flow in a few minutes (``--quick``): few images, one epoch, no CRF, no figures.
 VIT_GRID = "model.fuse=null"
+#: The image segmenter every recorded row trained (voc-mini and coco-mini shipped it until the grid head of issue
+#: 18): pinned, so that the DeepLab column keeps meaning, and fingerprinting, what it measured.
+IMAGE_SEGMENTER = ("segment.arch=deeplabv3plus", "segment.encoder=tu-tf_efficientnet_lite0",
+                   "segment.encoder_weights=null", "segment.encoder_file=../weights/efficientnet_lite0.safetensors",
+                   "segment.optimizer=sgd", "segment.lr=0.01", "segment.weight_decay=0.0001", "segment.batch_size=8",
+                   "segment.crop_size=256", "segment.scales=[1.0]", "segment.flip=false", "segment.head_channels=256",
+                   "segment.aspp_rates=[2,4,6]")
+SEGMENT_EPOCHS = {"voc": ("segment.epochs=4", "segment.eval_every=4"), "coco": ("segment.epochs=6", "segment.eval_every=6")}
 QUICK_OVERRIDES = ("dataset.limit=24", "train.epochs=1", "train.warmup_epochs=0", "segment.epochs=1",
                    "segment.eval_every=1", "crf.enabled=false", "pseudo.figures=0")
 
@@ -132,12 +140,13 @@ class Experiment:
 
     def all_overrides(self, settings: Settings) -> list[str]:
         # One token cache per data set for every row: the DINOv2 tokens are extracted once, not per row.
-        # The VOC rows were measured on the ViT grid alone, before voc-mini put EfficientNet-Lite0 beside it
-        # (model.fuse, issue 17; docs/backbones.md): pinned, so they keep meaning, and fingerprinting, what they did.
-        grid = (VIT_GRID,) if self.dataset == "voc" else ()
+        # Every row was measured on the ViT grid alone, before voc-mini and coco-mini put EfficientNet-Lite0 beside
+        # it (model.fuse, issue 17; docs/backbones.md), and with the image segmenter: pinned, so they keep meaning,
+        # and fingerprinting, what they did.
+        pinned = (VIT_GRID, *IMAGE_SEGMENTER, *SEGMENT_EPOCHS[self.dataset])
         return [f"name={self.run_name}", f"runs_dir={settings.work_dir}", f"seed={self.seed}",
                 f"train.feature_cache_dir={settings.work_dir}/features-{self.dataset}",
-                *settings.extra, *self.overrides, *grid]
+                *settings.extra, *self.overrides, *pinned]
 
     def command(self, settings: Settings) -> str:
         """The ``cpcx run`` line that reproduces this row (it also trains DeepLab)."""
