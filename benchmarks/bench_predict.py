@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_predict.py                              # 32 val images, smoke segmenter
     .venv/bin/python benchmarks/bench_predict.py --weights runs/voc-mini/segment/weights/best.pt --limit 172
+    .venv/bin/python benchmarks/bench_predict.py --weights runs-bench/seg-grid-pseudo-s0/segment/weights/best.pt \
+        --name predict-grid                                                     # the grid segmenter voc-mini ships
 
 Without ``--weights`` the smoke recipe's segmenter (EfficientNet-Lite0 DeepLabV3+, the network voc-mini ships)
 is trained for its one epoch on 16 train images, their ground-truth masks standing in for pseudo-labels: the
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=None, help="a segment weights/*.pt (default: train smoke's)")
     parser.add_argument("--repeat", type=int, default=2, help="repeats per setting (the fastest counts)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--name", default="predict", help="results file stem (predict-grid for a grid segmenter)")
     args = parser.parse_args()
 
     import numpy as np
@@ -79,11 +82,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as tmp:
         weights = args.weights or _train_smoke(args.voc, Path(tmp) / "runs")
         network = f"smoke segmenter ({weights.name}, trained here)" if args.weights is None else str(args.weights)
-        times: dict[str, list[float]] = {name: [] for name, _, _ in SETTINGS}
+        from cpcx.segment.networks import load_segnet
+
+        _, meta = load_segnet(weights)
+        arch = f"{meta['arch']} · {meta['encoder']}"
+        # A grid segmenter reads every image at its model.img_size: test-time scales do not apply to it.
+        settings = [row for row in SETTINGS if meta["encoder"] != "grid" or "segment.scales=[1.0]" in row[1]]
+        times: dict[str, list[float]] = {name: [] for name, _, _ in settings}
         for repeat in range(args.repeat):
             # Settings alternate and each keeps its fastest repeat: a neighbour that steals a core for a while
             # then slows one repeat, not one setting.
-            for name, overrides, probs in SETTINGS:
+            for name, overrides, probs in settings:
                 recipe = load_recipe(SMOKE, [f"runs_dir={tmp}", "segment.device=cpu", *overrides], check_inputs=False)
                 summary = run_predict(recipe, inputs, out=Path(tmp) / f"out-{repeat}-{len(times[name])}",
                                       probs=probs, weights=weights, console=Console(file=io.StringIO()))
@@ -92,18 +101,18 @@ def main() -> None:
                 print(f"{name}: {len(inputs)} images in {summary.seconds:.1f} s = {summary.images_per_s:.2f} images/s")
     runs = [{"setting": name, "overrides": overrides, "probs": probs, "seconds": min(times[name]),
              "all_seconds": times[name], "images_per_s": len(inputs) / min(times[name])}
-            for name, overrides, probs in SETTINGS]
+            for name, overrides, probs in settings]
     result = {
         "benchmark": "predict", "images": len(inputs), "mean_megapixels": megapixels, "network": network,
-        "arch": "deeplabv3plus · tu-tf_efficientnet_lite0", "torch_threads": torch.get_num_threads(), "runs": runs,
+        "arch": arch, "torch_threads": torch.get_num_threads(), "runs": runs,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_average_before": load_before, "load_average_after": list(os.getloadavg())},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    atomic.write_json(args.out / "predict.json", result)
+    atomic.write_json(args.out / f"{args.name}.json", result)
     lines = [
         f"# cpcx predict speed ({len(inputs)} VOC-slice val images, {megapixels:.3f} MP mean, {network}, "
-        f"DeepLabV3+ · EfficientNet-Lite0, CPU, {torch.get_num_threads()} torch thread(s))",
+        f"{arch}, CPU, {torch.get_num_threads()} torch thread(s))",
         "", "| setting | seconds (best of repeats) | images/s |", "|---|---:|---:|",
         *[f"| {r['setting']} | {r['seconds']:.1f} ({', '.join(f'{t:.1f}' for t in r['all_seconds'])}) | "
           f"{r['images_per_s']:.2f} |" for r in runs],
@@ -112,7 +121,7 @@ def main() -> None:
         f"Machine: {os.cpu_count()} CPUs; 1-min load average {load_before[0]:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after (other processes on the machine slow every row).", "",
     ]
-    atomic.write_text(args.out / "predict.md", "\n".join(lines))
+    atomic.write_text(args.out / f"{args.name}.md", "\n".join(lines))
     print("\n".join(lines))
 
 
