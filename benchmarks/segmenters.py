@@ -63,7 +63,7 @@ D = DATA["voc"]  # set by --data
 
 #: Every segment knob spelled out, so a row means the same whatever recipes/voc-mini.yaml ships.
 SEGMENTERS: dict[str, tuple[str, list[str]]] = {
-    "grid": ("DeepLabV3 (ASPP) head on the frozen fused grid, val flip (ships without: below)", [
+    "grid": ("DeepLabV3 (ASPP) head on the frozen fused grid, val flip", [
         "segment.arch=deeplabv3", "segment.encoder=grid", "segment.encoder_weights=null", "segment.encoder_file=null",
         "segment.head_channels=128", "segment.aspp_rates=[2,4,6]", "segment.optimizer=adamw", "segment.lr=0.001",
         "segment.weight_decay=0.01", "segment.epochs=16", "segment.batch_size=16", "segment.scales=[1.0]",
@@ -196,7 +196,7 @@ def render(results: dict) -> str:
     flips = [r["flip_ablation"] for r in results["runs"].get("grid", {}).get("pseudo", {}).values()
              if "flip_ablation" in r]
     if flips:
-        lines += ["", f"segment.flip on the grid row (pseudo-labels; the same checkpoints scored from their val tokens "
+        lines += ["", f"segment.flip on the grid row (voc-mini ships without it; pseudo-labels; the same checkpoints scored from their val tokens "
                       f"with and without the mirrored view; `--flip-ablation`), {len(flips)} seed(s):", "",
                   "| val views | val mIoU | choose / report |", "|---|---|---|"]
         for key, title in (("flip", "orig + hflip (averaged)"), ("no_flip", "orig only")):
