@@ -38,7 +38,7 @@ class GridHead(nn.Module):
 
         # The grid's channels differ in scale (raw ViT tokens beside per-map LayerNormed CNN maps): standardised
         # first with the training tokens' statistics (set_standardization; saved with the head), else one part
-        # dominates the projection (val mIoU 32.5 → 54.2 with ground-truth masks on voc-mini's fused grid).
+        # dominates the projection.
         self.register_buffer("token_mean", torch.zeros(embed_dim))
         self.register_buffer("token_std", torch.ones(embed_dim))
         self.project = nn.Sequential(nn.Conv2d(embed_dim, channels, 1, bias=False), nn.BatchNorm2d(channels),
