@@ -78,9 +78,8 @@ class _Epoch:
 
 def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int, resume: bool, console, log) -> None:
     from cpcx.segment.data import TrainLabels
-    from cpcx.segment.stage import (POLY_POWER, _check_compatible, _epoch_seed, _load_resume, _loss,
-                                    _mean_over_ranks, _per_device_batch, _progress, _truncate_csv, clear_previous_run,
-                                    make_optimizer, record_epoch)
+    from cpcx.segment.stage import (POLY_POWER, _epoch_seed, _load_resume, _loss, _mean_over_ranks,
+                                    _per_device_batch, _progress, make_optimizer, record_epoch, start_or_resume)
 
     cfg, views = recipe.segment, list(recipe.train.views)
     folder = recipe.run_dir("segment")
@@ -94,16 +93,7 @@ def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int
     labels = TrainLabels(train_set, recipe.run_dir("pseudo") / "labels", ground_truth=cfg.labels == "ground_truth")
     meta = segment_meta(recipe, train_set.classes, model, grid)
     optimizer = make_optimizer(cfg, model.head.parameters())
-    start_epoch, best = 0, {"miou": None, "epoch": None}
-    if checkpoint is not None:
-        _check_compatible(checkpoint["meta"], meta, weights / "last.pt")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, best = int(checkpoint["epoch"]), dict(checkpoint["best"])
-        if rank == 0:
-            _truncate_csv(folder / "metrics.csv", start_epoch)
-    elif rank == 0:
-        clear_previous_run(folder)
+    start_epoch, best = start_or_resume(folder, checkpoint, meta, model, optimizer, rank)
     if start_epoch >= cfg.epochs:
         log(f"[green]✔[/] {weights / 'last.pt'}: training already finished ({start_epoch} epochs)")
         return

@@ -81,16 +81,7 @@ def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, re
     model = build_segnet(cfg, train_set.num_classes, load_weights=checkpoint is None).to(device)
     meta = {**segnet_meta(cfg, train_set.classes), "labels": cfg.labels}
     optimizer = make_optimizer(cfg, model.parameters())
-    start_epoch, best = 0, {"miou": None, "epoch": None}
-    if checkpoint is not None:
-        _check_compatible(checkpoint["meta"], meta, weights / "last.pt")
-        model.net.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, best = int(checkpoint["epoch"]), dict(checkpoint["best"])
-        if rank == 0:
-            _truncate_csv(folder / "metrics.csv", start_epoch)
-    elif rank == 0:
-        clear_previous_run(folder)
+    start_epoch, best = start_or_resume(folder, checkpoint, meta, model.net, optimizer, rank)
     if start_epoch >= cfg.epochs:
         log(f"[green]✔[/] {weights / 'last.pt'}: training already finished ({start_epoch} epochs)")
         return
@@ -148,6 +139,22 @@ def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, re
             best = record_epoch(folder, net.net.state_dict(), optimizer, meta, best, epoch, cfg.epochs, lr, mean_loss,
                                 miou, val_set.has_masks, started, f"single scale, {val_seconds:.0f} s", log)
         distributed.barrier()
+
+
+def start_or_resume(folder: Path, checkpoint: dict | None, meta: dict, network, optimizer, rank: int) -> tuple[int, dict]:
+    """→ (epochs already done, best so far): from ``checkpoint`` (``weights/last.pt`` with --resume; metrics.csv
+    cut back to it), or a fresh start that clears an earlier run's outputs."""
+    if checkpoint is None:
+        if rank == 0:
+            clear_previous_run(folder)
+        return 0, {"miou": None, "epoch": None}
+    _check_compatible(checkpoint["meta"], meta, folder / "weights" / "last.pt")
+    network.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    start_epoch = int(checkpoint["epoch"])
+    if rank == 0:
+        _truncate_csv(folder / "metrics.csv", start_epoch)
+    return start_epoch, dict(checkpoint["best"])
 
 
 def clear_previous_run(folder: Path) -> None:
