@@ -68,8 +68,9 @@ class CNNBackbone(nn.Module):
         self.num_blocks: int = len(self.stages)
         self.trainable_blocks = 0
         self.set_trainable_blocks(0)
-        # oneDNN's CPU convolutions are faster channels-last: Lite0 at 384 px, 113 → 62 ms per image on 2 cores
-        # (the same numbers up to summation order; weight digests and cache keys read contiguous copies).
+        # oneDNN's CPU convolutions are faster channels-last (benchmarks/bench_backbone_speed.py: Lite0 at 384 px,
+        # 113 → 62 ms per image on 2 cores); the same numbers up to summation order, and weight digests and cache
+        # keys read contiguous copies, so caches stay valid.
         self.cnn.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ freezing
