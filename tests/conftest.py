@@ -67,3 +67,30 @@ def good_recipe(tmp_path, voc_root) -> Path:
         "llm": {"provider": "static", "clusters": {"animal": ["cat", "dog"]}},
     }))
     return path
+
+
+@pytest.fixture
+def kill_after_epoch_1(monkeypatch):
+    """``with kill_after_epoch_1(): run(...)``: the stage raises KeyboardInterrupt right after epoch 1's checkpoint and
+    metrics.csv row (a kill between epochs); the real ``atomic.append_csv_row`` is back after the block."""
+    import contextlib
+
+    from cpcx import atomic
+
+    real_append = atomic.append_csv_row
+
+    def killed(path, header, row):
+        real_append(path, header, row)
+        if row[0] == 1:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def killing():
+        monkeypatch.setattr(atomic, "append_csv_row", killed)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                yield
+        finally:
+            monkeypatch.setattr(atomic, "append_csv_row", real_append)
+
+    return killing

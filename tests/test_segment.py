@@ -18,7 +18,6 @@ import pytest
 import torch
 from rich.console import Console
 
-from cpcx import atomic
 from cpcx.data import build_dataset, load_label_png, save_label_png
 from cpcx.errors import CpcxError
 from cpcx.recipe import Recipe, SegmentConfig
@@ -117,22 +116,13 @@ def test_predictions_resume_and_training_is_not_redone(finished):
     assert (folder / "weights/last.pt").stat().st_mtime_ns == weights
 
 
-def test_resume_after_epoch_1_ends_with_the_same_weights(finished, voc_root, tmp_path, monkeypatch):
+def test_resume_after_epoch_1_ends_with_the_same_weights(finished, voc_root, tmp_path, kill_after_epoch_1):
     reference, _ = finished
     recipe = make_recipe(voc_root, tmp_path / "runs")
     fake_pseudo_labels(recipe)
 
-    real_append = atomic.append_csv_row
-
-    def killed_after_epoch_1(path, header, row):
-        real_append(path, header, row)
-        if row[0] == 1:
-            raise KeyboardInterrupt  # after last.pt of epoch 1 and its csv row: a kill between epochs
-
-    monkeypatch.setattr(atomic, "append_csv_row", killed_after_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
+    with kill_after_epoch_1():  # after last.pt of epoch 1 and its csv row: a kill between epochs
         run_segment(recipe, console=quiet())
-    monkeypatch.setattr(atomic, "append_csv_row", real_append)
     assert torch.load(recipe.run_dir("segment") / "weights/last.pt", weights_only=True)["epoch"] == 1
 
     run_segment(recipe, resume=True, console=quiet())

@@ -131,21 +131,12 @@ def test_grid_checkpoint_alone_segments_images(finished):
         assert (probs.argmax(0).numpy() == written).mean() > 0.98
 
 
-def test_grid_resume_ends_with_the_same_head(finished, voc_root, tmp_path, monkeypatch):
+def test_grid_resume_ends_with_the_same_head(finished, voc_root, tmp_path, kill_after_epoch_1):
     """Killed after epoch 1, then --resume: the head equals the uninterrupted run's, and no row is repeated."""
     recipe, _, _ = finished
     again = prepared(voc_root, tmp_path)
-    real_append = atomic.append_csv_row
-
-    def killed_after_epoch_1(path, header, row):
-        real_append(path, header, row)
-        if row[0] == 1:
-            raise KeyboardInterrupt  # after last.pt of epoch 1 and its csv row: a kill between epochs
-
-    monkeypatch.setattr(atomic, "append_csv_row", killed_after_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
+    with kill_after_epoch_1():  # after last.pt of epoch 1 and its csv row: a kill between epochs
         run_segment(again, console=quiet())
-    monkeypatch.setattr(atomic, "append_csv_row", real_append)
     run_segment(again, resume=True, console=quiet())
     a = torch.load(recipe.run_dir("segment") / "weights" / "last.pt", weights_only=True)["model"]
     b = torch.load(again.run_dir("segment") / "weights" / "last.pt", weights_only=True)["model"]
