@@ -12,15 +12,13 @@ seconds, peak RSS) in ``runs-bench/coco-<grid>-s<seed>``; token caches are share
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_exec import mean_std, pseudo_scores, read_json, run_stages  # noqa: E402
+from results_exec import save_results, mean_std, pseudo_scores, read_json, run_stages  # noqa: E402
 from results_rows import ROOT  # noqa: E402
 from segmenters import SEGMENTERS  # noqa: E402
 
@@ -82,11 +80,7 @@ def main(argv=None) -> int:
     logs = ROOT / WORK / "logs"
 
     def save() -> None:
-        results.update({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        "machine": f"{os.cpu_count()} cores, {platform.machine()}, no GPU"})
-        OUT.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1) + "\n")
-        (OUT / "coco-grids.md").write_text(render(results))
+        save_results(results, OUT, "coco-grids", render)
 
     for seed in args.seeds:
         for key in args.only or list(GRIDS):

@@ -92,6 +92,18 @@ def pseudo_scores(pseudo: Path) -> dict:
     return {"crf": 100 * read_json(pseudo / "metrics.json")["miou"], "no_crf": 100 * float(no_crf)}
 
 
+def save_results(results: dict, out: Path, stem: str, render) -> None:
+    """Stamp ``results`` (date, machine) and write ``out/<stem>.json`` and its table ``out/<stem>.md``."""
+    import datetime as dt
+    import platform
+
+    results.update({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "machine": f"{os.cpu_count()} cores, {platform.machine()}, no GPU"})
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(render(results))
+
+
 def mean_std(values: Sequence[float]) -> str:
     """'m' for one value, 'm ± s' (sample standard deviation, ddof 1) for more, '—' for none."""
     import numpy as np

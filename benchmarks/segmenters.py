@@ -21,10 +21,8 @@ mirrored val view).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_exec import child_env, cpcx_argv, mean_std, read_json, run_measured, tail  # noqa: E402
+from results_exec import save_results, child_env, cpcx_argv, mean_std, read_json, run_measured, tail  # noqa: E402
 from results_rows import ROOT, VOC_RECIPE  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
@@ -227,11 +225,7 @@ def main(argv=None) -> int:
     logs = ROOT / WORK / "logs"
 
     def save() -> None:
-        results.update({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                        "machine": f"{os.cpu_count()} cores, {platform.machine()}, no GPU"})
-        OUT.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1) + "\n")
-        (OUT / f"{D.files}.md").write_text(render(results))
+        save_results(results, OUT, D.files, render)
 
     if args.refresh:  # derived fields of finished rows, read again from their folders (no training)
         for key, by in results["runs"].items():
