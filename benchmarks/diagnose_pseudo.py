@@ -54,6 +54,7 @@ def load_run(recipe):
 
     from cpcx.data import build_dataset
     from cpcx.errors import CpcxError
+    from cpcx.feature_cache import autocast_tag
     from cpcx.model import cluster_vectors, load_checkpoint
     from cpcx.pseudo import find_checkpoint
     from cpcx.pseudo_infer import PatchPredictor, open_token_cache
@@ -61,9 +62,11 @@ def load_run(recipe):
     dataset = build_dataset(recipe.dataset, recipe.pseudo.split)
     net, meta = load_checkpoint(find_checkpoint(recipe))
     u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
-    predictor = PatchPredictor(net, torch.device("cpu"), "fp32", recipe.pseudo.img_size, flip=True,
+    cpu = torch.device("cpu")
+    predictor = PatchPredictor(net, cpu, recipe.pseudo.precision, recipe.pseudo.img_size, flip=True,
                                class_max_norm=recipe.pseudo.class_max_norm, scales=recipe.pseudo.scales)
-    cache = open_token_cache(recipe, net, dataset, predictor.size, flip=True)
+    cache = open_token_cache(recipe, net, dataset, predictor.size, flip=True,
+                             autocast=autocast_tag(cpu, recipe.pseudo.precision))
     if cache is None:
         raise CpcxError(f"{recipe.feature_cache_root()}: no token cache matching pseudo.img_size with views "
                         "orig+hflip; this diagnosis needs a frozen-backbone run (train.feature_cache: true)")

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from cpcx import atomic, distributed
 from cpcx.augment import apply_view, normalize, resize_image
 from cpcx.data.views import ImageLabelDataset
-from cpcx.device import autocast
+from cpcx.device import autocast, autocast_dtype
 from cpcx.model.backbone import ViTBackbone
 from cpcx.progress import PlainProgress
 
@@ -65,9 +65,15 @@ def trunk_depth(backbone: ViTBackbone, unfreeze_blocks: int) -> int:
     return max(0, backbone.num_blocks - unfreeze_blocks)
 
 
+def autocast_tag(device: torch.device, precision: str) -> str | None:
+    """"bf16" when extraction runs under bf16 autocast (then the tokens differ from fp32's), else None."""
+    return None if autocast_dtype(device, precision) is None else "bf16"
+
+
 def cache_key(backbone_name: str, backbone: ViTBackbone, img_size: int, views: Sequence[str],
-              ids: Sequence[str], depth: int | None = None) -> dict:
-    """``depth`` None (or the ViT's depth): final patch tokens; fewer: a trunk cache of that many blocks."""
+              ids: Sequence[str], depth: int | None = None, autocast: str | None = None) -> dict:
+    """``depth`` None (or the ViT's depth): final patch tokens; fewer: a trunk cache of that many blocks.
+    ``autocast``: :func:`autocast_tag` of the extraction (bf16 tokens are not fp32 tokens)."""
     trunk = depth is not None and depth < backbone.num_blocks
     key = {
         "format": FORMAT,
@@ -82,6 +88,8 @@ def cache_key(backbone_name: str, backbone: ViTBackbone, img_size: int, views: S
     }
     if getattr(backbone, "grid_tag", None):  # a CNN grid: which maps, how combined (absent for ViTs: old keys hold)
         key["grid"] = backbone.grid_tag
+    if autocast:  # absent for fp32: keys (and folders) of the fp32 caches built before hold
+        key["autocast"] = autocast
     if trunk:  # absent for full-depth caches: keys (and folders) of caches built before trunks existed hold
         key["trunk_blocks"] = depth
     return key
@@ -143,7 +151,8 @@ class FeatureCache:
         ``train.feature_cache_dir`` keeps every key, other recipes may still read them). ``depth`` < the ViT's
         depth builds a trunk cache (the tokens after that many blocks).
         """
-        key = cache_key(backbone_name, backbone, img_size, views, images.ids, depth)
+        key = cache_key(backbone_name, backbone, img_size, views, images.ids, depth,
+                        autocast_tag(device, precision))
         depth = key.get("trunk_blocks")
         name = cache_name(key)
         folder = Path(root) / name

@@ -29,6 +29,7 @@ from rich.console import Console
 from cpcx import atomic
 from cpcx.crf import CRFParams, CRFTask, init_worker, run_task, warm_up
 from cpcx.errors import CpcxError
+from cpcx.feature_cache import autocast_tag
 from cpcx.metrics import ConfusionMatrix, scores_from_confusion
 from cpcx.pseudo_infer import PatchPredictor, channel_argmax, open_token_cache, upsample
 
@@ -277,7 +278,8 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
                       f"{net.patch_size}-px patches)[/]")
     crf = CRFParams.from_config(recipe.crf) if recipe.crf.enabled else None
     cache = open_token_cache(recipe, net, dataset, predictor.size, cfg.flip,
-                             warn=lambda text: console.print(f"[yellow]![/] {text}", soft_wrap=True))
+                             warn=lambda text: console.print(f"[yellow]![/] {text}", soft_wrap=True),
+                             autocast=autocast_tag(device, cfg.precision))
     if cache is not None and cache.trunk is None:
         console.print("[dim]patch tokens from the training feature cache (the backbone never changed): no ViT pass[/]")
     elif cache is not None:

@@ -137,9 +137,10 @@ class TokenCache:
     trunk: int | None = None
 
 
-def open_token_cache(recipe, net, dataset, size: int, flip: bool, warn=None) -> TokenCache | None:
+def open_token_cache(recipe, net, dataset, size: int, flip: bool, warn=None,
+                     autocast: str | None = None) -> TokenCache | None:
     """The training feature cache when it holds exactly what the ViT would compute here (same images, size,
-    normalisation, backbone weights, views), else None.
+    normalisation, backbone weights, views, autocast: ``feature_cache.autocast_tag`` of this stage), else None.
 
     The backbone-weight digest is the decisive test: a backbone fine-tuned after the warm-up no longer
     matches the cached tokens, whatever the schedule says; a trunk cache is compared on the weights of its
@@ -159,7 +160,8 @@ def open_token_cache(recipe, net, dataset, size: int, flip: bool, warn=None) -> 
             continue
         if (key.get("img_size") != size or key.get("ids") != ids_hash or key.get("backbone") != net.cfg.backbone
                 or any(v not in key.get("views", []) for v in wanted)
-                or list(key.get("mean", [])) != list(net.mean) or list(key.get("std", [])) != list(net.std)):
+                or list(key.get("mean", [])) != list(net.mean) or list(key.get("std", [])) != list(net.std)
+                or key.get("autocast") != autocast):
             continue
         trunk = key.get("trunk_blocks")
         if key.get("weights") != cache_digest(net.backbone, trunk):

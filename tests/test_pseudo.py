@@ -235,6 +235,7 @@ def test_feature_cache_replaces_the_vit(reference, tmp_path, voc_root):
                        ["orig", "hflip"], torch.device("cpu"), "fp32", batch_size=4, workers=0, log=lambda _: None)
     cache = open_token_cache(recipe, net, dataset, 96, True)
     assert cache is not None and open_token_cache(recipe, net, dataset, 128, True) is None  # other size: no
+    assert open_token_cache(recipe, net, dataset, 96, True, autocast="bf16") is None  # fp32 tokens for a bf16 stage: no
     u = cluster_vectors(dataset.labels, meta["cluster_matrix"])
     images = [dataset.load_image(i) for i in range(3)]
     live = predictor(images, dataset.labels[:3], u[:3])

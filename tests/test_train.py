@@ -323,3 +323,19 @@ def test_two_process_ddp_step_equals_one_process(tmp_path, voc_root):
         assert set(ddp) == set(single)
         for name in single:
             torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_extraction_gets_its_own_cache_key():
+    """Tokens extracted under bf16 autocast differ from fp32 ones: another key, so neither is read as the other;
+    fp32 keys carry no tag (the folders of caches built before stay valid)."""
+    from cpcx.feature_cache import autocast_tag, cache_key
+    from cpcx.model.backbone import build_backbone
+
+    vit = build_backbone("test_vit", pretrained=False)
+    cpu = torch.device("cpu")
+    fp32 = cache_key("test_vit", vit, 64, ["orig"], ["a"], autocast=autocast_tag(cpu, "fp32"))
+    auto = cache_key("test_vit", vit, 64, ["orig"], ["a"], autocast=autocast_tag(cpu, "auto"))
+    bf16 = cache_key("test_vit", vit, 64, ["orig"], ["a"], autocast=autocast_tag(cpu, "bf16"))
+    assert fp32 == auto == cache_key("test_vit", vit, 64, ["orig"], ["a"]) and "autocast" not in fp32
+    assert bf16["autocast"] == "bf16" and bf16 != fp32
+    assert autocast_tag(torch.device("cuda"), "auto") == "bf16"  # auto is bf16 on a GPU

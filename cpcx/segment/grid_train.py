@@ -23,7 +23,7 @@ from PIL import Image
 from cpcx import distributed
 from cpcx.augment import apply_view
 from cpcx.device import autocast, seed_everything
-from cpcx.feature_cache import FeatureCache, cache_key, cache_name
+from cpcx.feature_cache import FeatureCache, autocast_tag, cache_key, cache_name
 from cpcx.metrics import ConfusionMatrix
 from cpcx.recipe import Recipe
 from cpcx.segment.grid import GRID_ENCODER, GridHead, GridSegNet, grid_meta
@@ -49,7 +49,8 @@ def token_cache(recipe: Recipe, backbone, dataset, views: list[str], device, log
     from cpcx.data.views import ImageLabelDataset
 
     size = recipe.model.img_size
-    key = cache_key(recipe.model.backbone, backbone, size, views, dataset.ids)
+    key = cache_key(recipe.model.backbone, backbone, size, views, dataset.ids,
+                    autocast=autocast_tag(device, recipe.segment.precision))
     train_root = recipe.feature_cache_root()
     own_root = recipe.train.feature_cache_dir or recipe.run_dir("segment") / "features"
     root = train_root if (train_root / cache_name(key) / "meta.json").is_file() else own_root
