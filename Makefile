@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-WEIGHTS := weights/dinov2_vits14.safetensors weights/efficientnet_lite0.safetensors \
-	weights/efficientnet_lite1.safetensors weights/efficientnet_lite2.safetensors
+# The demo reads two networks (voc-mini's fused grid); the tests and benchmarks also Lite1 and Lite2.
+DEMO_WEIGHTS := weights/dinov2_vits14.safetensors weights/efficientnet_lite0.safetensors
+WEIGHTS := $(DEMO_WEIGHTS) weights/efficientnet_lite1.safetensors weights/efficientnet_lite2.safetensors
 
 export HF_HUB_OFFLINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -33,7 +34,7 @@ weights/efficientnet_lite%.safetensors: | $(STAMP)
 	$(BIN)/cpcx weights import efficientnet-lite$* --out $@
 weights: $(WEIGHTS)
 
-demo: $(STAMP) $(WEIGHTS)
+demo: $(STAMP) $(DEMO_WEIGHTS)
 	$(BIN)/cpcx run -r recipes/voc-mini.yaml
 
 test: $(STAMP) $(WEIGHTS)
