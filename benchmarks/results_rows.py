@@ -31,6 +31,9 @@ IMAGE_SEGMENTER = ("segment.arch=deeplabv3plus", "segment.encoder=tu-tf_efficien
                    "segment.optimizer=sgd", "segment.lr=0.01", "segment.weight_decay=0.0001", "segment.batch_size=8",
                    "segment.crop_size=256", "segment.scales=[1.0]", "segment.flip=false", "segment.head_channels=256",
                    "segment.aspp_rates=[2,4,6]")
+#: Every recorded row ran fp32 on CPU (``auto``) with the HV-BiLSTM at its default width, before voc-mini took bf16
+#: autocast and a narrower HV-BiLSTM for the demo's time (issue 17): pinned, like the segmenter.
+CPU_FP32 = ("train.precision=auto", "pseudo.precision=auto", "segment.precision=auto", "model.lstm_hidden=null")
 SEGMENT_EPOCHS = {"voc": ("segment.epochs=4", "segment.eval_every=4"), "coco": ("segment.epochs=6", "segment.eval_every=6")}
 QUICK_OVERRIDES = ("dataset.limit=24", "train.epochs=1", "train.warmup_epochs=0", "segment.epochs=1",
                    "segment.eval_every=1", "crf.enabled=false", "pseudo.figures=0")
@@ -143,7 +146,7 @@ class Experiment:
         # Every row was measured on the ViT grid alone, before voc-mini and coco-mini put EfficientNet-Lite0 beside
         # it (model.fuse, issue 17; docs/backbones.md), and with the image segmenter: pinned, so they keep meaning,
         # and fingerprinting, what they did.
-        pinned = (VIT_GRID, *IMAGE_SEGMENTER, *SEGMENT_EPOCHS[self.dataset])
+        pinned = (VIT_GRID, *CPU_FP32, *IMAGE_SEGMENTER, *SEGMENT_EPOCHS[self.dataset])
         return [f"name={self.run_name}", f"runs_dir={settings.work_dir}", f"seed={self.seed}",
                 f"train.feature_cache_dir={settings.work_dir}/features-{self.dataset}",
                 *settings.extra, *self.overrides, *pinned]

@@ -65,12 +65,13 @@ SEGMENTERS: dict[str, tuple[str, list[str]]] = {
         "segment.arch=deeplabv3", "segment.encoder=grid", "segment.encoder_weights=null", "segment.encoder_file=null",
         "segment.head_channels=128", "segment.aspp_rates=[2,4,6]", "segment.optimizer=adamw", "segment.lr=0.001",
         "segment.weight_decay=0.01", "segment.epochs=16", "segment.batch_size=16", "segment.scales=[1.0]",
-        "segment.flip=true", "segment.eval_every=16", "segment.workers=0"]),
+        "segment.flip=true", "segment.eval_every=16", "segment.workers=0", "segment.precision=auto"]),
     "lite0": ("DeepLabV3+ EfficientNet-Lite0 on images (shipped before)", [
         "segment.arch=deeplabv3plus", "segment.encoder=tu-tf_efficientnet_lite0", "segment.encoder_weights=null",
         "segment.encoder_file=../weights/efficientnet_lite0.safetensors", "segment.optimizer=sgd", "segment.lr=0.01",
         "segment.weight_decay=0.0001", "segment.epochs=4", "segment.batch_size=8", "segment.crop_size=256",
-        "segment.scales=[1.0]", "segment.flip=false", "segment.eval_every=4", "segment.workers=1"]),
+        "segment.scales=[1.0]", "segment.flip=false", "segment.eval_every=4", "segment.workers=1",
+        "segment.precision=auto"]),
 }
 LABELS = ("pseudo", "ground_truth")
 
