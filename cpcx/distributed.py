@@ -7,6 +7,7 @@ everything here is a no-op on one process.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -53,8 +54,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_from_env(device_spec: str, field: str = "train.device") -> DistInfo:
-    """Join the process group torchrun describes (if any) and pick this process's device."""
+def init_from_env(device_spec: str, field: str = "train.device",
+                  timeout: datetime.timedelta | None = None) -> DistInfo:
+    """Join the process group torchrun describes (if any) and pick this process's device. ``timeout``: how long a
+    collective may wait for the slowest rank (torch's default, 30 minutes for gloo and nccl, when None)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_spec, field)
@@ -62,7 +65,8 @@ def init_from_env(device_spec: str, field: str = "train.device") -> DistInfo:
         torch.cuda.set_device(device)
     created = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout is not None else {}))
         created = True
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, created_group=created)
 

@@ -129,22 +129,39 @@ def open_segmenter(recipe, weights: Path | None = None):
 def run_predict(recipe, inputs: Sequence[str], out: Path | None = None, recursive: bool = False,
                 probs: bool = False, weights: Path | None = None, console: Console | None = None,
                 err_console: Console | None = None, max_side: int = MAX_SIDE) -> Summary:
-    """Predict every input; one line per failed input, a summary line at the end → counts and timing."""
+    """Predict every input; one line per failed input, a summary line at the end → counts and timing.
+
+    Under torchrun every rank predicts every world-th input into the same output folder and prints the lines of
+    its own failed inputs; the counts are summed over the ranks, so every rank's summary (and the exit code of
+    ``cpcx predict``) covers the whole run. Rank 0 alone prints the header, the progress and the summary."""
+    from cpcx import shard
+
+    ranks = shard.join(recipe.segment.device, "segment.device")
+    try:
+        return _predict(recipe, ranks, inputs, out, recursive, probs, weights, console or Console(), err_console,
+                        max_side)
+    finally:
+        shard.leave(ranks)
+
+
+def _predict(recipe, ranks, inputs: Sequence[str], out: Path | None, recursive: bool, probs: bool,
+             weights: Path | None, console: Console, err_console: Console | None, max_side: int) -> Summary:
+    import io
+
     import torch
 
+    from cpcx import shard
     from cpcx.crf import CRFParams
-    from cpcx.device import resolve_device
     from cpcx.segment.infer import predict_probs, refine_labels
 
-    console = console or Console()
     err_console = err_console or console
     items, problems = collect_inputs(inputs, recursive)
     if not items:
-        for text, problem in problems:
+        for text, problem in problems if ranks.is_main else []:
             err_console.print(f"[bold red]✘[/] {_escape(text)}: {_escape(problem)}", soft_wrap=True, highlight=False)
         raise CpcxError("no image to predict among the inputs; pass image files, folders or quoted globs", code=2)
     cfg = recipe.segment
-    device = resolve_device(cfg.device, "segment.device")
+    device = ranks.device
     checkpoint = find_checkpoint(recipe, weights)
     model, meta = open_segmenter(recipe, weights)
     model.to(device)
@@ -153,10 +170,16 @@ def run_predict(recipe, inputs: Sequence[str], out: Path | None = None, recursiv
     out = Path(out) if out is not None else recipe.run_dir("predict")
     how = f"{len(cfg.scales)} scale{'s' if len(cfg.scales) > 1 else ''}{' + flip' if cfg.flip else ''}" \
           f"{' + CRF' if crf_params else ''}"
-    console.print(f"predict: {len(items)} image{'s' if len(items) != 1 else ''} · {checkpoint} · {how} · "
-                  f"{device} → {out}", soft_wrap=True, highlight=False, markup=False)
+    # Every rank collected the same inputs (sorted, names made unique over all of them): each takes its share;
+    # the inputs that could not be read are reported and counted once, by rank 0.
+    mine = shard.shard_blocks(items, ranks.rank, ranks.world_size)
+    problems = problems if ranks.is_main else []
+    shown = console if ranks.is_main else Console(quiet=True, file=io.StringIO())  # header, progress, summary
+    shown.print(f"predict: {len(items)} image{'s' if len(items) != 1 else ''} · {checkpoint} · {how} · "
+                f"{device}{f' · {ranks.world_size} processes' if ranks.enabled else ''} → {out}",
+                soft_wrap=True, highlight=False, markup=False)
 
-    progress = _progress(console, len(items))
+    progress = _progress(shown, len(mine))
 
     def fail(text: str, why: str) -> None:
         # While the bar is live its console prints above it; rich's stderr console would write straight to the
@@ -169,7 +192,7 @@ def run_predict(recipe, inputs: Sequence[str], out: Path | None = None, recursiv
     done, failed = 0, len(problems)
     started = time.perf_counter()
     with progress as advance:
-        for item in items:
+        for item in mine:
             try:
                 loaded = load_image(item.path, max_side)
             except InputError as exc:
@@ -202,9 +225,11 @@ def run_predict(recipe, inputs: Sequence[str], out: Path | None = None, recursiv
             del prob
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    if ranks.enabled:  # also waits for the slowest rank, so the time below is the whole run's
+        done, failed = (int(n) for n in shard.sum_over_ranks(np.array([done, failed], dtype=np.int64), ranks))
     summary = Summary(done, failed, time.perf_counter() - started, out)
     mark = "[green]✔[/]" if not failed else "[bold red]✘[/]"
-    console.print(f"{mark} predict: {done} done, {failed} failed in {summary.seconds:.1f} s "
+    shown.print(f"{mark} predict: {done} done, {failed} failed in {summary.seconds:.1f} s "
                   f"({summary.images_per_s:.2f} images/s) · {_escape(str(out))}", soft_wrap=True, highlight=False)
     return summary
 

@@ -9,8 +9,10 @@ memory. Each PNG is written atomically by the worker that made it, so a killed r
 (finished images are skipped) and loses nothing.
 
 The mIoU without CRF (argmax of the upsampled Z) is scored in the same pass from the probabilities already
-in memory, because the CRF can hurt (over-confident Z) and one should see by how much. Its confusion matrix
-is kept in ``no_crf.json`` (with the ids it covers) so that a resumed run still reports it over all images.
+in memory, because the CRF can hurt (over-confident Z) and one should see by how much (``cpcx.no_crf``).
+
+Under torchrun (``cpcx.shard``) each rank labels every world-th batch of the images still to do; rank 0
+prepares the folder and trains the class probe before the others start, and scores and draws once they are done.
 """
 from __future__ import annotations
 
@@ -26,45 +28,13 @@ from typing import Iterator, Sequence
 import numpy as np
 from rich.console import Console
 
-from cpcx import atomic
+from cpcx import atomic, shard
 from cpcx.crf import CRFParams, CRFTask, init_worker, run_task, warm_up
 from cpcx.errors import CpcxError
 from cpcx.feature_cache import autocast_tag
 from cpcx.metrics import ConfusionMatrix, scores_from_confusion
+from cpcx.no_crf import MERGED_NAME, NoCRFScores, fold_parts, part_path
 from cpcx.pseudo_infer import PatchPredictor, channel_argmax, open_token_cache, upsample
-
-#: Seconds between saves of the no-CRF confusion matrix (its loss on a kill only shortens that report).
-_SAVE_EVERY_S = 30.0
-
-
-# ---------------------------------------------------------------------------------------------- scoring
-class NoCRFScores:
-    """Confusion matrix of the no-CRF argmax, per id at most once, persisted across resumed runs."""
-
-    def __init__(self, path: Path, num_classes: int):
-        self.path = path
-        self.confusion = ConfusionMatrix(num_classes)
-        self.ids: set[str] = set()
-        self._saved_at = time.monotonic()
-        try:
-            state = json.loads(path.read_text())
-            matrix = np.asarray(state["matrix"], dtype=np.int64)
-            if matrix.shape == self.confusion.matrix.shape:
-                self.confusion.matrix, self.ids = matrix, set(state["ids"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # no file yet, or a file from another data set: start afresh
-
-    def add(self, image_id: str, mask: np.ndarray, prediction: np.ndarray) -> None:
-        if image_id not in self.ids:
-            self.confusion.update(mask, prediction)
-            self.ids.add(image_id)
-        if time.monotonic() - self._saved_at > _SAVE_EVERY_S:
-            self.save()
-
-    def save(self) -> None:
-        atomic.write_json(self.path, {"ids": sorted(self.ids), "matrix": self.confusion.matrix.tolist()}, indent=None)
-        self._saved_at = time.monotonic()
-
 
 # --------------------------------------------------------------------------------------------- the loop
 def _prefetch(dataset, indices: Sequence[int], batch_size: int, masks: bool, cache=None) -> Iterator[tuple]:
@@ -244,15 +214,24 @@ def _remove_torn_files(folder: Path) -> None:
 
 
 def run_pseudo(recipe, console: Console | None = None) -> Path:
-    """Write ``runs/<name>/pseudo/labels/<id>.png`` for ``pseudo.split``; score and draw them if masks exist."""
+    """Write ``runs/<name>/pseudo/labels/<id>.png`` for ``pseudo.split``; score and draw them if masks exist.
+
+    Under torchrun every rank labels its own shard of the images (``cpcx.shard``); rank 0 alone prints."""
+    ranks = shard.join(recipe.pseudo.device, "pseudo.device")
+    try:
+        return _run_pseudo(recipe, ranks, (console or Console()) if ranks.is_main else Console(quiet=True))
+    finally:
+        shard.leave(ranks)
+
+
+def _run_pseudo(recipe, ranks, console: Console) -> Path:
+    from cpcx.class_probe import ClassProbe
     from cpcx.data import build_dataset
-    from cpcx.device import resolve_device
     from cpcx.model import cluster_vectors, load_checkpoint
     from cpcx.runs import output_written, prepare_stage_dir
 
-    console = console or Console()
     cfg = recipe.pseudo
-    device = resolve_device(cfg.device, "pseudo.device")
+    device = ranks.device
     checkpoint = find_checkpoint(recipe)
     # Everything that can refuse the run is checked before a file is touched: an unreadable new checkpoint
     # must not cost the labels the old one made (they are dropped only once the new one is known to load).
@@ -266,11 +245,18 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
             f"{checkpoint}: trained on {len(meta['classes'])} classes ({', '.join(meta['classes'][:4])}, ...) but "
             f"the data set has {dataset.num_classes} ({', '.join(dataset.classes[:4])}, ...); train on this data set"
         )
-    stage_dir = prepare_stage_dir(recipe, "pseudo", str(device))
-    _drop_if_new_checkpoint(recipe, stage_dir, checkpoint, console)
+    stage_dir = recipe.run_dir("pseudo")
     labels_dir = stage_dir / "labels"
-    atomic.ensure_dir(labels_dir)
-    _remove_torn_files(labels_dir)
+
+    def prepare() -> None:
+        # Rank 0 alone, before any rank writes a label: the torn-file sweep must not take another rank's temp files.
+        prepare_stage_dir(recipe, "pseudo", str(device))
+        _drop_if_new_checkpoint(recipe, stage_dir, checkpoint, console)
+        atomic.ensure_dir(labels_dir)
+        _remove_torn_files(labels_dir)
+        fold_parts(stage_dir, dataset.num_classes)  # the no-CRF scores a killed sharded run left per rank
+
+    shard.main_first(ranks, prepare)
     u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
     predictor = PatchPredictor(net, device, cfg.precision, cfg.img_size, cfg.flip, cfg.class_max_norm, cfg.scales)
     if predictor.size != cfg.img_size:
@@ -286,23 +272,44 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
         console.print(f"[dim]tokens after block {cache.trunk} from the training trunk cache: only the ViT's last "
                       f"{net.backbone.num_blocks - cache.trunk} block(s) run[/]")
 
-    probe = (_class_probe(predictor, dataset, u, cache, cfg, recipe.seed, stage_dir / "class_probe.pt", console)
-             if cfg.class_probe.enabled else None)
+    # Every rank lists the images still to do before the barrier below, so that all shard the same list.
     todo = [i for i, image_id in enumerate(dataset.ids) if not output_written(labels_dir / f"{image_id}.png")]
     done_before = [dataset.ids[i] for i in sorted(set(range(len(dataset))) - set(todo))]
-    no_crf = NoCRFScores(stage_dir / "no_crf.json", dataset.num_classes) if dataset.has_masks else None
+    # The probe is trained once, by rank 0 (the others would each train the same one), and read by the others.
+    probe_path = stage_dir / "class_probe.pt"
+    probe = shard.main_first(ranks, lambda: _class_probe(predictor, dataset, u, cache, cfg, recipe.seed, probe_path,
+                                                         console) if cfg.class_probe.enabled else None)
+    if cfg.class_probe.enabled and not ranks.is_main:
+        probe = ClassProbe.load(probe_path)
+    no_crf = None
+    if dataset.has_masks and ranks.enabled:  # each rank counts its images apart; rank 0 folds the parts at the end
+        counted = NoCRFScores(stage_dir / MERGED_NAME, dataset.num_classes).ids
+        no_crf = NoCRFScores(part_path(stage_dir, ranks.rank), dataset.num_classes, counted=counted, fresh=True)
+    elif dataset.has_masks:
+        no_crf = NoCRFScores(stage_dir / MERGED_NAME, dataset.num_classes)
+    mine = shard.shard_blocks(todo, ranks.rank, ranks.world_size, cfg.batch_size)
     console.print(f"pseudo-labels for {len(dataset)} {cfg.split} images at {predictor.size}² on {device}"
                   f" ({'CRF with ' + str(cfg.workers) + ' worker(s)' if crf else 'no CRF'}); "
-                  f"{len(done_before)} already done")
+                  f"{len(done_before)} already done"
+                  + (f"; {ranks.world_size} processes, {len(mine)} of the {len(todo)} to do here" if ranks.enabled
+                     else ""))
     confusion = ConfusionMatrix(dataset.num_classes)
-    if todo:
-        start = time.perf_counter()
-        confusion = _with_progress(console, len(todo), lambda advance: label_images(
-            predictor, dataset, todo, u, labels_dir, crf, cfg.workers, cfg.batch_size, no_crf, advance, cache,
+    start = time.perf_counter()
+    if mine:
+        confusion = _with_progress(console, len(mine), lambda advance: label_images(
+            predictor, dataset, mine, u, labels_dir, crf, cfg.workers, cfg.batch_size, no_crf, advance, cache,
             probe))
+    if ranks.enabled:
+        # Integer counts: the sum over ranks is exactly one process's matrix. Also waits for every rank's labels.
+        confusion.matrix = shard.sum_over_ranks(confusion.matrix, ranks)
+        if not ranks.is_main:
+            return labels_dir
+        if no_crf is not None:
+            no_crf = fold_parts(stage_dir, dataset.num_classes)
+    if todo:
         seconds = time.perf_counter() - start
-        console.print(f"[green]✔[/] {len(todo)} labels in {seconds:.1f} s ({len(todo) / seconds:.2f} images/s) "
-                      f"→ {labels_dir}")
+        console.print(f"[green]✔[/] {len(todo)} labels in {seconds:.1f} s ({len(todo) / seconds:.2f} images/s"
+                      f"{f' over {ranks.world_size} processes' if ranks.enabled else ''}) → {labels_dir}")
 
     if dataset.has_masks:
         info = {"checkpoint": str(checkpoint), "img_size": predictor.size, "extra_sizes": predictor.extra_sizes,

@@ -57,7 +57,8 @@ _ADDED_DEFAULTS: dict[str, Any] = {
 #: would otherwise be "skipped as finished" although they came from an older recipe).
 STALE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "clusters": ("clusters.json",),
-    "pseudo": ("labels", "figures", "metrics.json", "confusion.csv", "no_crf.json", "class_probe.pt"),
+    "pseudo": ("labels", "figures", "metrics.json", "confusion.csv", "no_crf.json", "no_crf.part-*.json",
+               "class_probe.pt"),
     "segment": ("predictions", "metrics.json", "confusion.csv"),
 }
 
@@ -150,13 +151,13 @@ def drop_stale_outputs(recipe: Recipe, stage: str) -> list[str]:
     folder = recipe.run_dir(stage)
     dropped = []
     for name in STALE_OUTPUTS.get(stage, ()):
-        path = folder / name
-        if path.is_dir():
-            shutil.rmtree(path)
-            dropped.append(name)
-        elif path.exists():
-            path.unlink()
-            dropped.append(name)
+        for path in sorted(folder.glob(name)) if "*" in name else [folder / name]:  # a pattern: each rank's file
+            if path.is_dir():
+                shutil.rmtree(path)
+                dropped.append(path.name)
+            elif path.exists():
+                path.unlink()
+                dropped.append(path.name)
     return dropped
 
 
