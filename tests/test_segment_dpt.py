@@ -88,6 +88,17 @@ def test_unfrozen_encoder_trains_and_a_wrong_file_is_one_error(vit14, tmp_path):
         build_segnet(dpt_cfg(bad), num_classes=3)
 
 
+def test_offline_download_names_the_import_for_the_dinov2_vit():
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        pytest.skip("only meaningful offline (HF_HUB_OFFLINE=1, as the test suite sets by default)")
+    with pytest.raises(CpcxError) as info:
+        build_segnet(SegmentConfig(arch="dpt", encoder="tu-vit_small_patch14_dinov2", crop_size=64), 21)
+    assert str(info.value).startswith("segment.encoder_weights:")
+    assert "`cpcx weights import dinov2-vits14 --out <file>` gives one for tu-vit_small_patch14_dinov2" in str(info.value)
+
+
 CROP_LINE = "segment.crop_size: arch dpt takes crops that are a multiple of 32, e.g. segment.crop_size=320"
 
 

@@ -157,7 +157,7 @@ def build_segnet(cfg: SegmentConfig, num_classes: int, load_weights: bool = True
             raise CpcxError(
                 f"segment.encoder_weights: cannot download the {download} weights of {cfg.encoder} ({_short(exc)}); "
                 "offline, set segment.encoder_weights=null and segment.encoder_file=<local file> "
-                "(`cpcx weights import efficientnet-lite0 --out <file>` gives one for tu-tf_efficientnet_lite0)"
+                f"({_import_hint(cfg.encoder)})"
             ) from None
         raise CpcxError(
             f"segment.encoder: cannot build '{cfg.encoder}' for {cfg.arch} ({_short(exc)}); use an smp encoder name "
@@ -183,6 +183,14 @@ def input_multiple(net: nn.Module) -> int:
     if is_dpt(net):  # twice its stride: its decoder halves the patch grid once more (cpcx.segment.dpt)
         return MULTIPLE
     return int(getattr(net.encoder, "output_stride", 32))
+
+
+def _import_hint(encoder: str) -> str:
+    """The `cpcx weights import` line for ``encoder`` when it makes one (else the Lite0 example)."""
+    from cpcx.weights import TIMM_NAME
+
+    name = next((n for n, timm_name in TIMM_NAME.items() if encoder == f"tu-{timm_name}"), "efficientnet-lite0")
+    return f"`cpcx weights import {name} --out <file>` gives one for tu-{TIMM_NAME[name]}"
 
 
 def _looks_like_network_error(exc: BaseException) -> bool:
