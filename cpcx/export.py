@@ -82,6 +82,11 @@ def export_segmenter(recipe, fmt: str, out: Path | None = None, weights: Path | 
         raise CpcxError(f"--format: '{fmt}' is not an export format; use onnx or torchscript", code=2)
     checkpoint = find_checkpoint(recipe, weights)
     segnet, meta = open_segmenter(recipe, weights)
+    if fmt == "onnx" and meta["arch"] == "dpt":
+        # timm's ViT resamples its position grid to each input's size with antialiased bicubic interpolation
+        # (aten::_upsample_bicubic2d_aa), which torch cannot export to ONNX opset 17; the trace keeps it.
+        raise CpcxError("--format onnx: a dpt segmenter does not export to ONNX (its ViT resizes the position grid "
+                        "per image with an op ONNX lacks); use --format torchscript", code=2)
     segnet = segnet.float().eval()
     # A grid segmenter (cpcx.segment.grid) resizes every input to its fixed size itself: nothing to pad.
     model = ExportableSegNet(segnet).eval() if hasattr(segnet, "multiple") else segnet

@@ -312,11 +312,14 @@ class CRFConfig(Section):
 
 
 class SegmentConfig(Section):
-    arch: Literal["deeplabv2", "deeplabv3", "deeplabv3plus"] = Field("deeplabv2", description="Segmentation network.")
+    arch: Literal["deeplabv2", "deeplabv3", "deeplabv3plus", "dpt"] = Field(
+        "deeplabv2", description="Segmentation network (dpt: smp's DPT on a timm ViT, patches resampled to 16 px).")
     encoder: str = Field("resnet101", description="smp encoder name (or tu-<timm name>), or grid: the CPC network's "
                          "frozen patch grid (model.backbone + model.fuse from the train checkpoint), tokens cached.")
     encoder_weights: Optional[Literal["imagenet"]] = Field("imagenet", description="imagenet (download) or null.")
     encoder_file: Optional[WeightsFile] = Field(None, description="Local encoder weights (offline).")
+    freeze_encoder: bool = Field(False, description="Image segmenters: keep the encoder's weights fixed, train the "
+                                 "decoder only (the grid encoder is always frozen).")
     head_channels: int = Field(256, ge=8, le=4096, description="encoder grid: width of the ASPP head.")
     aspp_rates: list[Annotated[int, Field(ge=1, le=64)]] = Field(
         [2, 4, 6], min_length=3, max_length=3,
@@ -341,11 +344,22 @@ class SegmentConfig(Section):
     device: Device = Field("auto", description="auto | cpu | cuda | cuda:N.")
     precision: Precision = Field("auto", description="auto | bf16 | fp32.")
 
+    @field_validator("encoder")
+    @classmethod
+    def _dpt_takes_a_vit(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("arch") == "dpt" and not value.startswith("tu-"):  # smp's DPT is built on timm ViTs only
+            raise ValueError(f"arch dpt takes a timm ViT, tu-<timm name> (e.g. tu-vit_small_patch14_dinov2), not "
+                             f"{value}")
+        return value
+
     @field_validator("crop_size")
     @classmethod
-    def _multiple_of_16(cls, value: int) -> int:
+    def _multiple_of_16(cls, value: int, info: ValidationInfo) -> int:
         if value % 16 and value % 16 != 1:  # 321 = 16*20+1 is DeepLab's classic size
             raise ValueError(f"must be a multiple of 16 (or 16n+1), e.g. {value // 16 * 16}")
+        if info.data.get("arch") == "dpt" and value % 32:  # its decoder halves the 16-px patch grid once more
+            raise ValueError(f"arch dpt takes crops that are a multiple of 32, e.g. segment.crop_size="
+                             f"{max(32, value // 32 * 32)}")
         return value
 
     @field_validator("scale_range")

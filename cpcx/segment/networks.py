@@ -1,4 +1,5 @@
-"""The segmentation network trained on the pseudo-labels: smp DeepLabV3/V3+ or the paper's DeepLab v2.
+"""The segmentation network trained on the pseudo-labels: smp DeepLabV3/V3+, the paper's DeepLab v2, or smp's
+DPT on a timm ViT (cpcx.segment.dpt).
 
 ``build_segnet(cfg, num_classes)`` returns a :class:`SegNet`: it takes RGB in [0, 1] of *any* size,
 normalises with the encoder's own mean/std, pads to the encoder's output stride and crops the logits back,
@@ -7,11 +8,12 @@ so training crops (e.g. DeepLab's 321) and whole val images go through the same 
 Encoder weights come from ``segment.encoder_weights: imagenet`` (smp/timm download) or, offline, from
 ``segment.encoder_file``: a timm (or smp) state dict mapped onto the encoder and loaded strictly, except the
 classification head the features-only encoder does not have (e.g. ``conv_head``/``bn2``/``classifier``).
+``segment.freeze_encoder`` keeps those weights fixed: only the decoder trains.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +69,12 @@ class SegNet(nn.Module):
     faster in that layout (a DeepLabV3+/EfficientNet-Lite0 training step on 2 CPU cores: about 1.4× faster).
     """
 
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], multiple: int):
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], multiple: int,
+                 frozen_encoder: bool = False):
         super().__init__()
         self.net = net.to(memory_format=torch.channels_last)
         self.multiple = int(multiple)
+        self.frozen_encoder = bool(frozen_encoder)
         # Not persistent: the checkpoint meta carries mean/std; the state dict stays the network's own.
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -78,6 +82,12 @@ class SegNet(nn.Module):
     @property
     def encoder(self) -> nn.Module:
         return self.net.encoder
+
+    def train(self, mode: bool = True) -> "SegNet":
+        super().train(mode)
+        if self.frozen_encoder:  # a frozen encoder also keeps its BatchNorm statistics and drops no path/token
+            self.net.encoder.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images``: B×3×H×W RGB in [0, 1] → B×C×H×W logits."""
@@ -113,17 +123,23 @@ def normalization(encoder: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def build_network(arch: str, encoder: str, num_classes: int, encoder_weights: Any = None) -> nn.Module:
-    """The bare network (normalised input, size a multiple of its stride)."""
+def build_network(arch: str, encoder: str, num_classes: int, encoder_weights: Any = None,
+                  img_size: int | None = None) -> nn.Module:
+    """The bare network (normalised input, size a multiple of its stride); ``img_size``: dpt's position grid."""
     import segmentation_models_pytorch as smp
 
+    if arch == "dpt":
+        from cpcx.segment.dpt import build_dpt
+
+        return build_dpt(encoder, num_classes, img_size or 512, encoder_weights)
     if arch == "deeplabv2":
         return DeepLabV2(encoder, num_classes, encoder_weights)
     if arch == "deeplabv3plus":
         return smp.DeepLabV3Plus(encoder_name=encoder, encoder_weights=encoder_weights, classes=num_classes)
     if arch == "deeplabv3":
         return smp.DeepLabV3(encoder_name=encoder, encoder_weights=encoder_weights, classes=num_classes)
-    raise CpcxError(f"segment.arch: '{arch}' is not a network; use deeplabv2, deeplabv3 or deeplabv3plus", code=2)
+    raise CpcxError(f"segment.arch: '{arch}' is not a network; use deeplabv2, deeplabv3, deeplabv3plus or dpt",
+                     code=2)
 
 
 def build_segnet(cfg: SegmentConfig, num_classes: int, load_weights: bool = True) -> SegNet:
@@ -133,7 +149,7 @@ def build_segnet(cfg: SegmentConfig, num_classes: int, load_weights: bool = True
     """
     download = cfg.encoder_weights if (load_weights and cfg.encoder_file is None) else None
     try:
-        net = build_network(cfg.arch, cfg.encoder, num_classes, _smp_weights(cfg.encoder, download))
+        net = build_network(cfg.arch, cfg.encoder, num_classes, _smp_weights(cfg.encoder, download), cfg.crop_size)
     except CpcxError:
         raise
     except (KeyError, RuntimeError, ValueError, OSError) as exc:  # hub errors (offline) are OSErrors
@@ -141,23 +157,40 @@ def build_segnet(cfg: SegmentConfig, num_classes: int, load_weights: bool = True
             raise CpcxError(
                 f"segment.encoder_weights: cannot download the {download} weights of {cfg.encoder} ({_short(exc)}); "
                 "offline, set segment.encoder_weights=null and segment.encoder_file=<local file> "
-                "(`cpcx weights import efficientnet-lite0 --out <file>` gives one for tu-tf_efficientnet_lite0)"
+                f"({_import_hint(cfg.encoder)})"
             ) from None
         raise CpcxError(
             f"segment.encoder: cannot build '{cfg.encoder}' for {cfg.arch} ({_short(exc)}); use an smp encoder name "
-            "(e.g. resnet101) or tu-<timm model name> (e.g. tu-tf_efficientnet_lite0)", code=2
+            "(e.g. resnet101) or tu-<timm model name> (e.g. tu-tf_efficientnet_lite0; for dpt a timm ViT, e.g. "
+            "tu-vit_small_patch14_dinov2)", code=2
         ) from None
     if load_weights and cfg.encoder_file is not None:
-        load_encoder_file(net.encoder, cfg.encoder_file, cfg.encoder)
+        from cpcx.segment.dpt import fit_vit_state
+
+        load_encoder_file(net.encoder, cfg.encoder_file, cfg.encoder, fit_vit_state if cfg.arch == "dpt" else None)
+    if cfg.freeze_encoder:
+        net.encoder.requires_grad_(False)  # make_optimizer leaves it out, and autograd does not go through it
     mean, std = normalization(cfg.encoder)
-    return SegNet(net, mean, std, multiple=input_multiple(net))
+    return SegNet(net, mean, std, multiple=input_multiple(net), frozen_encoder=cfg.freeze_encoder)
 
 
 def input_multiple(net: nn.Module) -> int:
     """What the input height/width must be a multiple of: the network's effective output stride."""
     if isinstance(net, DeepLabV2):
         return DeepLabV2.output_stride
+    from cpcx.segment.dpt import MULTIPLE, is_dpt
+
+    if is_dpt(net):  # twice its stride: its decoder halves the patch grid once more (cpcx.segment.dpt)
+        return MULTIPLE
     return int(getattr(net.encoder, "output_stride", 32))
+
+
+def _import_hint(encoder: str) -> str:
+    """The `cpcx weights import` line for ``encoder`` when it makes one (else the Lite0 example)."""
+    from cpcx.weights import TIMM_NAME
+
+    name = next((n for n, timm_name in TIMM_NAME.items() if encoder == f"tu-{timm_name}"), "efficientnet-lite0")
+    return f"`cpcx weights import {name} --out <file>` gives one for tu-{TIMM_NAME[name]}"
 
 
 def _looks_like_network_error(exc: BaseException) -> bool:
@@ -176,12 +209,13 @@ def _norm_key(key: str) -> str:
     return key.replace("_", ".")
 
 
-def load_encoder_file(encoder: nn.Module, path: Path, encoder_name: str) -> None:
+def load_encoder_file(encoder: nn.Module, path: Path, encoder_name: str, adapt: Callable | None = None) -> None:
     """Load a timm/smp state dict into ``encoder``: every encoder tensor must be in the file with its shape.
 
     File keys may be plain timm keys (``conv_stem.weight``) or the encoder's own (``model.conv_stem.weight``
     for ``tu-`` encoders). Tensors of modules the features-only encoder lacks (the classifier head) are dropped;
-    anything else that does not fit is an error naming the file.
+    anything else that does not fit is an error naming the file. ``adapt(state, encoder) → state`` reshapes
+    tensors first (dpt: the ViT's patch kernel and position grid, cpcx.segment.dpt.fit_vit_state).
     """
     from cpcx.weights import load_state_dict_file
 
@@ -190,6 +224,8 @@ def load_encoder_file(encoder: nn.Module, path: Path, encoder_name: str) -> None
     for prefix in ("module.", "encoder.", "backbone."):  # common wrappers around a saved state dict
         if source and all(k.startswith(prefix) for k in source):
             source = {k[len(prefix):]: v for k, v in source.items()}
+    if adapt is not None:
+        source = adapt(source, encoder)
 
     target = encoder.state_dict()
     by_norm = {_norm_key(k): k for k in target}
@@ -237,8 +273,11 @@ def load_encoder_file(encoder: nn.Module, path: Path, encoder_name: str) -> None
 def segnet_meta(cfg: SegmentConfig, classes: tuple[str, ...] | list[str]) -> dict:
     """What a checkpoint needs to rebuild its network without the recipe."""
     mean, std = normalization(cfg.encoder)
-    return {"arch": cfg.arch, "encoder": cfg.encoder, "num_classes": len(classes), "classes": list(classes),
-            "mean": list(mean), "std": list(std)}
+    meta = {"arch": cfg.arch, "encoder": cfg.encoder, "num_classes": len(classes), "classes": list(classes),
+            "mean": list(mean), "std": list(std), "freeze_encoder": cfg.freeze_encoder}
+    if cfg.arch == "dpt":  # its position table has the crop's grid: the checkpoint's shapes depend on it
+        meta["img_size"] = cfg.crop_size
+    return meta
 
 
 def load_segnet(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SegNet, dict]:
@@ -266,7 +305,7 @@ def load_segnet(path: str | Path, map_location: str | torch.device = "cpu") -> t
             raise CpcxError(f"{path}: its grid segmenter cannot be rebuilt ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); {fix}") from None
         return grid.eval(), meta
-    net = build_network(meta["arch"], meta["encoder"], int(meta["num_classes"]), None)
+    net = build_network(meta["arch"], meta["encoder"], int(meta["num_classes"]), None, meta.get("img_size"))
     net.load_state_dict(ckpt["model"], strict=True)
     model = SegNet(net, tuple(meta["mean"]), tuple(meta["std"]), multiple=input_multiple(net))
     return model.eval(), meta

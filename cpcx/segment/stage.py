@@ -98,7 +98,8 @@ def _train(recipe: Recipe, train_set, val_set, device, rank: int, world: int, re
     steps_per_epoch = len(sampler) // per_device
     total_steps = steps_per_epoch * cfg.epochs
     what = "GROUND-TRUTH masks: oracle reference" if labels.ground_truth else "pseudo-labels"
-    log(f"segment: {cfg.arch} · {cfg.encoder} on {len(train_set)} images ({what}) · {device} × {world} · "
+    encoder = f"{cfg.encoder} (frozen)" if cfg.freeze_encoder else cfg.encoder
+    log(f"segment: {cfg.arch} · {encoder} on {len(train_set)} images ({what}) · {device} × {world} · "
         f"batch {per_device * world} · crop {cfg.crop_size} · epochs {start_epoch + 1}–{cfg.epochs}")
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -189,6 +190,7 @@ def record_epoch(folder: Path, model_state: dict, optimizer, meta: dict, best: d
 
 def make_optimizer(cfg, parameters) -> torch.optim.Optimizer:
     """``segment.optimizer``: SGD with momentum (DeepLab's) or AdamW; the poly schedule drives either's lr."""
+    parameters = [p for p in parameters if p.requires_grad]  # a frozen encoder (segment.freeze_encoder) stays out
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -300,8 +302,9 @@ def _load_resume(path: Path) -> dict | None:
 
 
 def _check_compatible(saved: dict, current: dict, path: Path) -> None:
-    for key in ("arch", "encoder", "num_classes", "labels"):
-        if saved.get(key, "pseudo" if key == "labels" else None) != current.get(key):
+    defaults = {"labels": "pseudo", "freeze_encoder": False}  # what checkpoints written before these keys meant
+    for key in ("arch", "encoder", "num_classes", "labels", "freeze_encoder", "img_size"):
+        if saved.get(key, defaults.get(key)) != current.get(key, defaults.get(key)):
             raise CpcxError(
                 f"{path}: was trained with {key}={saved.get(key)} but the recipe says {current.get(key)}; "
                 "run without --resume to start afresh"
