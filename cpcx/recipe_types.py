@@ -7,9 +7,10 @@ path that cannot be looked at (permissions, a name too long, ``~nosuchuser``) is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BeforeValidator, ValidationInfo
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator, \
+    model_validator
 
 
 def _not_empty(value: object) -> object:
@@ -122,3 +123,36 @@ def numeric(annotation: object) -> bool:
 
     args = get_args(annotation) or (annotation,)
     return any(a in (int, float) for a in args) and bool not in args
+
+
+Device = str  # "auto", "cpu", "cuda", "cuda:1" — checked where the device is opened, with a clear message.
+Precision = Literal["auto", "bf16", "fp32"]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment too."""
+
+    # allow_inf_nan=False: a NaN or inf (YAML .nan/.inf, 1e999) passes every ge/gt bound of pydantic and
+    # only fails mid-training; no field of a recipe means either
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, data: object) -> object:
+        # pydantic's lax mode reads `epochs: true` as 1: a YAML boolean in a number field is a mistake. The
+        # boolean becomes a marker that no number type accepts, so pydantic reports it on the field itself
+        # ("input should be a valid integer (got true)"); a field validator cannot, as "*" would include the
+        # discriminator fields, where pydantic forbids before-validators.
+        if isinstance(data, dict):
+            data = {k: NotANumber(v) if isinstance(v, bool) and k in cls.model_fields
+                    and numeric(cls.model_fields[k].annotation) else v for k, v in data.items()}
+        return data
+
+    @field_validator("*")
+    @classmethod
+    def _int_fits(cls, value: object, info: ValidationInfo) -> object:
+        # a count past 2**31 (`epochs: 1e30` written as digits) validates, then overflows in torch or numpy
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31 \
+                and not (cls.__name__ == "Recipe" and info.field_name == "seed"):  # that one has its own bound
+            raise ValueError(f"{value} is too large; the most this field takes is {2**31 - 1}")
+        return value
