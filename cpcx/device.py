@@ -32,6 +32,27 @@ def resolve_device(spec: str, field: str = "device") -> torch.device:
     raise CpcxError(f"{field}: '{spec}' is not a device; use auto, cpu, cuda or cuda:N")
 
 
+def cpu_bf16_native() -> bool | None:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX on x86, read from /proc/cpuinfo);
+    None where that cannot be told (not Linux). Without it PyTorch emulates bf16 and autocast runs slower
+    than fp32."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return None
+    words = set(flags.split(":", 1)[-1].split())
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})  # "bf16": the ARM feature name (Features line)
+
+
+def slow_bf16_warning(device: torch.device, precision: str, field: str) -> str | None:
+    """One line when ``precision: bf16`` asks for bf16 on a CPU that only emulates it, else None."""
+    if device.type != "cpu" or precision != "bf16" or cpu_bf16_native() is not False:
+        return None
+    return (f"{field}: bf16 on a CPU without AVX-512 BF16/AMX is emulated and slower than fp32 here; "
+            f"set {field}=fp32 (or auto)")
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. ``auto`` means bf16 on CUDA and fp32 on CPU."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):

@@ -25,6 +25,8 @@ class Check:
 def _torch() -> list[Check]:
     import torch
 
+    from cpcx.device import cpu_bf16_native
+
     checks = [Check(True, "torch", f"{torch.__version__} (threads {torch.get_num_threads()})")]
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
@@ -33,6 +35,11 @@ def _torch() -> list[Check]:
     else:
         checks.append(Check(False, "CUDA", "no GPU visible: training and inference run on the CPU",
                             "fine for the VOC slice (device: auto picks the CPU); for a GPU check nvidia-smi and the driver", required=False))
+    native = cpu_bf16_native()
+    if native is not None:
+        checks.append(Check(native, "CPU bf16", "in hardware: precision bf16 speeds CPU stages up" if native else
+                            "emulated: bf16 would be slower than fp32 on this CPU",
+                            "set train/pseudo/segment.precision: fp32 (or auto) in the recipe", required=False))
     if sys.platform.startswith("linux") and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
         checks.append(Check(False, "OMP_WAIT_POLICY", "not PASSIVE: busy-waiting threads can slow CPU runs a lot",
                             "export OMP_WAIT_POLICY=PASSIVE", required=False))

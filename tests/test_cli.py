@@ -73,3 +73,20 @@ def test_doctor_names_unreachable_llm_server(tmp_path, voc_root):
     assert result.returncode == 1
     assert "✘ LLM (ollama)" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_bf16_on_a_cpu_that_emulates_it_is_named(monkeypatch):
+    """precision bf16 on a CPU without bf16 hardware gets one line with the fix; fp32, auto and GPUs get none."""
+    import torch
+
+    from cpcx import device as dev
+
+    monkeypatch.setattr(dev, "cpu_bf16_native", lambda: False)
+    cpu = torch.device("cpu")
+    line = dev.slow_bf16_warning(cpu, "bf16", "train.precision")
+    assert line is not None and "train.precision=fp32" in line and "\n" not in line
+    assert dev.slow_bf16_warning(cpu, "auto", "train.precision") is None
+    assert dev.slow_bf16_warning(torch.device("cuda"), "bf16", "train.precision") is None
+    monkeypatch.setattr(dev, "cpu_bf16_native", lambda: True)
+    assert dev.slow_bf16_warning(cpu, "bf16", "train.precision") is None
+    assert dev.autocast_dtype(cpu, "bf16") is torch.bfloat16
