@@ -50,6 +50,7 @@ _ADDED_DEFAULTS: dict[str, Any] = {
     "segment.aspp_rates": [2, 4, 6],
     "segment.labels": "pseudo",
     "segment.optimizer": "sgd",
+    "segment.freeze_encoder": False,
     "pseudo.class_probe": {"enabled": False, "min_images": 5, "object_threshold": 0.5, "multi_confidence": 0.8,
                            "mix": 0.5, "epochs": 20, "max_patches": 200_000},
 }
