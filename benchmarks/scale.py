@@ -5,6 +5,7 @@ and 10,000 images at VOC sizes, through clusters → train (token cache) → pse
     .venv/bin/python benchmarks/scale.py --sizes 3000 10000            # the larger sizes, added to the same json
     .venv/bin/python benchmarks/scale.py --build-only --sizes 10000    # only the data set
     .venv/bin/python benchmarks/scale.py --render                      # re-write the md from the json
+    .venv/bin/python benchmarks/scale.py --sizes 300 1000 --stages segment   # re-measure one stage after a change
 
 **The data.** ``build_scaled_set`` makes a ``folder`` data set (``images/``, ``masks/``, ``labels.csv``,
 ``manifest.json``) of N train images and ``round(N · 1449 / 10582)`` val images (full VOC's val:train ratio)
@@ -259,17 +260,33 @@ def _csv_seconds(path: Path) -> float | None:
         return None
 
 
-def run_size(n: int, seed: int, voc_root: Path, data_dir: Path, logs: Path) -> dict:
+def run_size(n: int, seed: int, voc_root: Path, data_dir: Path, logs: Path, stages: Sequence[str] = STAGES,
+             before: dict | None = None) -> dict:
+    """Measure ``stages`` of size ``n``; with only some stages (``--stages``), the others' measurements are kept
+    from ``before`` (the json's entry) and their outputs from the run folder, and the re-measured stages' folders
+    are removed first (a stage measured from scratch, its own caches included)."""
     folder = build_scaled_set(voc_root, n, seed, data_dir)
     name = f"scale-n{n}-s{seed}"
     runs = data_dir / "runs"
     args = [dataset_override(folder), f"name={name}", f"seed={seed}", f"runs_dir={runs}", *CHEAP]
-    shutil.rmtree(runs / name, ignore_errors=True)  # every stage measured from scratch
+    if tuple(stages) == STAGES or not before:
+        stages, before = STAGES, None
+        shutil.rmtree(runs / name, ignore_errors=True)  # every stage measured from scratch
+    else:
+        for stage in stages:
+            shutil.rmtree(runs / name / stage, ignore_errors=True)
     entry: dict = {"n": n, "val": val_size(n), "data_set": str(folder),
                    "argv": " ".join(["cpcx", "<stage>", "-r", VOC_RECIPE, *(f'"{a}"' if " " in a else a for a in args)]),
-                   "data_mib": du_mib(folder), "stages": {}}
+                   "data_mib": du_mib(folder), "stages": dict((before or {}).get("stages", {}))}
+    if before:  # what the stage measured before (e.g. before a fix), kept beside the new figures
+        import datetime as dt
+
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        entry["remeasured"] = {**before.get("remeasured", {}), **{s: now for s in stages}}
+        entry["previous"] = {**before.get("previous", {}), **{s: before["stages"][s] for s in stages
+                                                              if s in before.get("stages", {})}}
     env = {**child_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for stage in STAGES:
+    for stage in stages:
         measured = run_sampled([*cpcx_argv(), stage, "-r", VOC_RECIPE, *args], logs / f"{name}-{stage}.log", env)
         code = measured.pop("returncode")
         measured["disk_mib"] = du_mib(runs / name / stage)
@@ -368,6 +385,11 @@ def render(results: dict) -> str:
                          f"| {m['peak_file_mib']:.0f} | {m['disk_mib']:.1f} | {1024 * m['disk_mib'] / n:.1f} |")
         if "error" in e:
             lines.append(f"| {n} | **failed** | {e['error']} |||||||||")
+        for stage, m in e.get("previous", {}).items():
+            lines.append(f"| {n} | {stage} (before {e['remeasured'][stage][:10]}) | {m['seconds']:.1f} "
+                         f"| {m['cpu_seconds']:.1f} | {1000 * m['seconds'] / n:.1f} | {1000 * m['cpu_seconds'] / n:.1f} "
+                         f"| {m['max_rss_mib']:.0f} | {m['peak_anon_mib']:.0f} | {m['peak_file_mib']:.0f} "
+                         f"| {m['disk_mib']:.1f} | {1024 * m['disk_mib'] / n:.1f} |")
     lines += ["", "| N | val | data set MiB | token cache MiB (KiB/image) | segment val-token cache MiB "
               "| train epoch s | segment epochs s | pseudo mIoU (no CRF) | segment val mIoU |",
               "|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -406,6 +428,8 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="build the data sets and stop")
     parser.add_argument("--redo", action="store_true", help="measure sizes already in the json again")
     parser.add_argument("--render", action="store_true", help="re-write the md from the json and stop")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                        help="re-measure only these stages of sizes already run (the others' outputs are reused)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -422,10 +446,12 @@ def main() -> None:
     results.setdefault("sizes", {})
     results["cheap"] = list(CHEAP)
     for n in args.sizes:
-        if str(n) in results["sizes"] and "error" not in results["sizes"][str(n)] and not args.redo:
+        partial = tuple(args.stages) != STAGES
+        if str(n) in results["sizes"] and "error" not in results["sizes"][str(n)] and not args.redo and not partial:
             print(f"N={n}: in {args.out / 'scale.json'} already (--redo to measure again)")
             continue
-        results["sizes"][str(n)] = run_size(n, args.seed, voc, data_dir, data_dir / "logs")
+        results["sizes"][str(n)] = run_size(n, args.seed, voc, data_dir, data_dir / "logs", args.stages,
+                                            results["sizes"].get(str(n)))
         save_results(results, args.out, "scale", render)  # after every size: a later failure loses nothing
     save_results(results, args.out, "scale", render)
 
