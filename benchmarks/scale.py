@@ -357,6 +357,39 @@ def memory_slope(entries: dict[int, dict], stage: str, key: str = "peak_anon_mib
     return float(np.polyfit(np.array(sizes) / 1000, y, 1)[0])
 
 
+# ------------------------------------------------------------------- inputs of the full-scale projection
+#: The real networks' per-image costs on this 2-core machine, from the measurements the README quotes (voc-mini at
+#: bf22919: ViT-S/14 + EfficientNet-Lite0 fused 24×24 grid of 816 channels, 311 train / 172 val images):
+#: (what, seconds per image, how it was derived).
+DEMO_COSTS = (
+    ("train: token extraction, 2 views, both networks", 230 / 311, "230 s / 311 images"),
+    ("train: one HV-BiLSTM epoch on cached tokens", 38 / 311, "38 s / 311 images (voc-mini: 6 epochs)"),
+    ("pseudo: network + class probe + CRF (2 workers)", 177 / 311, "177 s / 311 images, class probe 29 s of it"),
+    ("segment: a val image through both networks", 61 / 172, "61 s / 172 val images"),
+    ("segment: one grid-head epoch", 118 / 16 / 311, "118 s / 16 epochs / 311 images (voc-mini: 16 epochs)"),
+)
+#: The demo's token cache: 24 × 24 cells × 816 channels × float16, per view.
+DEMO_TOKEN_BYTES_PER_VIEW = 24 * 24 * 816 * 2
+FULL_SETS = (("VOC train_aug", 10582, 1449), ("COCO train2014", 82081, 40504))
+
+
+def projection_inputs() -> list[str]:
+    lines = ["## Inputs for the full-scale projection (issue 21, point 2)", "",
+             "The real networks' cost per image on this machine (2 cores), from the voc-mini demo's measured stages "
+             "(README, at bf22919; fused ViT-S/14 + EfficientNet-Lite0 grid, 24 × 24 × 816):", "",
+             "| what | s / image | from |", "|---|---:|---|"]
+    lines += [f"| {what} | {sec:.3f} | {how} |" for what, sec, how in DEMO_COSTS]
+    per_view = DEMO_TOKEN_BYTES_PER_VIEW
+    lines += ["", f"Token cache of the demo grid: 24 × 24 × 816 × 2 B = {per_view / 2**20:.2f} MiB per image and view; "
+              "training caches 2 views (orig + hflip), the segmenter's val cache 1:", ""]
+    lines += [f"- {name}: train {n:,} × 2 views × {per_view / 2**20:.2f} MiB = **{n * 2 * per_view / 2**30:.1f} GiB**, "
+              f"val {val:,} × 1 view = {val * per_view / 2**30:.1f} GiB" for name, n, val in FULL_SETS]
+    lines += ["", "These were measured on 311 images (the CRF, image decoding and label files are in them); the "
+              "benchmark above, with cheap networks, says whether cpcx's part of each holds per image as N grows "
+              "(then multiply by N), and how memory grows (the line under Checks)."]
+    return lines
+
+
 # --------------------------------------------------------------------------------------------- the md
 def render(results: dict) -> str:
     entries = {int(n): e for n, e in results.get("sizes", {}).items()}
@@ -386,7 +419,7 @@ def render(results: dict) -> str:
         if "error" in e:
             lines.append(f"| {n} | **failed** | {e['error']} |||||||||")
         for stage, m in e.get("previous", {}).items():
-            lines.append(f"| {n} | {stage} (before {e['remeasured'][stage][:10]}) | {m['seconds']:.1f} "
+            lines.append(f"| {n} | {stage} (earlier run) | {m['seconds']:.1f} "
                          f"| {m['cpu_seconds']:.1f} | {1000 * m['seconds'] / n:.1f} | {1000 * m['cpu_seconds'] / n:.1f} "
                          f"| {m['max_rss_mib']:.0f} | {m['peak_anon_mib']:.0f} | {m['peak_file_mib']:.0f} "
                          f"| {m['disk_mib']:.1f} | {1024 * m['disk_mib'] / n:.1f} |")
@@ -413,6 +446,7 @@ def render(results: dict) -> str:
         lines += ["", "Growth of peak anonymous memory, MiB per 1,000 images (fit over the N measured): " +
                   ", ".join(f"{s} {memory_slope(ok, s):+.1f}" for s in STAGES) + "; of ru_maxrss: " +
                   ", ".join(f"{s} {memory_slope(ok, s, 'max_rss_mib'):+.1f}" for s in STAGES) + "."]
+    lines += ["", *projection_inputs()]
     if results.get("notes"):
         lines += ["", "## Notes", "", *results["notes"]]
     return "\n".join(lines) + "\n"
