@@ -12,6 +12,7 @@ need nothing else; ``--resume`` restores head and optimizer from ``weights/last.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +66,19 @@ def _label_grid(labels, index: int, size: int, views: list[str]) -> torch.Tensor
     return torch.stack([apply_view(label, v) for v in views])
 
 
+def label_grids(labels, n: int, size: int, views: list[str], folder: Path) -> np.ndarray:
+    """(N, V, size, size) uint8: every training image's label grid in every view, in a memory map on an unnamed
+    temporary file in the run folder (gone when the process ends). Page cache the kernel may drop, not memory the
+    process holds: at 4 × 24 cells and two views a grid is 18 KB an image, 1.4 GB for COCO's 82,081 images, which
+    a list of tensors stacked in RAM held twice over (``benchmarks/results/scale.md``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder, prefix=".label-grids-") as handle:  # the map keeps the file alive
+        grids = np.memmap(handle, dtype=np.uint8, mode="w+", shape=(n, len(views), size, size))
+    for i in range(n):
+        grids[i] = _label_grid(labels, i, size, views).numpy()
+    return grids
+
+
 class _Epoch:
     """(image, view) pairs of one epoch on one rank: a permutation and view draws from (seed, epoch)."""
 
@@ -106,7 +120,7 @@ def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int
         model.head.set_standardization(*token_statistics(tokens))
     grid_h, grid_w = tokens.tokens.shape[2:4]
     size = LABEL_UPSAMPLE * grid_h
-    targets = torch.stack([_label_grid(labels, i, size, views) for i in range(len(train_set))])  # (N, V, s, s)
+    targets = label_grids(labels, len(train_set), size, views, folder)  # (N, V, s, s)
     head = model.head
     if world > 1:
         head = torch.nn.parallel.DistributedDataParallel(head, device_ids=[device] if device.type == "cuda" else None)
@@ -130,7 +144,7 @@ def train_grid(recipe: Recipe, train_set, val_set, device, rank: int, world: int
                     group["lr"] = lr
                 pick, view = plan.order[i * per_device:(i + 1) * per_device], plan.views[i * per_device:(i + 1) * per_device]
                 x = torch.from_numpy(np.stack([tokens.tokens[int(a), int(b)] for a, b in zip(pick, view)]))
-                y = targets[pick, view].long()
+                y = torch.from_numpy(targets[pick.numpy(), view.numpy()]).long()
                 with autocast(device, cfg.precision):
                     logits = head(x.to(device, non_blocking=True))
                 logits = F.interpolate(logits.float(), size=(size, size), mode="bilinear", align_corners=False)
