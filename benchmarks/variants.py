@@ -35,12 +35,13 @@ _FP32 = ["train.precision=fp32", "pseudo.precision=fp32", "segment.precision=fp3
 _BF16 = ["train.precision=bf16", "pseudo.precision=bf16", "segment.precision=bf16"]
 #: key → (what it is, overrides on voc-mini).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "fp32": ("fp32 everywhere, HV-BiLSTM 220 per direction (voc-mini until Dec 2026)",
-             [*_FP32, "model.lstm_hidden=null"]),
     "bf16": ("bf16 autocast: token extraction, HV-BiLSTM, pseudo maps, segmenter", [*_BF16, "model.lstm_hidden=null"]),
-    "lstm64": ("fp32, HV-BiLSTM 64 per direction", [*_FP32, "model.lstm_hidden=64"]),
-    "bf16-lstm112": ("bf16 autocast, HV-BiLSTM 112 per direction", [*_BF16, "model.lstm_hidden=112"]),
+    "bf16-lstm112": ("bf16 autocast, HV-BiLSTM 112 per direction (voc-mini since Dec 2026)",
+                     [*_BF16, "model.lstm_hidden=112"]),
 }
+#: The reference: voc-mini as it was (fp32 on CPU, HV-BiLSTM 220), measured by backbones.py (its vit-lite0 rows,
+#: the same settings: ``Backbone.overrides`` pins them).
+REFERENCE = ("fp32, HV-BiLSTM 220 (voc-mini before; benchmarks/backbones.py's vit-lite0 rows)", "vit-lite0", _FP32)
 
 
 def run_variant(key: str, seed: int, segment: bool, logs: Path) -> dict:
@@ -49,6 +50,7 @@ def run_variant(key: str, seed: int, segment: bool, logs: Path) -> dict:
             *VARIANTS[key][1]]
     stages = ("clusters", "train", "pseudo", "segment") if segment else ("clusters", "train", "pseudo")
     entry = run_stages(VOC_RECIPE, args, stages, name, logs)
+    entry["load_average"] = os.getloadavg()[1]  # other work on the cores makes the seconds incomparable: say so
     if "error" in entry:
         return entry
     pseudo = ROOT / WORK / name / "pseudo"
@@ -66,13 +68,18 @@ def render(results: dict) -> str:
         "Pseudo-label mIoU × 100 on the 311 train images, with the CRF and without; 'choose / report' split the "
         f"CRF figure into the first {CHOOSE} ids (where settings are chosen) and the other {311 - CHOOSE}. "
         "Seconds: mean over seeds, wall, 2 cores; train includes the token extraction only where the cache was "
-        "new (the first seed of a new key), so compare train s on seeds with a reused cache.", "",
+        "new (the first seed of a new key), so compare train s on seeds with a reused cache; with other work on the "
+        "cores (load average above 2) seconds compare with nothing: speed is measured alone (the README's demo, "
+        "bench_backbone_speed.py).", "",
         "| variant | overrides | pseudo CRF | pseudo no CRF | CRF choose / report | segmenter val | seeds "
         "| train s | pseudo s |",
         "|---|---|---:|---:|---|---:|---|---:|---:|",
     ]
-    for key, (title, overrides) in VARIANTS.items():
-        runs = {int(s): r for s, r in results["runs"].get(key, {}).items() if "crf" in r}
+    reference = (read_json(OUT / "backbones.json") or {}).get("runs", {}).get(REFERENCE[1], {})
+    rows_by_key = {"reference": (REFERENCE[0], [*REFERENCE[2], "model.lstm_hidden=null"], reference),
+                   **{k: (t, o, results["runs"].get(k, {})) for k, (t, o) in VARIANTS.items()}}
+    for key, (title, overrides, entries) in rows_by_key.items():
+        runs = {int(s): r for s, r in entries.items() if "crf" in r}
         if not runs:
             continue
         rows = list(runs.values())
@@ -92,7 +99,8 @@ def render(results: dict) -> str:
                              f"{r['crf_choose']:.1f} / {r['crf_report']:.1f}"
                              + (f", segmenter {r['segment_val']:.1f}" if "segment_val" in r else "")
                              + f" · train {r['stages']['train']['seconds']:.0f} s, "
-                             f"pseudo {r['stages']['pseudo']['seconds']:.0f} s")
+                             f"pseudo {r['stages']['pseudo']['seconds']:.0f} s"
+                             + (f" (load average ≈ {r['load_average']:.0f} while it ran)" if "load_average" in r else ""))
     lines += ["", f"Command per seed S: `cpcx <stage> -r {VOC_RECIPE} name=var-<variant>-sS seed=S runs_dir={WORK} "
               f"train.feature_cache_dir={WORK}/features-bb <overrides>`"]
     return "\n".join(lines) + "\n"
@@ -105,7 +113,12 @@ def main(argv=None) -> int:
     parser.add_argument("--segment", action="store_true", help="also the segment stage (val mIoU)")
     parser.add_argument("--redo", action="store_true", help="measure again what is already in the json")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    parser.add_argument("--render", action="store_true", help="rewrite variants.md from the json and exit")
     args = parser.parse_args(argv)
+    if args.render:
+        results = read_json(OUT / "variants.json") or {"runs": {}}
+        (OUT / "variants.md").write_text(render(results))
+        return 0
     if args.list:
         for key, (title, overrides) in VARIANTS.items():
             print(f"{key}: {title}\n    {' '.join(overrides)}")
