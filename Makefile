@@ -21,8 +21,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Exact torch/torchvision pins live in pyproject.toml; `.[dev]` adds the weights importer and pytest.
+# pip compiles every installed module one by one (torch alone has thousands); compileall does the same on every
+# core: 109 s → 60 + 24 s here, and later processes import as fast (measured on 2 cores).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-compile -e '.[dev]'
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null
 	rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP)
