@@ -26,7 +26,7 @@ $(BIN)/python:
 # ignored: packages ship files for newer Pythons (torch's py312_intrinsics.py), which pip skips silently too.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-compile -e '.[dev]'
-	-$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
 	rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP)
