@@ -57,8 +57,17 @@ def run_variant(key: str, seed: int, segment: bool, logs: Path) -> dict:
     entry.update(pseudo_scores(pseudo))
     entry.update(subset_scores(pseudo / "labels"))
     if segment:
-        entry["segment_val"] = 100 * read_json(ROOT / WORK / name / "segment" / "metrics.json")["miou"]
+        entry.update(segment_scores(ROOT / WORK / name / "segment"))
     return entry
+
+
+def segment_scores(folder: Path) -> dict:
+    """Val mIoU of a finished segment folder, and on the two halves of the val ids (segmenters.py's choose/report)."""
+    from segmenters import halves
+
+    halved = halves(folder / "predictions")
+    return {"segment_val": 100 * read_json(folder / "metrics.json")["miou"],
+            "segment_choose": halved["choose"], "segment_report": halved["report"]}
 
 
 def render(results: dict) -> str:
@@ -98,6 +107,8 @@ def render(results: dict) -> str:
                 lines.append(f"- {key} seed {seed}: {r['crf']:.1f}, {r['no_crf']:.1f}, "
                              f"{r['crf_choose']:.1f} / {r['crf_report']:.1f}"
                              + (f", segmenter {r['segment_val']:.1f}" if "segment_val" in r else "")
+                             + (f" ({r['segment_choose']:.1f} / {r['segment_report']:.1f})" if "segment_choose" in r
+                                else "")
                              + f" · train {r['stages']['train']['seconds']:.0f} s, "
                              f"pseudo {r['stages']['pseudo']['seconds']:.0f} s"
                              + (f" (load average ≈ {r['load_average']:.0f} while it ran)" if "load_average" in r else ""))
