@@ -35,8 +35,8 @@ _FP32 = ["train.precision=fp32", "pseudo.precision=fp32", "segment.precision=fp3
 _BF16 = ["train.precision=bf16", "pseudo.precision=bf16", "segment.precision=bf16"]
 #: key → (what it is, overrides on voc-mini).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "bf16": ("bf16 autocast: token extraction, HV-BiLSTM, pseudo maps, segmenter", [*_BF16, "model.lstm_hidden=null"]),
-    "bf16-lstm112": ("bf16 autocast, HV-BiLSTM 112 per direction (voc-mini since Dec 2026)",
+    "bf16": ("bf16 autocast: token extraction, HV-BiLSTM, pseudo maps, segmenter (voc-mini since 3 Dec 2026)", [*_BF16, "model.lstm_hidden=null"]),
+    "bf16-lstm112": ("bf16 autocast, HV-BiLSTM 112 per direction (not taken: seed 2 lost 3 points)",
                      [*_BF16, "model.lstm_hidden=112"]),
 }
 #: The reference: voc-mini as it was (fp32 on CPU, HV-BiLSTM 220), measured by backbones.py (its vit-lite0 rows,
