@@ -99,7 +99,7 @@ def test_pseudo_on_two_processes_equals_one(tmp_path, voc_root):
     single = _cpcx("pseudo", "-r", str(path))
     assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
     labels, metrics = _files(stage / "labels"), json.loads((stage / "metrics.json").read_text())
-    probe = torch.load(stage / "class_probe.pt")
+    probe = torch.load(stage / "class_probe.pt", weights_only=True)
     assert len(labels) == 8 and metrics["images"] == 8 and metrics["images_no_crf"] == 8
     # labels that say something (object classes, not all background), or their equality would prove little
     from cpcx.data import load_label_png
@@ -113,7 +113,7 @@ def test_pseudo_on_two_processes_equals_one(tmp_path, voc_root):
     assert sharded.stdout.count("pseudo-labels for 8 train images") == 1  # rank 0 alone speaks
     assert _files(stage / "labels") == labels
     assert json.loads((stage / "metrics.json").read_text()) == metrics
-    again = torch.load(stage / "class_probe.pt")
+    again = torch.load(stage / "class_probe.pt", weights_only=True)
     assert all(torch.equal(probe[k], again[k]) for k in ("weight", "bias", "known"))
     assert json.loads((stage / "stage.json").read_text())["status"] == "done"
     assert (stage / "confusion.csv").is_file() and len(list((stage / "figures" / "overlays").glob("*.png"))) == 1
