@@ -38,25 +38,33 @@ with open(sys.argv[1], "w") as out:
 """
 
 
-def run_measured(argv: Sequence[str], log: Path, env: dict[str, str]) -> Measured:
-    """Run a command, output to ``log``; ``wait4`` in a small wrapper process gives its CPU time and peak RSS,
-    its reaped children (the CRF workers) included: the largest resident set of the stage, whichever process."""
+def run_wrapped(argv: Sequence[str], log: Path, env: dict[str, str],
+                wrapper: str = _WRAPPER) -> tuple[float, dict | None]:
+    """Run a command through ``wrapper`` (a script that writes its usage JSON to argv[1]), output to ``log``
+    → (wall seconds, the usage JSON or None)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     usage_file = log.with_suffix(".usage.json")
     usage_file.unlink(missing_ok=True)
     with open(log, "wb") as out:
         start = time.perf_counter()
-        wrapper = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(usage_file), *argv], stdout=out,
+        process = subprocess.Popen([sys.executable, "-c", wrapper, str(usage_file), *argv], stdout=out,
                                    stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:
-            wrapper.wait()
+            process.wait()
         except BaseException:  # Ctrl-C or SIGTERM here: no stage may go on running without us
-            wrapper.terminate()
-            wrapper.wait()
+            process.terminate()
+            process.wait()
             raise
         seconds = time.perf_counter() - start
-    usage = read_json(usage_file) or {"returncode": -1, "cpu": 0.0, "maxrss_kib": 0}
-    return Measured(usage["returncode"], round(seconds, 2), round(usage["cpu"], 1),
+    return round(seconds, 2), read_json(usage_file)
+
+
+def run_measured(argv: Sequence[str], log: Path, env: dict[str, str]) -> Measured:
+    """Run a command, output to ``log``; ``wait4`` in a small wrapper process gives its CPU time and peak RSS,
+    its reaped children (the CRF workers) included: the largest resident set of the stage, whichever process."""
+    seconds, usage = run_wrapped(argv, log, env)
+    usage = usage or {"returncode": -1, "cpu": 0.0, "maxrss_kib": 0}
+    return Measured(usage["returncode"], seconds, round(usage["cpu"], 1),
                     round(usage["maxrss_kib"] / 1024, 1))  # ru_maxrss is in KiB on Linux
 
 

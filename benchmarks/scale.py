@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ from typing import Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_exec import child_env, cpcx_argv, read_json, save_results, tail  # noqa: E402
+from results_exec import child_env, cpcx_argv, read_json, run_wrapped, save_results, tail  # noqa: E402
 from results_rows import ROOT, VOC_RECIPE  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
@@ -221,22 +220,9 @@ with open(sys.argv[1], "w") as out:
 def run_sampled(argv: Sequence[str], log: Path, env: dict[str, str]) -> dict:
     """One measured process (see ``_WRAPPER``) → {returncode, seconds, cpu_seconds, max_rss_mib, peak_anon_mib,
     peak_file_mib}."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    usage_file = log.with_suffix(".usage.json")
-    usage_file.unlink(missing_ok=True)
-    with open(log, "wb") as out:
-        start = time.perf_counter()
-        wrapper = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(usage_file), *argv], stdout=out,
-                                   stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        try:
-            wrapper.wait()
-        except BaseException:
-            wrapper.terminate()
-            wrapper.wait()
-            raise
-        seconds = time.perf_counter() - start
-    u = read_json(usage_file) or {"returncode": -1, "cpu": 0.0, "maxrss_kib": 0, "anon_kib": 0, "file_kib": 0}
-    return {"returncode": u["returncode"], "seconds": round(seconds, 2), "cpu_seconds": round(u["cpu"], 1),
+    seconds, u = run_wrapped(argv, log, env, _WRAPPER)
+    u = u or {"returncode": -1, "cpu": 0.0, "maxrss_kib": 0, "anon_kib": 0, "file_kib": 0}
+    return {"returncode": u["returncode"], "seconds": seconds, "cpu_seconds": round(u["cpu"], 1),
             "max_rss_mib": round(u["maxrss_kib"] / 1024, 1), "peak_anon_mib": round(u.get("anon_kib", 0) / 1024, 1),
             "peak_file_mib": round(u.get("file_kib", 0) / 1024, 1)}
 
