@@ -53,6 +53,13 @@ def slow_bf16_warning(device: torch.device, precision: str, field: str) -> str |
             f"set {field}=fp32 (or auto)")
 
 
+def report_slow_bf16(device: torch.device, precision: str, field: str, say) -> None:
+    """``say`` the :func:`slow_bf16_warning` line of a stage (marked as a warning), if there is one."""
+    line = slow_bf16_warning(device, precision, field)
+    if line:
+        say(f"[yellow]![/] {line}")
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. ``auto`` means bf16 on CUDA and fp32 on CPU."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):

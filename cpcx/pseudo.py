@@ -30,7 +30,7 @@ from rich.console import Console
 
 from cpcx import atomic, shard
 from cpcx.crf import CRFParams, CRFTask, init_worker, run_task, warm_up
-from cpcx.device import slow_bf16_warning
+from cpcx.device import report_slow_bf16
 from cpcx.errors import CpcxError
 from cpcx.feature_cache import autocast_tag
 from cpcx.metrics import ConfusionMatrix, scores_from_confusion
@@ -233,8 +233,7 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
 
     cfg = recipe.pseudo
     device = ranks.device
-    for slow in filter(None, [slow_bf16_warning(device, cfg.precision, "pseudo.precision")]):
-        console.print(f"[yellow]![/] {slow}", soft_wrap=True)
+    report_slow_bf16(device, cfg.precision, "pseudo.precision", lambda text: console.print(text, soft_wrap=True))
     checkpoint = find_checkpoint(recipe)
     # Everything that can refuse the run is checked before a file is touched: an unreadable new checkpoint
     # must not cost the labels the old one made (they are dropped only once the new one is known to load).

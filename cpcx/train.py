@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cpcx import atomic, checkpoint, distributed, viz
 from cpcx.augment import TrainTransform, pick_view, sample_generator
-from cpcx.device import autocast, seed_everything, slow_bf16_warning
+from cpcx.device import autocast, report_slow_bf16, seed_everything
 from cpcx.errors import CpcxError
 from cpcx.feature_cache import FeatureCache, trunk_depth
 from cpcx.model import CPCNet, build_model, checkpoint_meta, cluster_vectors
@@ -211,9 +211,7 @@ class _Trainer:
             (folder / "metrics.csv").unlink(missing_ok=True)
             for row in self.history:
                 atomic.append_csv_row(folder / "metrics.csv", METRICS_HEADER, row)
-        slow = slow_bf16_warning(self.device, t.precision, "train.precision")
-        if slow:
-            self.log(f"[yellow]![/] {slow}")
+        report_slow_bf16(self.device, t.precision, "train.precision", self.log)
         self.log(f"train: {len(self.images)} images, {len(classes)} classes, {net.num_clusters} clusters, "
                  f"{r.model.backbone} on {self.device} × {self.info.world_size}, epochs {start + 1}..{t.epochs}")
         for epoch in range(start, t.epochs):

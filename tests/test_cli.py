@@ -87,6 +87,10 @@ def test_bf16_on_a_cpu_that_emulates_it_is_named(monkeypatch):
     assert line is not None and "train.precision=fp32" in line and "\n" not in line
     assert dev.slow_bf16_warning(cpu, "auto", "train.precision") is None
     assert dev.slow_bf16_warning(torch.device("cuda"), "bf16", "train.precision") is None
+    said: list[str] = []
+    dev.report_slow_bf16(cpu, "bf16", "pseudo.precision", said.append)
+    dev.report_slow_bf16(cpu, "fp32", "pseudo.precision", said.append)
+    assert len(said) == 1 and "pseudo.precision=fp32" in said[0]
     monkeypatch.setattr(dev, "cpu_bf16_native", lambda: True)
     assert dev.slow_bf16_warning(cpu, "bf16", "train.precision") is None
     assert dev.autocast_dtype(cpu, "bf16") is torch.bfloat16

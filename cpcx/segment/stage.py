@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from cpcx import atomic, distributed, viz
-from cpcx.device import autocast, seed_everything, slow_bf16_warning
+from cpcx.device import autocast, report_slow_bf16, seed_everything
 from cpcx.errors import CpcxError
 from cpcx.metrics import IGNORE_INDEX, ConfusionMatrix
 from cpcx.recipe import Recipe
@@ -50,9 +50,7 @@ def run_segment(recipe: Recipe, resume: bool = False, console: Console | None = 
     try:
         device, rank, world = info.device, info.rank, info.world_size
         log = (lambda text: console.print(text, soft_wrap=True)) if rank == 0 else (lambda text: None)
-        slow = slow_bf16_warning(device, recipe.segment.precision, "segment.precision")
-        if slow:
-            log(f"[yellow]![/] {slow}")
+        report_slow_bf16(device, recipe.segment.precision, "segment.precision", log)
         if rank == 0:
             prepare_stage_dir(recipe, "segment", str(device))
         distributed.barrier()
