@@ -75,6 +75,21 @@ def _options(
     """Contrastive Prompt Clustering for weakly supervised semantic segmentation."""
     if debug:
         os.environ["CPCX_DEBUG"] = "1"  # the environment, so torchrun's workers inherit it
+    stop_on_sigterm()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, ``timeout``, a scheduler's stop, torchrun stopping its ranks) ends a command the way
+    Ctrl-C does: ``finally`` blocks run, process pools are shut down (no orphan CRF workers), finished outputs
+    stay and the command says how to resume. Python's default for SIGTERM ends the process on the spot."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):  # noqa: ARG001 - the signal-handler signature
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _load(recipe: Path, overrides: Optional[List[str]]):

@@ -93,7 +93,7 @@ def crf_labels(
 
 
 # ------------------------------------------------------------------------------------ worker processes
-def init_worker() -> None:
+def init_worker(parent: int | None = None) -> None:
     """Process-pool initializer: one thread per CRF worker, so N workers use N cores and no more.
 
     pydensecrf itself is single-threaded; this guards the numeric libraries a worker may load later and
@@ -106,10 +106,52 @@ def init_worker() -> None:
     for name in _THREAD_VARS:
         os.environ[name] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent turns SIGTERM into Ctrl-C (cli) and stops us
+    watch_parent(parent)
 
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
+
+
+def watch_parent(parent: int | None = None, every: float = 1.0) -> None:
+    """Exit when the parent process (pid ``parent``, default: ours now) is gone (killed with SIGKILL, crashed).
+
+    A pool worker waits for tasks on a pipe behind a semaphore; when the parent dies without shutting the
+    pool down, only one worker sees the closed pipe and the others wait on the semaphore forever: orphans that
+    hold a core each. Polled from a daemon thread (PR_SET_PDEATHSIG is Linux-only and fires when the parent's
+    *thread* exits, not its process). ``parent`` comes from the pool's creator: a worker still starting when
+    the parent dies is already an orphan by the time it could ask for its parent's pid.
+    """
+    import threading
+    import time
+
+    parent = os.getppid() if parent is None else parent
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="cpcx-watch-parent", daemon=True).start()
+
+
+def crf_pool(workers: int):
+    """A process pool of ``workers`` CRF workers, started now (in parallel with whatever the caller does next).
+
+    spawn, not fork: forking a process that holds torch threads (or a CUDA context) is unsafe. Shut it down
+    in a ``finally`` (``shutdown(wait=True, cancel_futures=True)``): a worker ignores Ctrl-C and SIGTERM, so
+    the running CRFs finish their atomic writes and the queued ones are dropped; a worker whose parent dies
+    without that exits by itself (:func:`watch_parent`).
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
+                               initargs=(os.getpid(),))
+    for _ in range(workers):
+        pool.submit(warm_up)
+    return pool
 
 
 def warm_up() -> None:

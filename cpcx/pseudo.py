@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,7 +28,7 @@ import numpy as np
 from rich.console import Console
 
 from cpcx import atomic, shard
-from cpcx.crf import CRFParams, CRFTask, init_worker, run_task, warm_up
+from cpcx.crf import CRFParams, CRFTask, crf_pool, run_task
 from cpcx.device import report_slow_bf16
 from cpcx.errors import CpcxError
 from cpcx.feature_cache import autocast_tag
@@ -84,10 +83,7 @@ def label_images(
     max_pending = 2 * (workers + batch_size)
     pool = None
     if crf is not None:
-        # spawn: forking a process that holds torch threads (or a CUDA context) is unsafe.
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker)
-        for _ in range(workers):  # start every worker now, in parallel with the first network batch
-            pool.submit(warm_up)
+        pool = crf_pool(workers)  # its workers start in parallel with the first network batch
 
     def finish(futures) -> None:
         for future in futures:
@@ -134,7 +130,7 @@ def label_images(
             finish(done)
     finally:
         if pool is not None:
-            # Workers ignore Ctrl-C (see crf.init_worker): the running CRFs finish and write, queued ones drop.
+            # Workers ignore Ctrl-C and SIGTERM (crf.crf_pool): the running CRFs finish and write, queued ones drop.
             pool.shutdown(wait=True, cancel_futures=True)
         if no_crf is not None:
             no_crf.save()

@@ -1,0 +1,91 @@
+"""CRF worker processes never outlive the command that started them.
+
+Found in a benchmark run: a `cpcx pseudo` stopped with SIGTERM left its spawn workers behind, each waiting
+forever on the pool's task semaphore and holding a core. Two ways a command ends without Ctrl-C are checked
+on real processes: SIGTERM (the CLI turns it into Ctrl-C, so the pool is shut down in ``finally``) and SIGKILL
+(nothing runs in the parent; each worker notices that its parent is gone and exits).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The pool exactly as `cpcx pseudo` makes it, in a process that prints its workers' pids and then waits.
+_PARENT = """
+import sys, time
+from cpcx.cli import stop_on_sigterm
+from cpcx.crf import crf_pool
+if sys.argv[1] == "cli":
+    stop_on_sigterm()
+pool = crf_pool(2)
+try:
+    while len(pool._processes) < 2 or any(p.pid is None for p in pool._processes.values()):
+        time.sleep(0.05)
+    pool.submit(sum, [1, 2]).result()  # the workers are up and serving
+    print(" ".join(str(pid) for pid in pool._processes), flush=True)
+    time.sleep(120)
+finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+    print("pool shut down", flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (an exited orphan waits for init to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _wait_gone(pids: list[int], seconds: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        left = [pid for pid in pids if _alive(pid)]
+        if not left:
+            return []
+        time.sleep(0.2)
+    return [pid for pid in pids if _alive(pid)]
+
+
+def _start(mode: str) -> tuple[subprocess.Popen, list[int]]:
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    line = parent.stdout.readline()
+    if not line.strip():
+        parent.kill()
+        pytest.fail(f"the pool did not start: {parent.stderr.read()[-2000:]}")
+    return parent, [int(pid) for pid in line.split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+def test_workers_exit_when_their_parent_is_killed():
+    parent, workers = _start("plain")
+    assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+    parent.send_signal(signal.SIGKILL)  # no finally, no atexit: the pool is never shut down
+    parent.wait()
+    left = _wait_gone(workers)
+    for pid in left:  # do not leave them behind for the rest of the suite either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"CRF workers {left} outlived their killed parent"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+def test_sigterm_ends_a_command_like_ctrl_c_and_shuts_the_pool_down():
+    parent, workers = _start("cli")
+    parent.send_signal(signal.SIGTERM)
+    out, err = parent.communicate(timeout=60)
+    # the handler raised KeyboardInterrupt: the finally block ran (in a command, user_errors then prints
+    # "interrupted ... re-run to resume" and exits 130); Python's default would have died of the signal
+    assert "pool shut down" in out and parent.returncode != -signal.SIGTERM, err[-2000:]
+    assert "KeyboardInterrupt" in err
+    assert not _wait_gone(workers, 10.0), "CRF workers survived the pool's shutdown"
