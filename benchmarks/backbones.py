@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_exec import mean_std, pseudo_scores, read_json, run_stages  # noqa: E402
-from results_rows import CPU_FP32, ROOT, VOC_RECIPE  # noqa: E402
+from results_rows import CPU_FP32, ROOT, VOC_MINI_BEFORE_TRIM, VOC_RECIPE  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 WORK = "runs-bench"
@@ -57,7 +57,7 @@ class Backbone:
         out = [f"model.backbone={self.timm}", f"model.weights=../{self.weights}", f"model.img_size={self.img_size}",
                f"pseudo.img_size={self.img_size}", f"model.topk={self.topk}"]
         # Every knob spelled out (null too), so a row means the same whatever recipes/voc-mini.yaml ships.
-        out += list(CPU_FP32)
+        out += [*CPU_FP32, *VOC_MINI_BEFORE_TRIM]
         out.append("model.feature_strides=null" if self.strides is None else
                    f"model.feature_strides=[{','.join(map(str, self.strides))}]")
         if self.fuse is None:

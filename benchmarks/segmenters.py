@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_exec import save_results, child_env, cpcx_argv, mean_std, read_json, run_measured, tail  # noqa: E402
-from results_rows import ROOT, VOC_RECIPE  # noqa: E402
+from results_rows import ROOT, VOC_MINI_BEFORE_TRIM, VOC_RECIPE  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 WORK = "runs-bench"
@@ -53,7 +53,7 @@ class Data:
 
 
 DATA = {
-    "voc": Data(VOC_RECIPE, "bb-vit-lite0-s{seed}", "features-bb", (), "segmenters", "seg"),  # backbones.py's runs
+    "voc": Data(VOC_RECIPE, "bb-vit-lite0-s{seed}", "features-bb", VOC_MINI_BEFORE_TRIM, "segmenters", "seg"),  # backbones.py's runs
     "coco": Data("recipes/coco-mini.yaml", "coco-fused-s{seed}", "features-coco-grids", tuple(COCO_FUSED),
                  "segmenters-coco", "seg-coco"),
 }

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backbones import CHOOSE, subset_scores  # noqa: E402
 from results_exec import mean_std, pseudo_scores, read_json, run_stages, save_results  # noqa: E402
-from results_rows import ROOT, VOC_RECIPE  # noqa: E402
+from results_rows import ROOT, VOC_MINI_BEFORE_TRIM, VOC_RECIPE  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 WORK = "runs-bench"
@@ -38,6 +38,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "bf16": ("bf16 autocast: token extraction, HV-BiLSTM, pseudo maps, segmenter (voc-mini since 3 Dec 2026)", [*_BF16, "model.lstm_hidden=null"]),
     "bf16-lstm112": ("bf16 autocast, HV-BiLSTM 112 per direction (not taken: seed 2 lost 3 points)",
                      [*_BF16, "model.lstm_hidden=112"]),
+    "bf16-orig": ("bf16, one cached view (train.views [orig], pseudo.flip false): half the token extraction (not taken: seed 2 lost 5 points)",
+                  [*_BF16, "model.lstm_hidden=null", "train.views=[orig]", "pseudo.flip=false"]),
+    "bf16-crf5": ("bf16, 5 mean-field iterations in the CRF instead of 10", [*_BF16, "model.lstm_hidden=null",
+                                                                          "crf.iterations=5"]),
+    "bf16-crf5-ep5": ("bf16, 5 CRF iterations, 5 training epochs instead of 6",
+                      [*_BF16, "model.lstm_hidden=null", "crf.iterations=5", "train.epochs=5"]),
 }
 #: The reference: voc-mini as it was (fp32 on CPU, HV-BiLSTM 220), measured by backbones.py (its vit-lite0 rows,
 #: the same settings: ``Backbone.overrides`` pins them).
@@ -46,8 +52,9 @@ REFERENCE = ("fp32, HV-BiLSTM 220 (voc-mini before; benchmarks/backbones.py's vi
 
 def run_variant(key: str, seed: int, segment: bool, logs: Path) -> dict:
     name = f"var-{key}-s{seed}"
+    # voc-mini's settings before its trim, then the variant's own (which may restate them: the later wins)
     args = [f"name={name}", f"seed={seed}", f"runs_dir={WORK}", f"train.feature_cache_dir={WORK}/features-bb",
-            *VARIANTS[key][1]]
+            *VOC_MINI_BEFORE_TRIM, *VARIANTS[key][1]]
     stages = ("clusters", "train", "pseudo", "segment") if segment else ("clusters", "train", "pseudo")
     entry = run_stages(VOC_RECIPE, args, stages, name, logs)
     entry["load_average"] = os.getloadavg()[1]  # other work on the cores makes the seconds incomparable: say so
@@ -113,7 +120,8 @@ def render(results: dict) -> str:
                              f"pseudo {r['stages']['pseudo']['seconds']:.0f} s"
                              + (f" (load average ≈ {r['load_average']:.0f} while it ran)" if "load_average" in r else ""))
     lines += ["", f"Command per seed S: `cpcx <stage> -r {VOC_RECIPE} name=var-<variant>-sS seed=S runs_dir={WORK} "
-              f"train.feature_cache_dir={WORK}/features-bb <overrides>`"]
+              f"train.feature_cache_dir={WORK}/features-bb {' '.join(VOC_MINI_BEFORE_TRIM)} <overrides>` (voc-mini's "
+              "epochs and CRF iterations before 4 Dec 2026 first: every row keeps what it measured)"]
     return "\n".join(lines) + "\n"
 
 
