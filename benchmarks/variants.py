@@ -35,14 +35,14 @@ _FP32 = ["train.precision=fp32", "pseudo.precision=fp32", "segment.precision=fp3
 _BF16 = ["train.precision=bf16", "pseudo.precision=bf16", "segment.precision=bf16"]
 #: key → (what it is, overrides on voc-mini).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "bf16": ("bf16 autocast: token extraction, HV-BiLSTM, pseudo maps, segmenter (voc-mini since 3 Dec 2026)", [*_BF16, "model.lstm_hidden=null"]),
+    "bf16": ("bf16 autocast: token extraction, HV-BiLSTM, pseudo maps, segmenter (voc-mini 3 Dec 2026)", [*_BF16, "model.lstm_hidden=null"]),
     "bf16-lstm112": ("bf16 autocast, HV-BiLSTM 112 per direction (not taken: seed 2 lost 3 points)",
                      [*_BF16, "model.lstm_hidden=112"]),
     "bf16-orig": ("bf16, one cached view (train.views [orig], pseudo.flip false): half the token extraction (not taken: seed 2 lost 5 points)",
                   [*_BF16, "model.lstm_hidden=null", "train.views=[orig]", "pseudo.flip=false"]),
-    "bf16-crf5": ("bf16, 5 mean-field iterations in the CRF instead of 10", [*_BF16, "model.lstm_hidden=null",
+    "bf16-crf5": ("bf16, 5 mean-field iterations in the CRF instead of 10 (voc-mini since 4 Dec 2026)", [*_BF16, "model.lstm_hidden=null",
                                                                           "crf.iterations=5"]),
-    "bf16-crf5-ep5": ("bf16, 5 CRF iterations, 5 training epochs instead of 6",
+    "bf16-crf5-ep5": ("bf16, 5 CRF iterations, 5 training epochs instead of 6 (not taken: -0.7 pseudo, -0.7 segmenter for ~20 s)",
                       [*_BF16, "model.lstm_hidden=null", "crf.iterations=5", "train.epochs=5"]),
 }
 #: The reference: voc-mini as it was (fp32 on CPU, HV-BiLSTM 220), measured by backbones.py (its vit-lite0 rows,
