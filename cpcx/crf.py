@@ -106,7 +106,8 @@ def init_worker(parent: int | None = None) -> None:
     for name in _THREAD_VARS:
         os.environ[name] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent turns SIGTERM into Ctrl-C (cli) and stops us
+    # SIGTERM keeps its default: pools stop their workers with it (Pool.terminate, a broken executor), and one
+    # sent to the whole process group ends a worker mid-CRF harmlessly (its write is atomic).
     watch_parent(parent)
 
     torch = sys.modules.get("torch")
@@ -140,9 +141,9 @@ def crf_pool(workers: int):
     """A process pool of ``workers`` CRF workers, started now (in parallel with whatever the caller does next).
 
     spawn, not fork: forking a process that holds torch threads (or a CUDA context) is unsafe. Shut it down
-    in a ``finally`` (``shutdown(wait=True, cancel_futures=True)``): a worker ignores Ctrl-C and SIGTERM, so
-    the running CRFs finish their atomic writes and the queued ones are dropped; a worker whose parent dies
-    without that exits by itself (:func:`watch_parent`).
+    in a ``finally`` (``shutdown(wait=True, cancel_futures=True)``): a worker ignores Ctrl-C, so the running CRFs
+    finish their atomic writes and the queued ones are dropped; a worker whose parent dies without that exits by
+    itself (:func:`watch_parent`).
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor

@@ -130,7 +130,7 @@ def label_images(
             finish(done)
     finally:
         if pool is not None:
-            # Workers ignore Ctrl-C and SIGTERM (crf.crf_pool): the running CRFs finish and write, queued ones drop.
+            # Workers ignore Ctrl-C (crf.crf_pool): the running CRFs finish and write, queued ones drop.
             pool.shutdown(wait=True, cancel_futures=True)
         if no_crf is not None:
             no_crf.save()
