@@ -24,8 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from backbones import CHOOSE  # noqa: E402  (the choose/report split every VOC benchmark uses)
+
 OUT = ROOT / "benchmarks" / "results"
-CHOOSE = 200
 
 
 def probe(run: Path, with_crf: bool) -> dict:

@@ -40,8 +40,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                      [*_BF16, "model.lstm_hidden=112"]),
     "bf16-orig": ("bf16, one cached view (train.views [orig], pseudo.flip false): half the token extraction (not taken: seed 2 lost 5 points)",
                   [*_BF16, "model.lstm_hidden=null", "train.views=[orig]", "pseudo.flip=false"]),
-    "bf16-crf5": ("bf16, 5 mean-field iterations in the CRF instead of 10 (voc-mini since 4 Dec 2026)", [*_BF16, "model.lstm_hidden=null",
-                                                                          "crf.iterations=5"]),
+    "bf16-crf5": ("bf16, 5 mean-field iterations in the CRF instead of 10 (voc-mini since 4 Dec 2026)",
+                  [*_BF16, "model.lstm_hidden=null", "crf.iterations=5"]),
     "bf16-crf5-ep5": ("bf16, 5 CRF iterations, 5 training epochs instead of 6 (not taken: -0.7 pseudo, -0.7 segmenter for ~20 s)",
                       [*_BF16, "model.lstm_hidden=null", "crf.iterations=5", "train.epochs=5"]),
 }
