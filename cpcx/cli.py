@@ -75,7 +75,6 @@ def _options(
     """Contrastive Prompt Clustering for weakly supervised semantic segmentation."""
     if debug:
         os.environ["CPCX_DEBUG"] = "1"  # the environment, so torchrun's workers inherit it
-    stop_on_sigterm()
 
 
 def stop_on_sigterm() -> None:
@@ -361,6 +360,9 @@ def weights_import(
 
 
 def main() -> None:
+    # Only in the `cpcx` process itself: a program that calls the app in-process (tests, notebooks) keeps its own
+    # SIGTERM behaviour, and processes it forks do not inherit a handler that raises inside them.
+    stop_on_sigterm()
     try:
         app()
     except Exception as exc:  # raised outside a command (option parsing, typer itself): same one line

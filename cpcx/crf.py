@@ -106,8 +106,10 @@ def init_worker(parent: int | None = None) -> None:
     for name in _THREAD_VARS:
         os.environ[name] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # SIGTERM keeps its default: pools stop their workers with it (Pool.terminate, a broken executor), and one
-    # sent to the whole process group ends a worker mid-CRF harmlessly (its write is atomic).
+    # SIGTERM back to its default (a forked worker inherits the parent's handler, which raises KeyboardInterrupt
+    # in `cpcx`): pools stop their workers with it (Pool.terminate, a broken executor), and one sent to the whole
+    # process group ends a worker mid-CRF harmlessly (its write is atomic).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     watch_parent(parent)
 
     torch = sys.modules.get("torch")

@@ -89,3 +89,24 @@ def test_sigterm_ends_a_command_like_ctrl_c_and_shuts_the_pool_down():
     assert "pool shut down" in out and parent.returncode != -signal.SIGTERM, err[-2000:]
     assert "KeyboardInterrupt" in err
     assert not _wait_gone(workers, 10.0), "CRF workers survived the pool's shutdown"
+
+
+def test_in_process_use_of_the_cli_leaves_sigterm_alone():
+    """Only `cpcx` itself turns SIGTERM into Ctrl-C: a test suite or notebook calling the app in-process keeps its
+    own handler (a pytest that took it on made its forked pool workers raise inside pytest, and hang)."""
+    from typer.testing import CliRunner
+
+    from cpcx.cli import app
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert CliRunner().invoke(app, ["doctor", "--help"]).exit_code == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_worker_forked_from_cpcx_gets_sigterm_back_to_its_default():
+    script = ("import signal; from cpcx.cli import stop_on_sigterm; from cpcx.crf import init_worker; "
+              "stop_on_sigterm(); assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL; "
+              "init_worker(); print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
