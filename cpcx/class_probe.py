@@ -164,7 +164,32 @@ def fit_from_batches(batches, labels: np.ndarray, cfg, seed: int) -> tuple[Class
             x, y = x[keep], y[keep]
         rows.append((x, y))
     images_per_class = singles + np.bincount([c for _, c in pairs], minlength=present.shape[1])
-    return fit_class_probe(rows, images_per_class, cfg, seed), sum(len(r[1]) for r in rows)
+    count = sum(len(r[1]) for r in rows)
+    return fit_class_probe(rows, images_per_class, cfg, seed), count
+
+
+def gather_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], cap: int, generator: torch.Generator):
+    """``torch.cat`` of the rows' (x, y), and at most ``cap`` of them drawn with ``generator`` as
+    ``cat[randperm(n)[:cap]]`` would (the same rows in the same order), with one copy of the rows in memory: each
+    block is copied into a float32 buffer of the kept size and dropped from ``rows`` (which ends empty). At the
+    demo grid's 816 channels the cap is 623 MiB; the concatenation, the draw and the normalisation made up to
+    three such copies at once."""
+    if not rows:
+        return torch.zeros(0, 1), torch.zeros(0, dtype=torch.long)
+    total = sum(len(r[1]) for r in rows)
+    keep = torch.randperm(total, generator=generator)[:cap] if total > cap else None
+    size, width = (total if keep is None else len(keep)), rows[0][0].shape[1]
+    x, y = torch.empty(size, width, dtype=torch.float32), torch.empty(size, dtype=torch.long)
+    offset = 0
+    while rows:
+        bx, by = rows.pop(0)
+        if keep is None:
+            x[offset:offset + len(by)], y[offset:offset + len(by)] = bx, by
+        else:
+            slots = torch.nonzero((keep >= offset) & (keep < offset + len(by))).flatten()
+            x[slots], y[slots] = bx[keep[slots] - offset].float(), by[keep[slots] - offset]
+        offset += len(by)
+    return x, y
 
 
 def fit_class_probe(rows: list[tuple[torch.Tensor, torch.Tensor]], images_per_class: np.ndarray, cfg,
@@ -176,14 +201,11 @@ def fit_class_probe(rows: list[tuple[torch.Tensor, torch.Tensor]], images_per_cl
     count), Adam at 1e-2, batches of 4096 rows, ``cfg.epochs`` epochs; at most ``cfg.max_patches`` rows, drawn
     with ``seed``."""
     k = len(images_per_class)
-    x = torch.cat([r[0] for r in rows]) if rows else torch.zeros(0, 1)
-    y = torch.cat([r[1] for r in rows]) if rows else torch.zeros(0, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
-    if len(x) > cfg.max_patches:
-        keep = torch.randperm(len(x), generator=generator)[:cfg.max_patches]
-        x, y = x[keep], y[keep]
+    x, y = gather_rows(rows, cfg.max_patches, generator)
     known = torch.as_tensor(np.asarray(images_per_class) >= cfg.min_images)
-    x = F.normalize(x, dim=-1) * _TOKEN_SCALE
+    # in place, as F.normalize(x, dim=-1) * _TOKEN_SCALE would compute it: x is the one copy of the rows
+    x.div_(x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mul_(_TOKEN_SCALE)
     weight = None
     if len(x):
         counts = torch.bincount(y, minlength=k).float()

@@ -197,3 +197,34 @@ def test_a_data_set_without_single_class_images_gets_a_probe_that_changes_nothin
     assert patches == 0 and not probe.known.any()
     maps = torch.rand(2, 4, 3, 3).softmax(1)
     assert torch.equal(probe.redecide(maps, torch.randn(2, 3, 3, 8), np.ones((2, 4))), maps)
+
+
+def test_gather_rows_draws_what_cat_then_randperm_draws_and_empties_the_list():
+    from cpcx.class_probe import gather_rows
+
+    torch.manual_seed(1)
+    blocks = [(torch.randn(n, 5), torch.randint(0, 4, (n,))) for n in (7, 0, 13, 5)]
+    x_all, y_all = torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks])
+    for cap in (3, 24, 25, 100):
+        rows = list(blocks)
+        x, y = gather_rows(rows, cap, torch.Generator().manual_seed(7))
+        if cap < 25:
+            keep = torch.randperm(25, generator=torch.Generator().manual_seed(7))[:cap]
+            assert torch.equal(x, x_all[keep]) and torch.equal(y, y_all[keep])
+        else:
+            assert torch.equal(x, x_all) and torch.equal(y, y_all)
+        assert rows == [] and x.dtype == torch.float32
+    half = [(torch.randn(4, 3).half(), torch.arange(4))]
+    x, _ = gather_rows(half, 2, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32 and x.shape == (2, 3)
+    x, y = gather_rows([(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))], 10, torch.Generator())
+    assert x.shape == (0, 6) and len(y) == 0  # no rows: the probe still gets the tokens' width
+
+
+def test_the_in_place_normalisation_equals_f_normalize():
+    from cpcx.class_probe import _TOKEN_SCALE
+
+    x = torch.randn(50, 8)
+    x[3] = 0.0
+    expected = torch.nn.functional.normalize(x, dim=-1) * _TOKEN_SCALE
+    assert torch.equal(x.div_(x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mul_(_TOKEN_SCALE), expected)
