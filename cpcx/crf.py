@@ -157,6 +157,33 @@ def crf_pool(workers: int):
     return pool
 
 
+def worker_death(pool) -> str:
+    """Why a CRF pool broke, from its workers' exit codes, as the start of an error message.
+
+    A broken pool terminates its remaining workers (SIGTERM), so a SIGKILL among the codes names the cause: the
+    kernel's out-of-memory killer, typically. Only SIGTERMs means the workers were stopped from outside (a
+    scheduler's cancel or ``kill`` sent to the whole process group), not that they ran out of memory. Reads the
+    executor's private process table; an executor without one gives the generic answer."""
+    import signal
+    import time
+
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    deadline = time.monotonic() + 5.0  # the pool is terminating and reaping the others in its own thread
+    while any(p.exitcode is None for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    codes = [c for c in (p.exitcode for p in processes) if c is not None and c != 0]
+    if -signal.SIGKILL in codes:
+        return "a CRF worker process was killed (SIGKILL: the out-of-memory killer, typically)"
+    if codes and all(c == -signal.SIGTERM for c in codes):
+        return "the CRF worker processes were stopped by SIGTERM from outside (sent to the whole process group)"
+    if codes:
+        code = next(c for c in codes if c != -signal.SIGTERM)
+        how = f"signal {-code} ({signal.Signals(-code).name})" if code < 0 and -code in signal.valid_signals() \
+            else f"exit code {code}"
+        return f"a CRF worker process died ({how})"
+    return "a CRF worker process died"
+
+
 def warm_up() -> None:
     """A no-op task that makes the pool start its workers (and load pydensecrf) while the network runs."""
     import pydensecrf.densecrf  # noqa: F401

@@ -28,7 +28,7 @@ import numpy as np
 from rich.console import Console
 
 from cpcx import atomic, shard
-from cpcx.crf import CRFParams, CRFTask, crf_pool, run_task
+from cpcx.crf import CRFParams, CRFTask, crf_pool, run_task, worker_death
 from cpcx.device import report_slow_bf16
 from cpcx.errors import CpcxError
 from cpcx.feature_cache import autocast_tag
@@ -91,11 +91,11 @@ def label_images(
             try:
                 _, label_map = future.result()
             except BrokenProcessPool:
-                raise CpcxError(
-                    "pseudo.workers: a CRF worker process died (out of memory?); lower pseudo.workers or "
-                    "pseudo.batch_size and re-run, finished labels are kept (calling run_pseudo from a script? "
-                    "guard the call with `if __name__ == '__main__':`, worker processes re-import the script)"
-                ) from None
+                why = worker_death(pool)
+                fix = ("re-run to resume" if "SIGTERM" in why else "lower pseudo.workers or pseudo.batch_size and "
+                       "re-run (calling run_pseudo from a script? guard the call with `if __name__ == '__main__':`, "
+                       "worker processes re-import the script)")
+                raise CpcxError(f"pseudo.workers: {why}; finished labels are kept, {fix}") from None
             if mask is not None:
                 confusion.update(mask, label_map)
             if progress is not None:

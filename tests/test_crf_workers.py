@@ -110,3 +110,30 @@ def test_a_worker_forked_from_cpcx_gets_sigterm_back_to_its_default():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sig, says", [(signal.SIGKILL, "SIGKILL: the out-of-memory killer"),
+                                       (signal.SIGTERM, "stopped by SIGTERM from outside"),
+                                       (signal.SIGABRT, "died (signal 6 (SIGABRT))")])
+def test_a_broken_pool_says_why_its_workers_died(sig, says):
+    """A scheduler's cancel sends SIGTERM to every process of the job: the message must not blame memory then
+    (it said "out of memory?" for any death), and must when the kernel's OOM killer sent SIGKILL."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from cpcx.crf import crf_pool, worker_death
+
+    pool = crf_pool(2)
+    try:
+        pool.submit(sum, [1, 2]).result()
+        while len(pool._processes) < 2 or any(p.pid is None for p in pool._processes.values()):
+            time.sleep(0.05)
+        pids = list(pool._processes)
+        for pid in pids if sig == signal.SIGTERM else pids[:1]:  # SIGTERM: the whole group; else one worker
+            os.kill(pid, sig)
+        with pytest.raises(BrokenProcessPool):
+            for _ in range(100):
+                pool.submit(sum, [1, 2]).result()
+                time.sleep(0.05)
+        assert says in worker_death(pool)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
