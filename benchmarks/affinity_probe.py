@@ -246,14 +246,15 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_seed(seed: int, runs: Path):
-    """(recipe, dataset, label-conditioned maps as ``cpcx pseudo`` decodes them, original-view tokens) of a run."""
+def load_seed(seed: int, runs: Path, overrides: tuple[str, ...] | list[str] = ()):
+    """(recipe, dataset, label-conditioned maps as ``cpcx pseudo`` decodes them, original-view tokens) of a run;
+    ``overrides`` change how it is decoded (``pseudo.*``)."""
     from cpcx.recipe import load_recipe
     from diagnose_pseudo import decode_as_pseudo, load_run
 
     recipe = load_recipe(ROOT / VOC_RECIPE, [f"name={RUN.format(seed=seed)}", f"seed={seed}", f"runs_dir={runs}",
                                              f"train.feature_cache_dir={runs}/features-bb", *VOC_MINI_BEFORE_TRIM,
-                                             *VARIANTS["bf16-crf5"][1]])
+                                             *VARIANTS["bf16-crf5"][1], *overrides])
     dataset, probs, feats = load_run(recipe)
     return recipe, dataset, decode_as_pseudo(probs, feats, dataset.labels, recipe), feats
 
