@@ -157,8 +157,9 @@ def crf_pool(workers: int):
     return pool
 
 
-def worker_death(pool) -> str:
-    """Why a CRF pool broke, from its workers' exit codes, as the start of an error message.
+def worker_death(pool) -> tuple[str, bool]:
+    """Why a CRF pool broke, from its workers' exit codes: (the start of an error message, whether the workers
+    were stopped from outside, so that re-running is the whole fix).
 
     A broken pool terminates its remaining workers (SIGTERM), so a SIGKILL among the codes names the cause: the
     kernel's out-of-memory killer, typically. Only SIGTERMs means the workers were stopped from outside (a
@@ -173,15 +174,15 @@ def worker_death(pool) -> str:
         time.sleep(0.05)
     codes = [c for c in (p.exitcode for p in processes) if c is not None and c != 0]
     if -signal.SIGKILL in codes:
-        return "a CRF worker process was killed (SIGKILL: the out-of-memory killer, typically)"
+        return "a CRF worker process was killed (SIGKILL: the out-of-memory killer, typically)", False
     if codes and all(c == -signal.SIGTERM for c in codes):
-        return "the CRF worker processes were stopped by SIGTERM from outside (sent to the whole process group)"
+        return "the CRF worker processes were stopped by SIGTERM from outside (sent to the whole process group)", True
     if codes:
         code = next(c for c in codes if c != -signal.SIGTERM)
         how = f"signal {-code} ({signal.Signals(-code).name})" if code < 0 and -code in signal.valid_signals() \
             else f"exit code {code}"
-        return f"a CRF worker process died ({how})"
-    return "a CRF worker process died"
+        return f"a CRF worker process died ({how})", False
+    return "a CRF worker process died", False
 
 
 def warm_up() -> None:

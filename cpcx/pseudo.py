@@ -91,8 +91,8 @@ def label_images(
             try:
                 _, label_map = future.result()
             except BrokenProcessPool:
-                why = worker_death(pool)
-                fix = ("re-run to resume" if "SIGTERM" in why else "lower pseudo.workers or pseudo.batch_size and "
+                why, stopped = worker_death(pool)
+                fix = ("re-run to resume" if stopped else "lower pseudo.workers or pseudo.batch_size and "
                        "re-run (calling run_pseudo from a script? guard the call with `if __name__ == '__main__':`, "
                        "worker processes re-import the script)")
                 raise CpcxError(f"pseudo.workers: {why}; finished labels are kept, {fix}") from None
