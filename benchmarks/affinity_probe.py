@@ -40,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from backbones import CHOOSE  # noqa: E402
+from diagnose_pseudo import miou_and_fg  # noqa: E402
 from results_rows import VOC_MINI_BEFORE_TRIM, VOC_RECIPE  # noqa: E402
 from variants import VARIANTS  # noqa: E402
 
@@ -162,34 +163,16 @@ def walks(maps, g, settings):
 # ------------------------------------------------------------------------------------------- the scoring
 def score(dataset, maps, settings, embeddings, indices, crf=None):
     """{setting: {part: [no-CRF confusion, CRF confusion or None]}}; setting ("base",) is the run's own decoding."""
-    import numpy as np
+    from cpcx.pseudo_infer import upsample
+    from diagnose_pseudo import score_decodings
 
-    from cpcx.crf import crf_labels
-    from cpcx.metrics import ConfusionMatrix
-    from cpcx.pseudo_infer import channel_argmax, upsample
-
-    out = {s: {p: [ConfusionMatrix(dataset.num_classes), ConfusionMatrix(dataset.num_classes) if crf else None]
-               for p in ("choose", "report", "all")} for s in settings}
-    for i in indices:
-        mask, classes = dataset.load_mask(i), np.flatnonzero(dataset.labels[i] > 0)
-        image = dataset.load_image(i) if crf else None
+    def decode(i, mask, classes):
         walked = {th: walks(maps[i], embeddings[th][i], [s[1:] for s in settings if s[0] == th])
                   for th in {s[0] for s in settings if s[0] != "base"}}
-        for s in settings:
-            m = maps[i] if s[0] == "base" else walked[s[0]][s[1:]]
-            probs = upsample(m, classes, mask.shape)
-            for part in ("choose" if i < CHOOSE else "report", "all"):
-                out[s][part][0].update(mask, classes[channel_argmax(probs)])
-                if crf:
-                    out[s][part][1].update(mask, crf_labels(image, probs.numpy(), classes, crf))
-    return out
+        return {s: upsample(maps[i] if s[0] == "base" else walked[s[0]][s[1:]], classes, mask.shape).numpy()
+                for s in settings}
 
-
-def figures(matrix, names) -> dict:
-    from diagnose_pseudo import scores_of
-
-    scores = scores_of(matrix, names)
-    return {"miou": 100 * scores["miou"], "fg_iou": 100 * scores["fg_iou"]}
+    return score_decodings(dataset, indices, settings, decode, crf, CHOOSE)
 
 
 def confident_errors(maps, masks, levels=(0.7, 0.8, 0.9)) -> dict:
@@ -309,7 +292,7 @@ def main(argv=None) -> int:
         if n == 0:
             settings = [("base",)] + screen_grid(thresholds)
             screen = score(dataset, maps, settings, embeddings, [i for i in indices if i < CHOOSE])
-            rows = sorted(((s, figures(screen[s]["choose"][0].matrix, dataset.classes)) for s in settings),
+            rows = sorted(((s, miou_and_fg(screen[s]["choose"][0].matrix, dataset.classes)) for s in settings),
                           key=lambda r: -r[1]["miou"])
             doc["screen"] = [{"setting": list(s), **f} for s, f in rows]
             for s, f in rows[:10]:
@@ -317,7 +300,7 @@ def main(argv=None) -> int:
             chosen = next(s for s, _ in rows if s[0] != "base")
         start = time.perf_counter()
         scored = score(dataset, maps, [("base",), chosen], embeddings, indices, CRFParams.from_config(recipe.crf))
-        doc["seeds"][seed] = {json.dumps(s): {f"{part}_{'crf' if c else 'no_crf'}": figures(m[c].matrix, dataset.classes)
+        doc["seeds"][seed] = {json.dumps(s): {f"{part}_{'crf' if c else 'no_crf'}": miou_and_fg(m[c].matrix, dataset.classes)
                                               for part, m in parts.items() for c in (0, 1)}
                               for s, parts in scored.items()}
         doc["seeds"][seed]["score_seconds"] = time.perf_counter() - start

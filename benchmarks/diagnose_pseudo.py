@@ -123,6 +123,36 @@ def scores_of(matrix, names) -> dict:
             "fg_precision": tp / max(1, tp + fp), "wrong_class_in_fg": wrong / max(1, tp)}
 
 
+def score_decodings(dataset, indices, settings, decode, crf=None, choose: int = 200):
+    """Confusions of several decodings of the same images, split as the probes report them: ``decode(i, mask,
+    classes)`` → {setting: (k, H, W) probabilities over the image's ``classes``, numpy}; → {setting: {"choose" |
+    "report" | "all": [no-CRF confusion, CRF confusion or None]}}, "choose" being the ids below ``choose`` (where
+    settings are picked) and "report" the others. With ``crf`` (``CRFParams``) each decoding also goes through it."""
+    import numpy as np
+
+    from cpcx.crf import crf_labels
+    from cpcx.metrics import ConfusionMatrix
+
+    out = {s: {p: [ConfusionMatrix(dataset.num_classes), ConfusionMatrix(dataset.num_classes) if crf else None]
+               for p in ("choose", "report", "all")} for s in settings}
+    for i in indices:
+        mask, classes = dataset.load_mask(i), np.flatnonzero(dataset.labels[i] > 0)
+        image = dataset.load_image(i) if crf else None
+        for s, probs in decode(i, mask, classes).items():
+            labels = crf_labels(image, probs, classes, crf) if crf else None
+            for part in ("choose" if i < choose else "report", "all"):
+                out[s][part][0].update(mask, classes[probs.argmax(0)])
+                if crf:
+                    out[s][part][1].update(mask, labels)
+    return out
+
+
+def miou_and_fg(matrix, names) -> dict:
+    """mIoU and object/background IoU (percent) of a confusion matrix."""
+    scores = scores_of(matrix, names)
+    return {"miou": 100 * scores["miou"], "fg_iou": 100 * scores["fg_iou"]}
+
+
 def top_confusions(matrix, names, top: int = 8) -> list[dict]:
     """The ``top`` largest flows of object pixels into another object class: truth, predicted, and the share of
     the truth class's pixels (ignored pixels left out) that went there."""

@@ -27,8 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from affinity_probe import figures, load_seed, score  # noqa: E402
+from affinity_probe import load_seed, score  # noqa: E402
 from backbones import CHOOSE  # noqa: E402
+from diagnose_pseudo import miou_and_fg  # noqa: E402
 
 SCALE_SETS = ("1.0", "1.0,1.333", "0.75,1.0,1.333")
 
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
                 limit = len(dataset) if args.limit is None else min(args.limit, len(dataset))
                 screen = score(dataset, maps, [("base",)], {}, [i for i in range(limit) if i < CHOOSE])
                 row = {"scales": scales, "seconds": seconds,
-                       **figures(screen[("base",)]["choose"][0].matrix, dataset.classes)}
+                       **miou_and_fg(screen[("base",)]["choose"][0].matrix, dataset.classes)}
                 doc["screen"].append(row)
                 print("screen", row, flush=True)
                 if scales != "1.0" and (best is None or row["miou"] > best["miou"]):
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
             recipe, dataset, maps, _ = screened.pop(scales) if n == 0 else maps_at(seed, runs, scales)
             indices = range(len(dataset) if args.limit is None else min(args.limit, len(dataset)))
             scored = score(dataset, maps, [("base",)], {}, indices, CRFParams.from_config(recipe.crf))[("base",)]
-            doc["seeds"][seed][scales] = {f"{part}_{'crf' if c else 'no_crf'}": figures(m[c].matrix, dataset.classes)
+            doc["seeds"][seed][scales] = {f"{part}_{'crf' if c else 'no_crf'}": miou_and_fg(m[c].matrix, dataset.classes)
                                           for part, m in scored.items() for c in (0, 1)}
         print(json.dumps(doc["seeds"][seed], indent=1), flush=True)
         atomic.write_json(args.out.with_suffix(".json"), doc)

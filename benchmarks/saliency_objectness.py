@@ -149,33 +149,15 @@ def screen_grid(source: str) -> list[tuple]:
 # ------------------------------------------------------------------------------------------------- the scoring
 def score_settings(dataset, maps, saliency, settings, indices, crf=None):
     """{setting: {split: (no-CRF confusion, CRF confusion or None)}}; setting ("base",) is the run's own decoding."""
-    import numpy as np
-
-    from cpcx.crf import crf_labels
-    from cpcx.metrics import ConfusionMatrix
     from cpcx.pseudo_infer import upsample
+    from diagnose_pseudo import score_decodings
 
-    out = {s: {p: [ConfusionMatrix(dataset.num_classes), ConfusionMatrix(dataset.num_classes) if crf else None]
-               for p in ("choose", "report", "all")} for s in settings}
-    for i in indices:
-        mask, classes = dataset.load_mask(i), np.flatnonzero(dataset.labels[i] > 0)
-        image = dataset.load_image(i) if crf else None
+    def decode(i, mask, classes):
         base = upsample(maps[i], classes, mask.shape).numpy()
         full = {src: resize(saliency[src][i], mask.shape) for src in {s[0] for s in settings if s[0] != "base"}}
-        for s in settings:
-            probs = base if s[0] == "base" else fuse(base, full[s[0]], s[4], s[5], s[2], s[3], s[1])
-            for part in ("choose" if i < CHOOSE else "report", "all"):
-                out[s][part][0].update(mask, classes[probs.argmax(0)])
-                if crf:
-                    out[s][part][1].update(mask, crf_labels(image, probs, classes, crf))
-    return out
+        return {s: base if s[0] == "base" else fuse(base, full[s[0]], s[4], s[5], s[2], s[3], s[1]) for s in settings}
 
-
-def figures(matrix, names) -> dict:
-    from diagnose_pseudo import scores_of
-
-    scores = scores_of(matrix, names)
-    return {"miou": 100 * scores["miou"], "fg_iou": 100 * scores["fg_iou"]}
+    return score_decodings(dataset, indices, settings, decode, crf, CHOOSE)
 
 
 def main(argv=None) -> int:
@@ -193,7 +175,7 @@ def main(argv=None) -> int:
     from cpcx import atomic
     from cpcx.crf import CRFParams
     from cpcx.recipe import load_recipe
-    from diagnose_pseudo import decode_as_pseudo, load_run
+    from diagnose_pseudo import decode_as_pseudo, load_run, miou_and_fg
 
     torch.set_num_threads(1)
     sources = args.sources.split(",")
@@ -226,12 +208,12 @@ def main(argv=None) -> int:
         if n == 0:  # screen on the choose ids of the first seed only
             settings = [("base",)] + [s for src in sources for s in screen_grid(src)]
             screen = score_settings(dataset, maps, saliency, settings, [i for i in indices if i < CHOOSE])
-            rows = sorted(((s, figures(screen[s]["choose"][0].matrix, dataset.classes)) for s in settings),
+            rows = sorted(((s, miou_and_fg(screen[s]["choose"][0].matrix, dataset.classes)) for s in settings),
                           key=lambda r: -r[1]["miou"])
             doc["screen"] = [{"setting": list(s), **f} for s, f in rows]
             chosen = [next(s for s, _ in rows if s[0] == src) for src in sources]
         scored = score_settings(dataset, maps, saliency, [("base",)] + chosen, indices, CRFParams.from_config(recipe.crf))
-        doc["seeds"][seed] = {json.dumps(s): {f"{part}_{'crf' if c else 'no_crf'}": figures(m[c].matrix, dataset.classes)
+        doc["seeds"][seed] = {json.dumps(s): {f"{part}_{'crf' if c else 'no_crf'}": miou_and_fg(m[c].matrix, dataset.classes)
                                               for part, m in parts.items() for c in (0, 1)}
                               for s, parts in scored.items()}
         print(json.dumps(doc["seeds"][seed], indent=1), flush=True)
