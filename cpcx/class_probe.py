@@ -180,14 +180,18 @@ def gather_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], cap: int, generat
     keep = torch.randperm(total, generator=generator)[:cap] if total > cap else None
     size, width = (total if keep is None else len(keep)), rows[0][0].shape[1]
     x, y = torch.empty(size, width, dtype=torch.float32), torch.empty(size, dtype=torch.long)
+    if keep is not None:  # the kept rows sorted once, so each block finds its own with a binary search
+        kept, slots_in_order = keep.sort()
+    rows.reverse()  # pop() from the end: the blocks in their order, each dropped once copied
     offset = 0
     while rows:
-        bx, by = rows.pop(0)
+        bx, by = rows.pop()
         if keep is None:
             x[offset:offset + len(by)], y[offset:offset + len(by)] = bx, by
         else:
-            slots = torch.nonzero((keep >= offset) & (keep < offset + len(by))).flatten()
-            x[slots], y[slots] = bx[keep[slots] - offset].float(), by[keep[slots] - offset]
+            lo, hi = torch.searchsorted(kept, torch.tensor([offset, offset + len(by)])).tolist()
+            slots = slots_in_order[lo:hi]
+            x[slots], y[slots] = bx[kept[lo:hi] - offset].float(), by[kept[lo:hi] - offset]
         offset += len(by)
     return x, y
 
