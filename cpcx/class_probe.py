@@ -196,6 +196,12 @@ def gather_rows(rows: list[tuple[torch.Tensor, torch.Tensor]], cap: int, generat
     return x, y
 
 
+def normalise_rows_(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1) * _TOKEN_SCALE``, the same values, computed in place: ``x`` is the one copy of the
+    probe's rows (up to 623 MiB at the demo grid), so no second one is made."""
+    return x.div_(x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mul_(_TOKEN_SCALE)
+
+
 def fit_class_probe(rows: list[tuple[torch.Tensor, torch.Tensor]], images_per_class: np.ndarray, cfg,
                     seed: int) -> ClassProbe:
     """Train the probe on ``object_patches`` rows (tokens, object class index).
@@ -208,8 +214,7 @@ def fit_class_probe(rows: list[tuple[torch.Tensor, torch.Tensor]], images_per_cl
     generator = torch.Generator().manual_seed(seed)
     x, y = gather_rows(rows, cfg.max_patches, generator)
     known = torch.as_tensor(np.asarray(images_per_class) >= cfg.min_images)
-    # in place, as F.normalize(x, dim=-1) * _TOKEN_SCALE would compute it: x is the one copy of the rows
-    x.div_(x.norm(dim=-1, keepdim=True).clamp_min(1e-12)).mul_(_TOKEN_SCALE)
+    x = normalise_rows_(x)
     weight = None
     if len(x):
         counts = torch.bincount(y, minlength=k).float()
