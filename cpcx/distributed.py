@@ -8,6 +8,7 @@ everything here is a no-op on one process.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import subprocess
 import sys
@@ -64,6 +65,10 @@ def init_from_env(device_spec: str, field: str = "train.device",
     if device.type == "cuda":
         torch.cuda.set_device(device)
     created = False
+    if world > 1 and not faulthandler.is_enabled():
+        # A rank that dies in C++ (gloo/nccl teardown: "terminate called…", SIGABRT; a segfault) otherwise leaves
+        # one line and torchrun's "exitcode -6"; this prints where each of its Python threads was (no locals).
+        faulthandler.enable()
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout is not None else {}))

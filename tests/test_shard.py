@@ -65,10 +65,38 @@ def test_sum_over_ranks_is_a_copy_on_one_process():
     assert np.array_equal(summed, matrix) and summed is not matrix and summed.dtype == np.int64
 
 
+ABORTING_RANK = """
+import os, sys
+from cpcx.distributed import cleanup, init_from_env
+
+def wait_for_the_others(info):
+    if info.rank == 1:
+        os.abort()  # what "terminate called without an active exception" does: SIGABRT from C++
+
+info = init_from_env("cpu", "pseudo.device")
+wait_for_the_others(info)
+cleanup(info)
+"""
+
+
+def test_a_rank_that_dies_in_cpp_says_where_it_was(tmp_path):
+    """A rank killed by SIGABRT (a C++ std::terminate in gloo's teardown, say) prints its Python stack, not only
+    torchrun's "exitcode -6": the process group enables faulthandler when it is joined."""
+    script = tmp_path / "abort.py"
+    script.write_text(ABORTING_RANK)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out[-3000:]
+    assert "Fatal Python error: Aborted" in out and "wait_for_the_others" in out, out[-3000:]
+
+
 # --------------------------------------------------------------------------------------- end to end
 def _env() -> dict:
     # One thread per process, in the single-process reference too: the comparison is about sharding, not threads.
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env = {**os.environ}
+    env.pop("PYTHONFAULTHANDLER", None)  # the ranks' own faulthandler is under test (cpcx.distributed enables it)
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
 
 
 def _cpcx(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
@@ -108,7 +136,7 @@ def test_pseudo_on_two_processes_equals_one(tmp_path, voc_root):
 
     shutil.rmtree(stage)  # same run folder (metrics.json names the checkpoint's path), nothing left over
     sharded = _cpcx("pseudo", "-r", str(path), ranks=2)
-    assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-3000:]
+    assert sharded.returncode == 0, sharded.stdout[-2000:] + sharded.stderr[-8000:]
     assert "2 processes, 4 of the 8 to do here" in sharded.stdout
     assert sharded.stdout.count("pseudo-labels for 8 train images") == 1  # rank 0 alone speaks
     assert _files(stage / "labels") == labels
@@ -125,7 +153,7 @@ def test_pseudo_on_two_processes_equals_one(tmp_path, voc_root):
     for name in names[:3]:
         (stage / "labels" / name).unlink()
     resumed = _cpcx("pseudo", "-r", str(path), ranks=2)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-8000:]
     assert "5 already done" in resumed.stdout
     assert _files(stage / "labels") == labels
     assert all((stage / "labels" / n).stat().st_mtime_ns == t for n, t in kept.items())
@@ -165,7 +193,7 @@ def test_predict_on_two_processes_equals_one(tmp_path, voc_root):
     assert single.returncode == 1, single.stdout[-2000:] + single.stderr[-2000:]
     assert "5 done, 1 failed" in single.stdout
     sharded = _cpcx(*args, "--out", str(tmp_path / "two"), ranks=2)
-    assert sharded.returncode == 1, sharded.stdout[-3000:] + sharded.stderr[-3000:]
+    assert sharded.returncode == 1, sharded.stdout[-2000:] + sharded.stderr[-8000:]
     assert "5 done, 1 failed" in sharded.stdout and sharded.stdout.count("predict: 6 images") == 1
     assert "zz-broken.jpg" in sharded.stdout + sharded.stderr
     one, two = _files(tmp_path / "one"), _files(tmp_path / "two")
@@ -175,5 +203,5 @@ def test_predict_on_two_processes_equals_one(tmp_path, voc_root):
     # no failure anywhere: exit code 0 on every rank
     (inputs / "zz-broken.jpg").unlink()
     clean = _cpcx(*args, "--out", str(tmp_path / "three"), ranks=2)
-    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    assert clean.returncode == 0, clean.stdout[-2000:] + clean.stderr[-8000:]
     assert "5 done, 0 failed" in clean.stdout
