@@ -136,12 +136,9 @@ def run_predict(recipe, inputs: Sequence[str], out: Path | None = None, recursiv
     ``cpcx predict``) covers the whole run. Rank 0 alone prints the header, the progress and the summary."""
     from cpcx import shard
 
-    ranks = shard.join(recipe.segment.device, "segment.device")
-    try:
+    with shard.joined(recipe.segment.device, "segment.device") as ranks:
         return _predict(recipe, ranks, inputs, out, recursive, probs, weights, console or Console(), err_console,
                         max_side)
-    finally:
-        shard.leave(ranks)
 
 
 def _predict(recipe, ranks, inputs: Sequence[str], out: Path | None, recursive: bool, probs: bool,

@@ -214,11 +214,8 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
     """Write ``runs/<name>/pseudo/labels/<id>.png`` for ``pseudo.split``; score and draw them if masks exist.
 
     Under torchrun every rank labels its own shard of the images (``cpcx.shard``); rank 0 alone prints."""
-    ranks = shard.join(recipe.pseudo.device, "pseudo.device")
-    try:
+    with shard.joined(recipe.pseudo.device, "pseudo.device") as ranks:
         return _run_pseudo(recipe, ranks, (console or Console()) if ranks.is_main else Console(quiet=True))
-    finally:
-        shard.leave(ranks)
 
 
 def _run_pseudo(recipe, ranks, console: Console) -> Path:

@@ -27,13 +27,10 @@ T = TypeVar("T")
 LABELLING_TIMEOUT = datetime.timedelta(hours=12)
 
 
-def join(device_spec: str, field: str) -> DistInfo:
-    """This process's rank, world size and device (one process without torchrun); call ``leave`` when done."""
-    return distributed.init_from_env(device_spec, field, timeout=LABELLING_TIMEOUT)
-
-
-def leave(info: DistInfo) -> None:
-    distributed.cleanup(info)
+def joined(device_spec: str, field: str):
+    """``with shard.joined(...) as ranks``: this process's rank, world size and device (one process without
+    torchrun) for the body; the ranks that finish leave the group together (``distributed.cleanup``)."""
+    return distributed.joined(device_spec, field, timeout=LABELLING_TIMEOUT)
 
 
 def shard_blocks(items: Sequence[T], rank: int, world: int, block: int = 1) -> list[T]:

@@ -140,11 +140,8 @@ class _Progress:
 # ------------------------------------------------------------------------------------------ the run
 def run_train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> Path:
     """Train the CPC network of ``recipe``; returns ``runs/<name>/train/weights/best.pt``."""
-    info = distributed.init_from_env(recipe.train.device)
-    try:
+    with distributed.joined(recipe.train.device) as info:
         return _Trainer(recipe, info, console or Console(highlight=False)).fit(resume)
-    finally:
-        distributed.cleanup(info)
 
 
 def _cluster_matrix(recipe: Recipe, classes: Sequence[str]) -> np.ndarray:

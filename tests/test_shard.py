@@ -91,6 +91,45 @@ def test_a_rank_that_dies_in_cpp_says_where_it_was(tmp_path):
     assert "Fatal Python error: Aborted" in out and "wait_for_the_others" in out, out[-3000:]
 
 
+LEAVING_RANKS = """
+import sys, time, pathlib
+from cpcx.distributed import joined
+
+out, failing = pathlib.Path(sys.argv[1]), sys.argv[2] == "fail"
+with joined("cpu", "pseudo.device") as info:
+    if info.rank == 0:
+        time.sleep(2)  # rank 0's last steps (scoring, figures) while rank 1 has nothing left to do
+        (out / "rank0-done").write_text(repr(time.time()))
+    elif failing:
+        raise RuntimeError("rank 1 failed")
+(out / f"left-{info.rank}").write_text(repr(time.time()))
+"""
+
+
+def _leave(tmp_path, mode: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVING_RANKS)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), str(tmp_path), mode], capture_output=True, text=True, env=_env(), cwd=REPO,
+                          timeout=300)
+
+
+def test_ranks_that_finish_leave_the_group_together(tmp_path):
+    """The rank with nothing left to do waits for rank 0 before tearing its connections down (a rank that left
+    early aborted at exit in gloo's teardown, see ``distributed.cleanup``)."""
+    done = _leave(tmp_path, "ok")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rank0_done = float((tmp_path / "rank0-done").read_text())
+    assert float((tmp_path / "left-1").read_text()) >= rank0_done
+
+
+def test_a_failed_rank_does_not_leave_the_others_waiting_forever(tmp_path):
+    """After an error there is no barrier: the failing rank exits at once, torchrun stops the one that waits."""
+    done = _leave(tmp_path, "fail")
+    assert done.returncode != 0 and "rank 1 failed" in done.stdout + done.stderr
+    assert not (tmp_path / "left-1").exists()
+
+
 # --------------------------------------------------------------------------------------- end to end
 def _env() -> dict:
     # One thread per process, in the single-process reference too: the comparison is about sharding, not threads.

@@ -46,8 +46,7 @@ def run_segment(recipe: Recipe, resume: bool = False, console: Console | None = 
     val_set = build_dataset(recipe.dataset, "val")
     if recipe.segment.labels == "pseudo":
         check_pseudo_labels(train_set, recipe.run_dir("pseudo") / "labels")
-    info = distributed.init_from_env(recipe.segment.device, "segment.device")
-    try:
+    with distributed.joined(recipe.segment.device, "segment.device") as info:
         device, rank, world = info.device, info.rank, info.world_size
         log = (lambda text: console.print(text, soft_wrap=True)) if rank == 0 else (lambda text: None)
         report_slow_bf16(device, recipe.segment.precision, "segment.precision", log)
@@ -61,8 +60,6 @@ def run_segment(recipe: Recipe, resume: bool = False, console: Console | None = 
         else:
             _train(recipe, train_set, val_set, device, rank, world, resume, console, log)
         _predict_and_score(recipe, val_set, device, rank, world, console, log)
-    finally:
-        distributed.cleanup(info)
     return recipe.run_dir("segment")
 
 
