@@ -153,6 +153,25 @@ def miou_and_fg(matrix, names) -> dict:
     return {"miou": 100 * scores["miou"], "fg_iou": 100 * scores["fg_iou"]}
 
 
+def split_figures(parts: dict, names) -> dict:
+    """``score_decodings``' {split: (no-CRF, CRF confusion)} of one decoding → {"<split>_crf" / "<split>_no_crf":
+    mIoU and object/background IoU}, the per-seed entry every probe writes."""
+    return {f"{part}_{'crf' if c else 'no_crf'}": miou_and_fg(m[c].matrix, names) for part, m in parts.items()
+            for c in (0, 1)}
+
+
+def seed_rows(seeds: dict, label=lambda key: key) -> list[str]:
+    """Markdown rows ``| seed | decoding | CRF all | CRF choose / report | no CRF all |`` of {seed: {decoding:
+    split_figures}}, each mIoU with its object/background IoU in brackets; ``label`` names a decoding key."""
+    lines = []
+    for seed, rows in seeds.items():
+        for key, f in rows.items():
+            lines.append(f"| {seed} | {label(key)} | {f['all_crf']['miou']:.1f} ({f['all_crf']['fg_iou']:.1f}) | "
+                         f"{f['choose_crf']['miou']:.1f} / {f['report_crf']['miou']:.1f} | "
+                         f"{f['all_no_crf']['miou']:.1f} ({f['all_no_crf']['fg_iou']:.1f}) |")
+    return lines
+
+
 def top_confusions(matrix, names, top: int = 8) -> list[dict]:
     """The ``top`` largest flows of object pixels into another object class: truth, predicted, and the share of
     the truth class's pixels (ignored pixels left out) that went there."""

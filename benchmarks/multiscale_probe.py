@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from affinity_probe import load_seed, score  # noqa: E402
 from backbones import CHOOSE  # noqa: E402
-from diagnose_pseudo import miou_and_fg  # noqa: E402
+from diagnose_pseudo import miou_and_fg, seed_rows, split_figures  # noqa: E402
 
 SCALE_SETS = ("1.0", "1.0,1.333", "0.75,1.0,1.333")
 
@@ -51,11 +51,7 @@ def render(doc: dict) -> str:
         lines.append(f"| [{row['scales']}] | {row['miou']:.1f} | {row['fg_iou']:.1f} | {row['seconds']:.0f} |")
     lines += ["", "Per seed, all 311 train ids, mIoU (object/background IoU):", "",
               "| seed | pseudo.scales | CRF | CRF choose / report | no CRF |", "|---|---|---:|---|---:|"]
-    for seed, rows in doc.get("seeds", {}).items():
-        for scales, f in rows.items():
-            lines.append(f"| {seed} | [{scales}] | {f['all_crf']['miou']:.1f} ({f['all_crf']['fg_iou']:.1f}) | "
-                         f"{f['choose_crf']['miou']:.1f} / {f['report_crf']['miou']:.1f} | "
-                         f"{f['all_no_crf']['miou']:.1f} ({f['all_no_crf']['fg_iou']:.1f}) |")
+    lines += seed_rows(doc.get("seeds", {}), lambda scales: f"[{scales}]")
     return "\n".join(lines) + "\n"
 
 
@@ -100,8 +96,7 @@ def main(argv=None) -> int:
             recipe, dataset, maps, _ = screened.pop(scales) if n == 0 else maps_at(seed, runs, scales)
             indices = range(len(dataset) if args.limit is None else min(args.limit, len(dataset)))
             scored = score(dataset, maps, [("base",)], {}, indices, CRFParams.from_config(recipe.crf))[("base",)]
-            doc["seeds"][seed][scales] = {f"{part}_{'crf' if c else 'no_crf'}": miou_and_fg(m[c].matrix, dataset.classes)
-                                          for part, m in scored.items() for c in (0, 1)}
+            doc["seeds"][seed][scales] = split_figures(scored, dataset.classes)
         print(json.dumps(doc["seeds"][seed], indent=1), flush=True)
         atomic.write_json(args.out.with_suffix(".json"), doc)
     atomic.write_text(args.out.with_suffix(".md"), render(doc))

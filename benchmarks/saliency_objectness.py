@@ -160,6 +160,26 @@ def score_settings(dataset, maps, saliency, settings, indices, crf=None):
     return score_decodings(dataset, indices, settings, decode, crf, CHOOSE)
 
 
+def screen(dataset, maps, saliency, settings, indices) -> tuple[list[dict], list[tuple]]:
+    """Screen ``settings`` without CRF on the ``CHOOSE`` ids among ``indices``: (rows best first, for the json; the
+    best setting of each source, in the order the sources first appear)."""
+    from diagnose_pseudo import miou_and_fg
+
+    scored = score_settings(dataset, maps, saliency, settings, [i for i in indices if i < CHOOSE])
+    rows = sorted(((s, miou_and_fg(scored[s]["choose"][0].matrix, dataset.classes)) for s in settings),
+                  key=lambda r: -r[1]["miou"])
+    sources = list(dict.fromkeys(s[0] for s in settings if s[0] != "base"))
+    return [{"setting": list(s), **f} for s, f in rows], [next(s for s, _ in rows if s[0] == src) for src in sources]
+
+
+def seed_entry(dataset, maps, saliency, chosen, indices, crf) -> dict:
+    """{json of a setting: split_figures} for the run's own decoding and each ``chosen`` setting, CRF included."""
+    from diagnose_pseudo import split_figures
+
+    scored = score_settings(dataset, maps, saliency, [("base",)] + list(chosen), indices, crf)
+    return {json.dumps(s): split_figures(parts, dataset.classes) for s, parts in scored.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the first one is screened on")
@@ -175,7 +195,7 @@ def main(argv=None) -> int:
     from cpcx import atomic
     from cpcx.crf import CRFParams
     from cpcx.recipe import load_recipe
-    from diagnose_pseudo import decode_as_pseudo, load_run, miou_and_fg
+    from diagnose_pseudo import decode_as_pseudo, load_run
 
     torch.set_num_threads(1)
     sources = args.sources.split(",")
@@ -207,15 +227,8 @@ def main(argv=None) -> int:
             doc["seconds_per_image_two_views"] = seconds
         if n == 0:  # screen on the choose ids of the first seed only
             settings = [("base",)] + [s for src in sources for s in screen_grid(src)]
-            screen = score_settings(dataset, maps, saliency, settings, [i for i in indices if i < CHOOSE])
-            rows = sorted(((s, miou_and_fg(screen[s]["choose"][0].matrix, dataset.classes)) for s in settings),
-                          key=lambda r: -r[1]["miou"])
-            doc["screen"] = [{"setting": list(s), **f} for s, f in rows]
-            chosen = [next(s for s, _ in rows if s[0] == src) for src in sources]
-        scored = score_settings(dataset, maps, saliency, [("base",)] + chosen, indices, CRFParams.from_config(recipe.crf))
-        doc["seeds"][seed] = {json.dumps(s): {f"{part}_{'crf' if c else 'no_crf'}": miou_and_fg(m[c].matrix, dataset.classes)
-                                              for part, m in parts.items() for c in (0, 1)}
-                              for s, parts in scored.items()}
+            doc["screen"], chosen = screen(dataset, maps, saliency, settings, indices)
+        doc["seeds"][seed] = seed_entry(dataset, maps, saliency, chosen, indices, CRFParams.from_config(recipe.crf))
         print(json.dumps(doc["seeds"][seed], indent=1), flush=True)
     atomic.write_json(args.out.with_suffix(".json"), doc)
     return 0
