@@ -365,6 +365,13 @@ def main() -> None:
     stop_on_sigterm()
     try:
         app()
+    except SystemExit as done:
+        # A torchrun rank ends without the interpreter's teardown, where gloo can abort (cpcx.distributed.end_rank);
+        # only a process that joined a group has imported cpcx.distributed (and torch): --help stays light.
+        ranks = sys.modules.get("cpcx.distributed")
+        if ranks is not None:
+            ranks.end_rank(done.code)
+        raise
     except Exception as exc:  # raised outside a command (option parsing, typer itself): same one line
         from cpcx.crashlog import report_unexpected
 

@@ -238,8 +238,10 @@ import sys
 from rich.console import Console
 from cpcx.recipe import Recipe
 from cpcx.segment import run_segment
+from cpcx.distributed import end_rank
 recipe = Recipe.model_validate_json(open(sys.argv[1]).read())
 run_segment(recipe, console=Console(width=200))
+end_rank(0)  # as `cpcx`'s main ends a rank: no interpreter teardown, where gloo can abort
 """
 
 

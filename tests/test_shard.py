@@ -130,6 +130,39 @@ def test_a_failed_rank_does_not_leave_the_others_waiting_forever(tmp_path):
     assert not (tmp_path / "left-1").exists()
 
 
+TEARDOWN_ABORTS = """
+import atexit, os, sys
+from cpcx.distributed import end_rank, joined
+
+with joined("cpu", "pseudo.device") as info:
+    pass
+atexit.register(os.abort)  # stands for gloo's C++ teardown aborting after the work is done
+print(f"rank {info.rank} done", end="")  # unflushed: end_rank must flush it
+end_rank(None if sys.argv[1] == "none" else sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("code, status", [("none", 0), ("no labels written", 1)])
+def test_a_rank_that_left_its_group_ends_without_the_teardown(tmp_path, code, status):
+    """``end_rank`` (what ``cpcx``'s main calls after a command under torchrun) skips the interpreter's teardown,
+    where gloo aborted on a loaded machine, and keeps what was printed and the exit status."""
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN_ABORTS)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), code], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    out = done.stdout + done.stderr
+    assert "Aborted" not in out and "rank 0 done" in out and "rank 1 done" in out, out[-3000:]
+    assert (done.returncode == 0) == (status == 0), out[-3000:]
+    if status:
+        assert "no labels written" in out
+
+
+def test_end_rank_returns_in_a_process_that_joined_no_group():
+    from cpcx.distributed import end_rank
+
+    end_rank(0)  # one process, no torchrun: the normal exit follows (the test would end here otherwise)
+
+
 # --------------------------------------------------------------------------------------- end to end
 def _env() -> dict:
     # One thread per process, in the single-process reference too: the comparison is about sharding, not threads.
