@@ -26,6 +26,7 @@ the .sh's time limit keeps what finished.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -45,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from cpcx import atomic  # noqa: E402
+from cpcx import atomic, distributed  # noqa: E402
 from cpcx.errors import CpcxError  # noqa: E402
 
 PARTS = ("train", "segment", "infer", "train_ddp")
@@ -244,19 +245,6 @@ def paper_recipe(args):
     return load_recipe(args.recipe, overrides, check_inputs=False)
 
 
-def _join_ddp(device_spec: str) -> torch.device:
-    """torchrun's process group, joined even for one process (DDP needs a group; cpcx's own code skips it)."""
-    if "LOCAL_RANK" not in os.environ:
-        raise CpcxError("--parts train_ddp: run under torchrun (benchmarks/gpu_check.sh does)")
-    from cpcx.device import resolve_device
-
-    device = resolve_device(device_spec, "--device")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
 def _reduce_max(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -280,41 +268,45 @@ def run(args) -> dict:
     results = {}
     if args.merge and out.is_file():
         results = json.loads(out.read_text())
-    main = True
-    if parts == ["train_ddp"]:
-        device = _join_ddp(args.device)
-        world, main = dist.get_world_size(), dist.get_rank() == 0
-        batch = recipe.train.batch_size // world
-        if batch < 1 or batch * world != recipe.train.batch_size:
-            raise CpcxError(f"--batch-size: {recipe.train.batch_size} does not split over {world} processes")
-    else:
-        device = resolve_device(args.device, "--device")
-    from cpcx.runs import git_sha
-
-    results.update(when=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), git_sha=git_sha(),
-                   device=device_info(device))
-    say = print if main else (lambda *_: None)
-    say(f"gpu check on {results['device']['name']} ({device}), torch {torch.__version__}: {', '.join(parts)}")
-    for part in parts:
-        if part == "train":
-            result = cpc_train(recipe, device, args, recipe.train.batch_size)
-        elif part == "train_ddp":
-            result = cpc_train(recipe, device, args, batch, ddp=True)
-            # the slowest process sets the pace; every GPU's peak is its own, the largest is reported
-            result["seconds_per_step"] = _reduce_max(result["seconds_per_step"], device)
-            result["peak_memory_mib"] = _reduce_max(result["peak_memory_mib"], device)
-            result.update(processes=world, images_per_s=recipe.train.batch_size / result["seconds_per_step"])
-        elif part == "segment":
-            result = segment_steps(recipe, device, args)
+    with contextlib.ExitStack() as group:
+        main = True
+        if parts == ["train_ddp"]:
+            if "LOCAL_RANK" not in os.environ:
+                raise CpcxError("--parts train_ddp: run under torchrun (benchmarks/gpu_check.sh does)")
+            # joined even as torchrun's only process (DDP needs a group) and left together with the other ranks;
+            # main() then ends the rank as cpcx's does (distributed.end_rank: gloo's teardown aborted finished ranks)
+            ranks = group.enter_context(distributed.joined(args.device, "--device", join_alone=True))
+            device, world, main = ranks.device, ranks.world_size, ranks.is_main
+            batch = recipe.train.batch_size // world
+            if batch < 1 or batch * world != recipe.train.batch_size:
+                raise CpcxError(f"--batch-size: {recipe.train.batch_size} does not split over {world} processes")
         else:
-            result = inference(recipe, device, args)
-        results[part] = result
-        if main:
-            atomic.write_json(out, results)
-        say(f"  {part:<9} {result['images_per_s' if 'images_per_s' in result else 'with_crf_images_per_s']:8.2f} "
-            f"images/s · peak {result['peak_memory_mib'] / 1024:.2f} GiB · {_describe(part, result)}")
-    if parts == ["train_ddp"]:
-        dist.destroy_process_group()
+            device = resolve_device(args.device, "--device")
+        from cpcx.runs import git_sha
+
+        results.update(when=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), git_sha=git_sha(),
+                       device=device_info(device))
+        say = print if main else (lambda *_: None)
+        say(f"gpu check on {results['device']['name']} ({device}), torch {torch.__version__}: {', '.join(parts)}")
+        for part in parts:
+            if part == "train":
+                result = cpc_train(recipe, device, args, recipe.train.batch_size)
+            elif part == "train_ddp":
+                result = cpc_train(recipe, device, args, batch, ddp=True)
+                # the slowest process sets the pace; every GPU's peak is its own, the largest is reported
+                result["seconds_per_step"] = _reduce_max(result["seconds_per_step"], device)
+                result["peak_memory_mib"] = _reduce_max(result["peak_memory_mib"], device)
+                result.update(processes=world, images_per_s=recipe.train.batch_size / result["seconds_per_step"])
+            elif part == "segment":
+                result = segment_steps(recipe, device, args)
+            else:
+                result = inference(recipe, device, args)
+            results[part] = result
+            if main:
+                atomic.write_json(out, results)
+            rate = result["images_per_s" if "images_per_s" in result else "with_crf_images_per_s"]
+            say(f"  {part:<9} {rate:8.2f} images/s · peak {result['peak_memory_mib'] / 1024:.2f} GiB · "
+                f"{_describe(part, result)}")
     say(f"→ {out}")
     return results
 
@@ -374,4 +366,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    distributed.end_rank(status)  # a torchrun rank that left its group skips the teardown, as cpcx's commands do
+    sys.exit(status)

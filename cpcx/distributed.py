@@ -59,20 +59,22 @@ class DistInfo:
 
 
 def init_from_env(device_spec: str, field: str = "train.device",
-                  timeout: datetime.timedelta | None = None) -> DistInfo:
+                  timeout: datetime.timedelta | None = None, join_alone: bool = False) -> DistInfo:
     """Join the process group torchrun describes (if any) and pick this process's device. ``timeout``: how long a
-    collective may wait for the slowest rank (torch's default, 30 minutes for gloo and nccl, when None)."""
+    collective may wait for the slowest rank (torch's default, 30 minutes for gloo and nccl, when None).
+    ``join_alone``: join under torchrun even as its only process (DDP itself needs a group; cpcx's stages skip it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_spec, field)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     created = False
-    if world > 1 and not faulthandler.is_enabled():
+    group = world > 1 or (join_alone and "LOCAL_RANK" in os.environ)
+    if group and not faulthandler.is_enabled():
         # A rank that dies in C++ (gloo/nccl teardown: "terminate called…", SIGABRT; a segfault) otherwise leaves
         # one line and torchrun's "exitcode -6"; this prints where each of its Python threads was (no locals).
         faulthandler.enable()
-    if world > 1 and not dist.is_initialized():
+    if group and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout is not None else {}))
         created = True
@@ -120,10 +122,10 @@ def end_rank(code: int | str | None) -> None:
 
 
 @contextlib.contextmanager
-def joined(device_spec: str, field: str = "train.device",
-           timeout: datetime.timedelta | None = None) -> Iterator[DistInfo]:
+def joined(device_spec: str, field: str = "train.device", timeout: datetime.timedelta | None = None,
+           join_alone: bool = False) -> Iterator[DistInfo]:
     """``init_from_env`` for the body; on leaving, ``cleanup`` (together with the other ranks when it finished)."""
-    info = init_from_env(device_spec, field, timeout)
+    info = init_from_env(device_spec, field, timeout, join_alone)
     finished = False
     try:
         yield info

@@ -59,3 +59,24 @@ def test_bad_options_end_in_one_line(tmp_path, capsys):
     assert gpu_check.main(["--device", "cpu", "--parts", "infer", "--data", str(tmp_path)]) == 2
     assert "holds no JPEGImages" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_ddp_rank_of_the_check_ends_without_the_teardown(tmp_path, processes):
+    """The check's DDP part leaves its group and ends as cpcx's commands do (``distributed.end_rank``): gloo's C++
+    teardown aborted a finished rank on a loaded machine ("terminate called without an active exception", seen in
+    this very script in a clean-clone test run). A teardown that aborts stands in for it here; without the early
+    end, torchrun reports the ranks failed. One process (a one-GPU machine) still joins a group: DDP needs one."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import atexit, os\nif 'LOCAL_RANK' in os.environ:  # torchrun's workers, not its launcher\n"
+        "    atexit.register(os.abort)\n")
+    out = tmp_path / "gpu-check.json"
+    env = {**os.environ, "PYTHONPATH": f"{hooks}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                           str(REPO / "benchmarks" / "gpu_check.py"), *TINY, "--parts", "train_ddp",
+                           "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Aborted" not in done.stderr and "  train_ddp " in done.stdout
+    assert json.loads(out.read_text())["train_ddp"]["processes"] == processes
