@@ -105,9 +105,10 @@ def end_rank(code: int | str | None) -> None:
     On a loaded machine a gloo rank aborted in that teardown, after its work was done, its outputs written and its
     group destroyed: "terminate called without an active exception", SIGABRT, faulthandler showing no Python frame
     (most often a std::thread destroyed while still running; which one is not known). torchrun then reports the run
-    failed and stops the others. Seen in 3 of 12 loaded runs of the sharded pseudo test, and in 1 of 6 of the
-    sharded predict test even with the ranks leaving together. Every output is written atomically and every pool
-    shut down before this point, so skipping the teardown loses nothing."""
+    failed and stops the others. Seen in 3 of 12 loaded runs of the sharded pseudo test, in 1 of 6 of the sharded
+    predict test even with the ranks leaving together, and once in benchmarks/gpu_check.py's DDP part (which now
+    ends this way too). Every output is written atomically and every pool shut down before this point, so skipping
+    the teardown loses nothing."""
     if not _left_a_group:
         return
     if code is not None and not isinstance(code, int):
