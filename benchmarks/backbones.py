@@ -153,18 +153,26 @@ def cpc_run(b: Backbone, seed: int, logs: Path) -> dict:
     return entry
 
 
-def subset_scores(labels_dir: Path) -> dict:
-    """CRF pseudo-label mIoU on the first ``CHOOSE`` train ids and on the rest."""
+def split_confusions(labels_dir: Path) -> dict:
+    """Confusions of the label maps in ``labels_dir`` against voc-mini's train masks: {"all" | "choose" (the first
+    ``CHOOSE`` ids) | "report" (the rest): ConfusionMatrix}."""
     from cpcx.data import build_dataset, load_label_png
     from cpcx.metrics import ConfusionMatrix
     from cpcx.recipe_io import load_recipe
 
     dataset = build_dataset(load_recipe(ROOT / VOC_RECIPE).dataset, "train")
-    parts = {"choose": ConfusionMatrix(dataset.num_classes), "report": ConfusionMatrix(dataset.num_classes)}
+    parts = {p: ConfusionMatrix(dataset.num_classes) for p in ("all", "choose", "report")}
     for i, image_id in enumerate(dataset.ids):
-        parts["choose" if i < CHOOSE else "report"].update(dataset.load_mask(i),
-                                                           load_label_png(labels_dir / f"{image_id}.png"))
-    return {f"crf_{k}": 100 * float(m.result().miou) for k, m in parts.items()}
+        mask, labels = dataset.load_mask(i), load_label_png(labels_dir / f"{image_id}.png")
+        for part in ("all", "choose" if i < CHOOSE else "report"):
+            parts[part].update(mask, labels)
+    return parts
+
+
+def subset_scores(labels_dir: Path) -> dict:
+    """CRF pseudo-label mIoU on the first ``CHOOSE`` train ids and on the rest."""
+    parts = split_confusions(labels_dir)
+    return {f"crf_{k}": 100 * float(parts[k].result().miou) for k in ("choose", "report")}
 
 
 # ------------------------------------------------------------------------------------------ table

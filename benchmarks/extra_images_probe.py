@@ -25,12 +25,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backbones import CHOOSE  # noqa: E402
+from backbones import CHOOSE, split_confusions  # noqa: E402
 from diagnose_pseudo import miou_and_fg  # noqa: E402
 from results_exec import mean_std, run_stages, save_results  # noqa: E402
 from results_rows import ROOT, VOC_MINI_BEFORE_TRIM, VOC_RECIPE  # noqa: E402
 from variants import VARIANTS, run_variant  # noqa: E402
 
+from cpcx.data.classes import VOC_CLASSES, with_background  # noqa: E402
+
+VOC_NAMES = with_background(VOC_CLASSES)
 WORK = "runs-bench"
 BASE = "bf16-crf5"  # voc-mini as it ships, in variants.py's terms
 SPLIT = "train_coco"
@@ -87,33 +90,21 @@ def build_layout(dest: Path, voc_root: Path, coco_root: Path) -> int:
     return len(added)
 
 
-def voc_scores(labels_dir: Path, voc_root: Path) -> dict:
-    """CRF pseudo-labels of the VOC train ids: {"all" | "choose" | "report": {miou, fg_iou}}, percent."""
-    from cpcx.data.classes import VOC_CLASSES, with_background
-    from cpcx.data.palette import load_label_png
-    from cpcx.metrics import ConfusionMatrix
-
-    names = with_background(VOC_CLASSES)
-    parts = {p: ConfusionMatrix(len(names)) for p in ("all", "choose", "report")}
-    ids = (voc_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
-    for k, image_id in enumerate(ids):
-        mask = load_label_png(voc_root / "SegmentationClass" / f"{image_id}.png")
-        labels = load_label_png(labels_dir / f"{image_id}.png")
-        for part in ("all", "choose" if k < CHOOSE else "report"):
-            parts[part].update(mask, labels)
-    return {part: miou_and_fg(m.matrix, names) for part, m in parts.items()}
+def voc_scores(labels_dir: Path) -> dict:
+    """The label maps of voc-mini's train ids: {"all" | "choose" | "report": {miou, fg_iou}}, percent."""
+    return {part: miou_and_fg(m.matrix, VOC_NAMES) for part, m in split_confusions(labels_dir).items()}
 
 
-def run_seed(seed: int, data: Path, voc_root: Path, logs: Path) -> dict:
+def run_seed(seed: int, data: Path, logs: Path) -> dict:
     name = f"coco-extra-s{seed}"
     args = [f"name={name}", f"seed={seed}", f"runs_dir={WORK}", f"train.feature_cache_dir={WORK}/features-coco-extra",
             f"dataset.root={data}", f"dataset.train_split={SPLIT}", *VOC_MINI_BEFORE_TRIM, *VARIANTS[BASE][1]]
     entry = run_stages(VOC_RECIPE, args, ("clusters", "train", "pseudo"), name, logs)
     if "error" not in entry:
-        entry["scores"] = voc_scores(ROOT / WORK / name / "pseudo" / "labels", voc_root)
+        entry["scores"] = voc_scores(ROOT / WORK / name / "pseudo" / "labels")
     base = run_variant(BASE, seed, False, logs)
     if "error" not in base:
-        entry["base_scores"] = voc_scores(ROOT / WORK / f"var-{BASE}-s{seed}" / "pseudo" / "labels", voc_root)
+        entry["base_scores"] = voc_scores(ROOT / WORK / f"var-{BASE}-s{seed}" / "pseudo" / "labels")
         entry["base_stages"] = base["stages"]
     return entry
 
@@ -127,7 +118,8 @@ def render(results: dict) -> str:
              "pseudo-labels scored on the 311 VOC train ids alone: all (object/background IoU in brackets), the "
              f"first {CHOOSE} ids / the other {311 - CHOOSE}. Base: the same recipe on the 311 alone "
              f"(variants.py's `{BASE}`, voc-mini as it ships).", "",
-             "| seed | training images | all (obj/bg IoU) | choose / report | train + pseudo s |", "|---|---|---:|---|---:|"]
+             "| seed | training images | all (obj/bg IoU) | choose / report | train + pseudo s |",
+             "|---|---|---:|---|---:|"]
     for seed, entry in sorted(seeds.items()):
         for label, scores, stages in (("311 VOC", entry["base_scores"], entry["base_stages"]),
                                       ("311 VOC + COCO", entry["scores"], entry["stages"])):
@@ -147,18 +139,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     data_root = Path(os.environ.get("CPCX_DATA", ROOT.parent / "shared" / "data"))  # as the recipes read it
-    parser.add_argument("--voc", type=Path, default=data_root / "voc2012-mini" / "VOC2012")
     parser.add_argument("--coco", type=Path, default=data_root / "coco2017-mini")
     parser.add_argument("--data", type=Path, default=ROOT / WORK / "extra-images" / "VOC2012",
                         help="the VOC-layout folder built here (VOC + COCO)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    from cpcx.data.voc import find_voc_root
+    from cpcx.recipe_io import load_recipe
+
+    voc_root = find_voc_root(load_recipe(ROOT / VOC_RECIPE).dataset.root)  # the slice voc-mini reads and is scored on
     logs = ROOT / WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    results = {"coco_images": build_layout(args.data.resolve(), args.voc, args.coco), "seeds": {},
+    results = {"coco_images": build_layout(args.data.resolve(), voc_root, args.coco), "seeds": {},
                "data": None if args.data == parser.get_default("data") else str(args.data)}
     for seed in args.seeds:
-        results["seeds"][str(seed)] = run_seed(seed, args.data.resolve(), args.voc, logs)
+        results["seeds"][str(seed)] = run_seed(seed, args.data.resolve(), logs)
         print(f"seed {seed}: {results['seeds'][str(seed)].get('scores')} base "
               f"{results['seeds'][str(seed)].get('base_scores')}", flush=True)
     save_results(results, args.out, "extra-images", render)

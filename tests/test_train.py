@@ -302,11 +302,10 @@ def _ddp_worker(rank: int, world: int, port: int, voc_root: str, out: str) -> No
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    info = distributed.init_from_env("cpu")
-    assert info.created_group and torch.distributed.get_backend() == "gloo"
-    grads = _gradients(Path(voc_root), world, rank)
-    torch.save(grads, Path(out) / f"grads{rank}.pt")
-    distributed.cleanup(info)
+    with distributed.joined("cpu") as info:  # as cpcx train joins and leaves
+        assert info.created_group and torch.distributed.get_backend() == "gloo"
+        grads = _gradients(Path(voc_root), world, rank)
+        torch.save(grads, Path(out) / f"grads{rank}.pt")
     distributed.end_rank(0)  # as `cpcx`'s main ends a rank: no interpreter teardown, where gloo can abort
 
 
