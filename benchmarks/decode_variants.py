@@ -134,6 +134,21 @@ def prototype_maps(maps, feats, labels, confidence: float = 0.8, tau: float = 0.
     return out
 
 
+def folds_of(n: int, folds: int, seed: int) -> list:
+    """[(train indices, held-out indices)] of a ``folds``-fold split of ``n`` images drawn from ``seed``: every image
+    held out exactly once (the bounds here and in ``supervised_bound.py`` cross-validate on it)."""
+    import torch
+
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    out = []
+    for k in range(folds):
+        held = order[k::folds].sort().values
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[held] = False
+        out.append((torch.nonzero(keep).flatten(), held))
+    return out
+
+
 def supervised_probe_probs(feats, truth, folds: int = 10, epochs: int = 10, seed: int = 0):
     """What full supervision gets out of the same frozen tokens and images: a linear head trained on the
     ground-truth class of each patch (``truth`` (N, C, h, w), class shares per patch; patches with no valid
@@ -150,10 +165,8 @@ def supervised_probe_probs(feats, truth, folds: int = 10, epochs: int = 10, seed
     x = F.normalize(feats.float(), dim=-1) * 10.0
     target = truth.argmax(1)
     valid = truth.sum(1) > 0.5
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     out = torch.zeros(n, *truth.shape[2:], c)
-    for fold in range(folds):
-        held_out = order[fold::folds]
+    for fold, (_, held_out) in enumerate(folds_of(n, folds, seed)):
         train = valid.clone()
         train[held_out] = False
         xk, yk = x[train], target[train]

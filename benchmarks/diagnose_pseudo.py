@@ -53,11 +53,9 @@ def load_run(recipe):
     import torch
 
     from cpcx.data import build_dataset
-    from cpcx.errors import CpcxError
-    from cpcx.feature_cache import autocast_tag
     from cpcx.model import cluster_vectors, load_checkpoint
     from cpcx.pseudo import find_checkpoint
-    from cpcx.pseudo_infer import PatchPredictor, open_token_cache
+    from cpcx.pseudo_infer import PatchPredictor
 
     dataset = build_dataset(recipe.dataset, recipe.pseudo.split)
     net, meta = load_checkpoint(find_checkpoint(recipe))
@@ -65,11 +63,7 @@ def load_run(recipe):
     cpu = torch.device("cpu")
     predictor = PatchPredictor(net, cpu, recipe.pseudo.precision, recipe.pseudo.img_size, flip=True,
                                class_max_norm=recipe.pseudo.class_max_norm, scales=recipe.pseudo.scales)
-    cache = open_token_cache(recipe, net, dataset, predictor.size, flip=True,
-                             autocast=autocast_tag(cpu, recipe.pseudo.precision))
-    if cache is None:
-        raise CpcxError(f"{recipe.feature_cache_root()}: no token cache matching pseudo.img_size with views "
-                        "orig+hflip; this diagnosis needs a frozen-backbone run (train.feature_cache: true)")
+    cache = run_token_cache(recipe, net, dataset, predictor.size)
     probs, feats = [], []
     step = 8 if predictor.extra_sizes else 32  # larger inputs: smaller batches
     for start in range(0, len(dataset), step):
@@ -84,6 +78,23 @@ def load_run(recipe):
                 orig = net.backbone.forward_from(orig, cache.trunk)
         feats.append(orig)
     return dataset, torch.cat(probs), torch.cat(feats)
+
+
+def run_token_cache(recipe, net, dataset, size: int):
+    """The run's frozen-backbone token cache of ``dataset`` at ``size`` in views orig + hflip, as ``cpcx pseudo``
+    would reuse it; a message naming the cache folder when there is none."""
+    import torch
+
+    from cpcx.errors import CpcxError
+    from cpcx.feature_cache import autocast_tag
+    from cpcx.pseudo_infer import open_token_cache
+
+    cache = open_token_cache(recipe, net, dataset, size, flip=True,
+                             autocast=autocast_tag(torch.device("cpu"), recipe.pseudo.precision))
+    if cache is None:
+        raise CpcxError(f"{recipe.feature_cache_root()}: no token cache matching pseudo.img_size with views "
+                        "orig+hflip; this diagnosis needs a frozen-backbone run (train.feature_cache: true)")
+    return cache
 
 
 def with_class_probe(maps, feats, labels, recipe):

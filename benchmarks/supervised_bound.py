@@ -16,8 +16,8 @@ the backbones are frozen).
 
 Reported on the 311 images: mIoU and object/background IoU with and without the CRF, on all, the first 200 ids
 (choose) and the other 111 (report); and the head without label conditioning (what the segmenter does on an
-unseen image). Results: ``benchmarks/results/supervised-bound.{json,md}``. About 40 minutes a seed (32 epochs)
-on one thread.
+unseen image). Results: ``benchmarks/results/supervised-bound.{json,md}``. About an hour a seed (32 epochs,
+one thread, three seeds side by side on 2 cores).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from affinity_probe import load_seed  # noqa: E402
 from backbones import CHOOSE  # noqa: E402
+from decode_variants import folds_of  # noqa: E402
 from results_exec import mean_std  # noqa: E402
 from results_rows import ROOT  # noqa: E402
 
@@ -46,50 +47,23 @@ def view_tokens(recipe, dataset):
     import numpy as np
     import torch
 
-    from cpcx.errors import CpcxError
-    from cpcx.feature_cache import autocast_tag
     from cpcx.model import load_checkpoint
     from cpcx.pseudo import find_checkpoint
-    from cpcx.pseudo_infer import open_token_cache
+    from diagnose_pseudo import run_token_cache
 
     net, _ = load_checkpoint(find_checkpoint(recipe))
-    cpu = torch.device("cpu")
-    cache = open_token_cache(recipe, net, dataset, recipe.pseudo.img_size, flip=True,
-                             autocast=autocast_tag(cpu, recipe.pseudo.precision))
-    if cache is None:
-        raise CpcxError(f"{recipe.feature_cache_root()}: no orig+hflip token cache for this run")
+    cache = run_token_cache(recipe, net, dataset, recipe.pseudo.img_size)
     return torch.from_numpy(np.asarray(cache.tokens[:])[:, cache.views]).float()
 
 
 def label_targets(masks, size: int):
-    """(N, 2, size, size) int64: each mask squashed (nearest) to the square the backbones read, in both views, as
-    the segmenter's training targets are made (``grid_train.label_grids``)."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from cpcx.augment import apply_view
-
-    def one(mask):
-        label = torch.from_numpy(np.array(Image.fromarray(np.asarray(mask, np.uint8)).resize((size, size), Image.NEAREST)))
-        return torch.stack([apply_view(label, v) for v in VIEWS])
-
-    return torch.stack([one(m) for m in masks]).long()
-
-
-def folds_of(n: int, folds: int, seed: int) -> list:
-    """[(train indices, held-out indices)] of a ``folds``-fold split of ``n`` images drawn from ``seed``: every image
-    held out exactly once."""
+    """(N, 2, size, size) int64: each mask squashed (nearest) to the square the backbones read, in both views, by
+    the function that makes the segmenter's training targets."""
     import torch
 
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    out = []
-    for k in range(folds):
-        held = order[k::folds].sort().values
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[held] = False
-        out.append((torch.nonzero(keep).flatten(), held))
-    return out
+    from cpcx.segment.grid_train import _label_grid
+
+    return torch.stack([_label_grid(masks.__getitem__, i, size, list(VIEWS)) for i in range(len(masks))]).long()
 
 
 def fit_head(tokens, targets, train, cfg, num_classes: int, seed: int):
