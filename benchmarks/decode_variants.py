@@ -136,17 +136,10 @@ def prototype_maps(maps, feats, labels, confidence: float = 0.8, tau: float = 0.
 
 def folds_of(n: int, folds: int, seed: int) -> list:
     """[(train indices, held-out indices)] of a ``folds``-fold split of ``n`` images drawn from ``seed``: every image
-    held out exactly once (the bounds here and in ``supervised_bound.py`` cross-validate on it)."""
-    import torch
+    held out exactly once; ``cpcx.self_training``'s split (the bounds here and in ``supervised_bound.py`` use it)."""
+    from cpcx.self_training import folds_of as split
 
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    out = []
-    for k in range(folds):
-        held = order[k::folds].sort().values
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[held] = False
-        out.append((torch.nonzero(keep).flatten(), held))
-    return out
+    return split(n, folds, seed)
 
 
 def supervised_probe_probs(feats, truth, folds: int = 10, epochs: int = 10, seed: int = 0):

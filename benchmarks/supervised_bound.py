@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from affinity_probe import load_seed  # noqa: E402
 from backbones import CHOOSE  # noqa: E402
-from decode_variants import folds_of  # noqa: E402
+from decode_variants import folds_of  # noqa: E402,F401  (re-exported: the tests reach it here)
 from results_exec import mean_std  # noqa: E402
 from results_rows import ROOT  # noqa: E402
 
@@ -66,57 +66,25 @@ def label_targets(masks, size: int):
     return torch.stack([_label_grid(masks.__getitem__, i, size, list(VIEWS)) for i in range(len(masks))]).long()
 
 
-def fit_head(tokens, targets, train, cfg, num_classes: int, seed: int):
-    """A :class:`GridHead` trained as ``cpcx segment`` trains voc-mini's (``cfg`` = ``recipe.segment``) on the images
-    ``train`` of ``tokens`` (N, 2, h, w, E) with ``targets`` (N, 2, s, s): AdamW, poly schedule, each image once an
-    epoch in a view drawn from (seed, epoch), cross-entropy at the targets' size with 255 ignored."""
-    import torch
-    import torch.nn.functional as F
-
-    from cpcx.segment.grid import GridHead
-    from cpcx.segment.grid_train import _Epoch
-    from cpcx.segment.stage import POLY_POWER, _loss
-
-    torch.manual_seed(seed)
-    head = GridHead(tokens.shape[-1], num_classes, cfg.head_channels, cfg.aspp_rates)
-    seen = tokens[train].reshape(-1, tokens.shape[-1])
-    head.set_standardization(seen.mean(0), seen.std(0))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batch, size = cfg.batch_size, targets.shape[-1]
-    steps = len(train) // batch
-    total = steps * cfg.epochs
-    head.train()
-    for epoch in range(1, cfg.epochs + 1):
-        plan = _Epoch(len(train), len(VIEWS), seed, epoch, 0, 1)
-        for i in range(steps):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * (1 - ((epoch - 1) * steps + i) / total) ** POLY_POWER
-            pick, view = train[plan.order[i * batch:(i + 1) * batch]], plan.views[i * batch:(i + 1) * batch]
-            logits = F.interpolate(head(tokens[pick, view]), size=(size, size), mode="bilinear", align_corners=False)
-            loss = _loss(logits, targets[pick, view])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return head.eval()
-
-
 def cross_validated_probs(tokens, targets, cfg, num_classes: int, folds: int, seed: int, log=print):
     """(N, C, h, w) softmax of each image, both views averaged (views undone), from the head of the folds it is
-    not in."""
-    import torch
+    not in: ``cpcx.self_training``'s heads (the ``pseudo.self_training`` switch), trained as ``cfg``
+    (``recipe.segment``, AdamW) says on ``targets`` (N, 2, s, s) for the tokens (N, 2, h, w, e)."""
+    from types import SimpleNamespace
 
-    from cpcx.augment import apply_view
+    from cpcx.self_training import cross_validated_probs as heads
 
-    out = torch.zeros(tokens.shape[0], num_classes, *tokens.shape[2:4])
-    started = time.perf_counter()
-    for k, (train, held) in enumerate(folds_of(tokens.shape[0], folds, seed)):
-        head = fit_head(tokens, targets, train, cfg, num_classes, seed * 1000 + k)
-        with torch.no_grad():
-            for i in held.tolist():
-                probs = head(tokens[i]).softmax(1)
-                out[i] = torch.stack([apply_view(p, v) for p, v in zip(probs, VIEWS)]).mean(0)
-        log(f"  fold {k + 1}/{folds}: {len(train)} images, {time.perf_counter() - started:.0f} s")
-    return out
+    settings = SimpleNamespace(folds=folds, epochs=cfg.epochs, head_channels=cfg.head_channels,
+                               aspp_rates=cfg.aspp_rates, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               batch_size=cfg.batch_size)
+    started, epochs = time.perf_counter(), [0]
+
+    def on_epoch() -> None:
+        epochs[0] += 1
+        if epochs[0] % cfg.epochs == 0:
+            log(f"  fold {epochs[0] // cfg.epochs}/{folds}: {time.perf_counter() - started:.0f} s")
+
+    return heads(tokens, [0, 1], targets, settings, num_classes, seed, on_epoch)
 
 
 def score(dataset, maps, bound, crf):

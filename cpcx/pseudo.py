@@ -8,6 +8,9 @@ single-threaded processes runs the CRFs of the previous batches; a bounded numbe
 memory. Each PNG is written atomically by the worker that made it, so a killed run resumes where it stopped
 (finished images are skipped) and loses nothing.
 
+With ``pseudo.self_training`` this is the second of two passes (``cpcx.self_training``): the first writes
+``labels_first/``, grid heads trained k-fold on those relabel each image they never saw, mixed into the maps.
+
 The mIoU without CRF (argmax of the upsampled Z) is scored in the same pass from the probabilities already
 in memory, because the CRF can hurt (over-confident Z) and one should see by how much (``cpcx.no_crf``).
 
@@ -66,13 +69,15 @@ def label_images(
     progress=None,
     cache=None,
     probe=None,
+    heads=None,
 ) -> ConfusionMatrix:
     """Write ``labels_dir/<id>.png`` for ``indices``; return the confusion of these labels (empty without masks).
 
     ``crf=None`` writes the argmax of the upsampled probabilities. With a CRF, workers write the PNGs and
     return the label maps; at most ``2 (workers + batch_size)`` images are in flight. ``cache`` is
     ``open_token_cache``'s answer: patch tokens read from disk instead of computed by the ViT. ``probe``: a
-    ``ClassProbe`` that re-decides the object class of every patch (``pseudo.class_probe``).
+    ``ClassProbe`` that re-decides the object class of every patch (``pseudo.class_probe``). ``heads``: a
+    ``self_training.HeadMix`` mixed into the maps (``pseudo.self_training``'s second pass).
     """
     from cpcx.data.palette import save_label_png
 
@@ -105,6 +110,8 @@ def label_images(
         for chunk, images, masks, tokens in _prefetch(dataset, indices, batch_size, scored, cache):
             probs = _maps(predictor, probe, images, labels[chunk], None if u is None else u[chunk], tokens,
                           None if cache is None else cache.trunk)
+            if heads is not None:
+                probs = heads(probs, chunk, labels[chunk])
             for b, (i, image, mask) in enumerate(zip(chunk, images, masks)):
                 image_id = dataset.ids[i]
                 classes = np.flatnonzero(labels[i] > 0).astype(np.uint8)
@@ -261,6 +268,10 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
     cache = open_token_cache(recipe, net, dataset, predictor.size, cfg.flip,
                              warn=lambda text: console.print(f"[yellow]![/] {text}", soft_wrap=True),
                              autocast=autocast_tag(device, cfg.precision))
+    if cfg.self_training.enabled:
+        from cpcx.self_training import check_cache
+
+        check_cache(cache)
     if cache is not None and cache.trunk is None:
         console.print("[dim]patch tokens from the training feature cache (the backbone never changed): no ViT pass[/]")
     elif cache is not None:
@@ -276,6 +287,11 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
                                                          console) if cfg.class_probe.enabled else None)
     if cfg.class_probe.enabled and not ranks.is_main:
         probe = ClassProbe.load(probe_path)
+    heads = None
+    if cfg.self_training.enabled:  # first pass and heads (read back once done); the labels below: the second pass
+        from cpcx.self_training import heads_for_stage
+
+        heads = heads_for_stage(recipe, ranks, dataset, predictor, u, cache, crf, probe, console)
     no_crf = None
     if dataset.has_masks and ranks.enabled:  # each rank counts its images apart; rank 0 folds the parts at the end
         counted = NoCRFScores(stage_dir / MERGED_NAME, dataset.num_classes).ids
@@ -293,7 +309,7 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
     if mine:
         confusion = _with_progress(console, len(mine), lambda advance: label_images(
             predictor, dataset, mine, u, labels_dir, crf, cfg.workers, cfg.batch_size, no_crf, advance, cache,
-            probe))
+            probe, heads))
     if ranks.enabled:
         # Integer counts: the sum over ranks is exactly one process's matrix. Also waits for every rank's labels.
         confusion.matrix = shard.sum_over_ranks(confusion.matrix, ranks)
@@ -310,27 +326,27 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
         info = {"checkpoint": str(checkpoint), "img_size": predictor.size, "extra_sizes": predictor.extra_sizes,
                 "flip": cfg.flip,
                 "class_max_norm": cfg.class_max_norm, "class_probe": cfg.class_probe.enabled,
-                "feature_cache": cache is not None}
+                "self_training": cfg.self_training.enabled, "feature_cache": cache is not None}
         _score(stage_dir, dataset, labels_dir, done_before, confusion, no_crf, crf, info, console)
     else:
         console.print(f"[dim]{dataset.source}: no ground-truth masks, so no mIoU[/]")
     if cfg.figures:
-        draw_figures(predictor, dataset, u, labels_dir, stage_dir / "figures", cfg.figures, probe)
+        draw_figures(predictor, dataset, u, labels_dir, stage_dir / "figures", cfg.figures, probe, heads)
         console.print(f"[green]✔[/] figures of {min(cfg.figures, len(dataset))} images → {stage_dir / 'figures'}")
     return labels_dir
 
 
-def _with_progress(console: Console, total: int, work):
+def _with_progress(console: Console, total: int, work, label: str = "pseudo", unit: str = "images"):
     """Run ``work(advance)`` under a progress bar, or with plain progress lines when the output is not a terminal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     if not console.is_terminal:  # plain logs: a line every 10 % and at least every 30 s, with rate and ETA
         from cpcx.progress import PlainProgress
 
-        return work(PlainProgress("pseudo", total, lambda text: console.print(text, highlight=False)))
-    with Progress(TextColumn("pseudo"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        return work(PlainProgress(label, total, lambda text: console.print(text, highlight=False), unit=unit))
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
-        task = bar.add_task("pseudo", total=total)
+        task = bar.add_task(label, total=total)
         return work(lambda n: bar.advance(task, n))
 
 
@@ -364,9 +380,9 @@ def _score(stage_dir, dataset, labels_dir, done_before, confusion, no_crf, crf, 
 
 
 def draw_figures(predictor: PatchPredictor, dataset, u, labels_dir: Path, folder: Path, count: int,
-                 probe=None) -> None:
+                 probe=None, heads=None) -> None:
     """Heat maps of Z and label overlays for an evenly spaced, fixed sample of the split (the maps the labels were
-    decoded from: re-decided by the class ``probe`` when there is one)."""
+    decoded from: re-decided by the class ``probe`` and mixed with the self-training ``heads`` when there are)."""
     from cpcx import viz
     from cpcx.data.palette import load_label_png
 
@@ -378,6 +394,8 @@ def draw_figures(predictor: PatchPredictor, dataset, u, labels_dir: Path, folder
         image_id, image = dataset.ids[i], dataset.load_image(i)
         classes = np.flatnonzero(dataset.labels[i] > 0).astype(np.uint8)
         probs = _maps(predictor, probe, [image], dataset.labels[i:i + 1], None if u is None else u[i:i + 1])
+        if heads is not None:
+            probs = heads(probs, [i], dataset.labels[i:i + 1])
         full = upsample(probs[0], classes, image.shape[:2])
         argmax = classes[channel_argmax(full)]
         viz.class_heatmaps(folder / "heatmaps" / f"{image_id}.png", image, full.cpu().numpy(), classes, names,

@@ -252,6 +252,23 @@ class ClassProbeConfig(Section):
     max_patches: int = Field(200_000, ge=1, description="At most this many training patches (drawn with the seed).")
 
 
+class SelfTrainingConfig(Section):
+    """``pseudo.self_training``: each image relabelled by grid heads trained on the other images' first-pass labels."""
+
+    enabled: bool = Field(False, description="A cross-validated self-training round (docs/results.md 8h): grid heads "
+                          "trained k-fold on the first pass's pseudo-labels relabel the images they never saw; needs the "
+                          "frozen backbone's token cache (train.feature_cache: true).")
+    folds: int = Field(5, ge=2, description="Folds: each head trains on the other folds' images.")
+    epochs: int = Field(16, ge=1, description="Epochs of each head (3 folds of 8 kept almost none of the gain).")
+    mix: float = Field(0.5, gt=0, le=1, description="The heads' share of the decoded maps.")
+    head_channels: int = Field(128, ge=8, le=4096, description="Channels of each DeepLabV3 head (as segment.head_channels).")
+    aspp_rates: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        [2, 4, 6], min_length=3, max_length=3, description="The three ASPP dilation rates, in grid cells.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (poly schedule).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(16, ge=1, description="Images per step.")
+
+
 class PseudoConfig(Section):
     img_size: int = Field(960, ge=32, le=8192, description="Inference input size (paper: 960).")
     split: Literal["train", "val"] = Field("train", description="Which split gets pseudo-labels.")
@@ -263,6 +280,8 @@ class PseudoConfig(Section):
     class_max_norm: bool = Field(True, description="Divide each class map by its maximum (ViT-PCM).")
     class_probe: ClassProbeConfig = Field(default_factory=ClassProbeConfig,
                                           description="Object class from a probe trained on single-class images.")
+    self_training: SelfTrainingConfig = Field(default_factory=SelfTrainingConfig,
+                                              description="A cross-validated self-training round (two passes).")
     batch_size: int = Field(4, ge=1, description="Images per forward pass.")
     workers: int = Field(2, ge=1, description="CRF worker processes (one thread each).")
     figures: int = Field(8, ge=0, description="Images drawn as heat maps and overlays.")

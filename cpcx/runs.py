@@ -53,13 +53,15 @@ _ADDED_DEFAULTS: dict[str, Any] = {
     "segment.freeze_encoder": False,
     "pseudo.class_probe": {"enabled": False, "min_images": 5, "object_threshold": 0.5, "multi_confidence": 0.8,
                            "mix": 0.5, "epochs": 20, "max_patches": 200_000},
+    "pseudo.self_training": {"enabled": False, "folds": 5, "epochs": 16, "mix": 0.5, "head_channels": 128,
+                             "aspp_rates": [2, 4, 6], "lr": 1e-3, "weight_decay": 0.01, "batch_size": 16},
 }
 #: Sub-folders derived from a stage's inputs that must go when the inputs change (resumable outputs that
 #: would otherwise be "skipped as finished" although they came from an older recipe).
 STALE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "clusters": ("clusters.json",),
     "pseudo": ("labels", "figures", "metrics.json", "confusion.csv", "no_crf.json", "no_crf.part-*.json",
-               "class_probe.pt"),
+               "class_probe.pt", "labels_first", "self_training.pt"),
     "segment": ("predictions", "metrics.json", "confusion.csv"),
 }
 

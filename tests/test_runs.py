@@ -68,7 +68,7 @@ def test_fingerprints_follow_upstream_sections_and_ignore_neutral_keys(recipe_pa
 
 def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(recipe_path):
     """A recipe that does not use train.trunk_cache / train.backbone_lr / pseudo.scales / pseudo.class_probe /
-    clustering.vote hashes as it did before those options existed (the dump without them); setting one changes
+    pseudo.self_training / clustering.vote hashes as it did before those options existed (the dump without them); setting one changes
     the fingerprint of its stage."""
     import hashlib
     import json
@@ -78,7 +78,8 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     base = load_recipe(recipe_path, [])
     dumped = base.model_dump(mode="json")
     for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales"),
-                         ("pseudo", "class_probe"), ("clustering", "vote"), ("model", "feature_strides"),
+                         ("pseudo", "class_probe"), ("pseudo", "self_training"), ("clustering", "vote"),
+                         ("model", "feature_strides"),
                          ("model", "fuse")):
         del dumped[section][key]
     sections = [s for stage in ("clusters", "train", "pseudo") for s in STAGES[stage]]
@@ -95,6 +96,9 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     assert fingerprint(base, "pseudo") != fingerprint(probed, "pseudo")
     mixed = load_recipe(recipe_path, ["pseudo.class_probe.enabled=true", "pseudo.class_probe.mix=0.8"])
     assert fingerprint(probed, "pseudo") != fingerprint(mixed, "pseudo")
+    trained = load_recipe(recipe_path, ["pseudo.self_training.enabled=true"])
+    assert fingerprint(base, "train") == fingerprint(trained, "train")
+    assert fingerprint(base, "pseudo") != fingerprint(trained, "pseudo")
     fused = load_recipe(recipe_path, ["model.fuse.backbone=tf_efficientnet_lite0", "model.fuse.feature_strides=[16]"])
     assert fingerprint(base, "clusters") == fingerprint(fused, "clusters")
     assert fingerprint(base, "train") != fingerprint(fused, "train")
