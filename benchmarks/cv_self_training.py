@@ -33,7 +33,7 @@ from affinity_probe import RUN, load_seed  # noqa: E402
 from backbones import CHOOSE  # noqa: E402
 from results_exec import mean_std  # noqa: E402
 from results_rows import ROOT  # noqa: E402
-from supervised_bound import cross_validated_probs, label_targets, view_tokens  # noqa: E402
+from supervised_bound import cross_validated_probs, label_targets, resumable_doc, view_tokens  # noqa: E402
 
 
 def run_pseudo_labels(runs: Path, seed: int, dataset) -> list:
@@ -126,10 +126,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     path = args.out.with_suffix(".json")
-    doc = json.loads(path.read_text()) if path.is_file() else {}  # a killed run resumes at its next seed
-    if (doc.get("folds"), doc.get("epochs")) != (args.folds, args.epochs):
-        doc = {"folds": args.folds, "epochs": args.epochs, "seeds": {}}
-    doc["command"] = " ".join(["benchmarks/cv_self_training.py", *(argv if argv is not None else sys.argv[1:])])
+    doc = resumable_doc(path, "benchmarks/cv_self_training.py", argv, folds=args.folds, epochs=args.epochs)
     if args.alpha is not None:
         doc.setdefault("alpha", args.alpha)
     runs = args.runs_dir.resolve()

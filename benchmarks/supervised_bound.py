@@ -139,6 +139,16 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resumable_doc(path: Path, script: str, argv, **settings) -> dict:
+    """The results json at ``path`` when it was made with the same ``settings`` (a killed run resumes at its next
+    seed), else a fresh one holding them; ``command`` set to this invocation."""
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    if any(doc.get(k) != v for k, v in settings.items()):
+        doc = {**settings, "seeds": {}}
+    doc["command"] = " ".join([script, *(argv if argv is not None else sys.argv[1:])])
+    return doc
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -157,10 +167,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     path = args.out.with_suffix(".json")
-    doc = json.loads(path.read_text()) if path.is_file() else {}  # a killed run resumes at its next seed
-    if (doc.get("folds"), doc.get("epochs")) != (args.folds, args.epochs):
-        doc = {"folds": args.folds, "epochs": args.epochs, "seeds": {}}
-    doc["command"] = " ".join(["benchmarks/supervised_bound.py", *(argv if argv is not None else sys.argv[1:])])
+    doc = resumable_doc(path, "benchmarks/supervised_bound.py", argv, folds=args.folds, epochs=args.epochs)
     for seed in args.seeds:
         if str(seed) in doc["seeds"]:
             print(f"seed {seed}: done, kept", flush=True)
