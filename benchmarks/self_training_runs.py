@@ -22,6 +22,12 @@ from results_exec import mean_std  # noqa: E402
 from results_rows import ROOT  # noqa: E402
 
 PASSES = {"labels_first": "first pass (the recipe without the switch)", "labels": "+ pseudo.self_training"}
+#: The first pass's name when it ran without the CRF (``pseudo.self_training.first_pass_crf: false``).
+FIRST_NO_CRF = "first pass without CRF (the heads' targets)"
+
+
+def _label(key: str, entry: dict) -> str:
+    return FIRST_NO_CRF if key == "labels_first" and entry.get("first_pass_crf") is False else PASSES[key]
 
 
 def score_folder(dataset, folder: Path) -> dict:
@@ -56,15 +62,16 @@ def render(doc: dict) -> str:
     lines = ["# `pseudo.self_training` through `cpcx pseudo` (issue 20)", "", f"`.venv/bin/python {doc['command']}`", "",
              "| run | labels | all (object/bg IoU) | choose / report |", "|---|---|---:|---|"]
     for run, entry in doc["runs"].items():
-        for key, label in PASSES.items():
+        for key in PASSES:
             f = entry[key]
-            lines.append(f"| {run} | {label} | {f['all']['miou']:.1f} ({f['all']['fg_iou']:.1f}) | "
+            lines.append(f"| {run} | {_label(key, entry)} | {f['all']['miou']:.1f} ({f['all']['fg_iou']:.1f}) | "
                          f"{_s(f.get('choose', {}).get('miou'), 1)} / {_s(f.get('report', {}).get('miou'), 1)} |")
-    for key, label in PASSES.items():
+    for key in PASSES:
         def pick(part):
             values = [e[key][part]["miou"] for e in doc["runs"].values() if part in e[key]]
             return mean_std(values) if values else "—"
         fg = sum(e[key]["all"]["fg_iou"] for e in doc["runs"].values()) / len(doc["runs"])
+        label = _label(key, next(iter(doc["runs"].values())))
         lines.append(f"| mean | {label} | {pick('all')} ({fg:.1f}) | {pick('choose')} / {pick('report')} |")
     timed = {run: e["seconds"] for run, e in doc["runs"].items() if e.get("seconds")}
     if timed:
@@ -91,6 +98,7 @@ def main(argv=None) -> int:
         recipe = load_recipe(run / "pseudo" / "recipe.resolved.yaml", [])
         dataset = build_dataset(recipe.dataset, recipe.pseudo.split)
         entry = {key: score_folder(dataset, run / "pseudo" / key) for key in PASSES}
+        entry["first_pass_crf"] = recipe.pseudo.self_training.first_pass_crf and recipe.crf.enabled
         if k < len(args.logs):
             entry["seconds"] = stage_seconds(args.logs[k])
         doc["runs"][run.name] = entry

@@ -53,6 +53,9 @@ _ADDED_DEFAULTS: dict[str, Any] = {
     "segment.freeze_encoder": False,
     "pseudo.class_probe": {"enabled": False, "min_images": 5, "object_threshold": 0.5, "multi_confidence": 0.8,
                            "mix": 0.5, "epochs": 20, "max_patches": 200_000},
+    # a key added inside a section added earlier: dropped first (deeper paths go first), so the section's
+    # dict then equals its own added default again
+    "pseudo.self_training.first_pass_crf": True,
     "pseudo.self_training": {"enabled": False, "folds": 5, "epochs": 16, "mix": 0.5, "head_channels": 128,
                              "aspp_rates": [2, 4, 6], "lr": 1e-3, "weight_decay": 0.01, "batch_size": 16},
 }
@@ -119,10 +122,13 @@ def fingerprint(recipe: Recipe, stage: str) -> str:
         sections.extend(own)
         if name == stage:
             break
-    for path, value in _ADDED_DEFAULTS.items():
-        section, key = path.split(".", 1)
-        if isinstance(dumped.get(section), dict) and dumped[section].get(key, value) == value:
-            dumped[section].pop(key, None)
+    for path, value in sorted(_ADDED_DEFAULTS.items(), key=lambda item: -item[0].count(".")):
+        *parents, key = path.split(".")
+        node: Any = dumped
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key, value) == value:
+            node.pop(key, None)
     payload = {s: _strip_neutral(dumped[s]) for s in sections}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

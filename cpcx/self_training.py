@@ -199,7 +199,8 @@ def heads_for_stage(recipe, ranks, dataset, predictor, u, cache, crf, probe, con
         console.print(f"self-training, first pass: {len(todo)} of {len(dataset)} images to label → {first}")
         start = time.perf_counter()
         _with_progress(console, len(mine), lambda advance: label_images(
-            predictor, dataset, mine, u, first, crf, cfg.workers, cfg.batch_size, None, advance, cache, probe))
+            predictor, dataset, mine, u, first, crf if st.first_pass_crf else None, cfg.workers, cfg.batch_size, None,
+            advance, cache, probe))
         console.print(f"[green]✔[/] first pass: {len(mine)} labels in {time.perf_counter() - start:.1f} s → {first}")
     distributed.barrier()  # the heads learn from every image's first-pass label
 

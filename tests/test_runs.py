@@ -99,6 +99,20 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     trained = load_recipe(recipe_path, ["pseudo.self_training.enabled=true"])
     assert fingerprint(base, "train") == fingerprint(trained, "train")
     assert fingerprint(base, "pseudo") != fingerprint(trained, "pseudo")
+    # a key added inside pseudo.self_training later: a switched-on run hashes as before it existed
+    dumped = trained.model_dump(mode="json")
+    del dumped["pseudo"]["self_training"]["first_pass_crf"]
+    for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales"),
+                         ("pseudo", "class_probe"), ("clustering", "vote"), ("model", "feature_strides"),
+                         ("model", "fuse")):
+        del dumped[section][key]
+    before = hashlib.sha256(json.dumps({s: _strip_neutral(dumped[s]) for s in sections}, sort_keys=True).encode())
+    assert fingerprint(trained, "pseudo") == before.hexdigest()[:16]
+    no_first_crf = load_recipe(recipe_path, ["pseudo.self_training.enabled=true",
+                                             "pseudo.self_training.first_pass_crf=false"])
+    assert fingerprint(trained, "pseudo") != fingerprint(no_first_crf, "pseudo")
+    set_but_off = load_recipe(recipe_path, ["pseudo.self_training.first_pass_crf=false"])
+    assert fingerprint(base, "pseudo") != fingerprint(set_but_off, "pseudo")  # off, yet set: a changed recipe
     fused = load_recipe(recipe_path, ["model.fuse.backbone=tf_efficientnet_lite0", "model.fuse.feature_strides=[16]"])
     assert fingerprint(base, "clusters") == fingerprint(fused, "clusters")
     assert fingerprint(base, "train") != fingerprint(fused, "train")

@@ -38,3 +38,10 @@ def test_each_pass_is_scored_on_the_runs_own_data_set(tmp_path, voc_root):
     assert set(doc["labels"]) == {"all", "choose"}  # 8 images: all below the 200 choose ids
     assert doc["seconds"] == {"first_pass": 12.5, "heads": 40, "second_pass": 9.1}
     assert "+ pseudo.self_training" in (tmp_path / "out.md").read_text()
+    assert doc["first_pass_crf"] is True
+    assert "first pass (the recipe without the switch)" in (tmp_path / "out.md").read_text()
+
+    recipe_no_crf = load_recipe(_recipe(tmp_path, voc_root), ["pseudo.self_training.first_pass_crf=false"])
+    (run / "pseudo" / "recipe.resolved.yaml").write_text(dump_recipe(recipe_no_crf))
+    runs.main(["--runs", str(run), "--out", str(tmp_path / "out")])
+    assert runs.FIRST_NO_CRF in (tmp_path / "out.md").read_text()  # the first pass is named for what it was
