@@ -129,9 +129,10 @@ def pasted_items_class(donors: dict, labels, matrix, probability: float):
 
 
 # ------------------------------------------------------------------------------------------------ the scores
-def scene_split(dataset, folder: Path) -> dict:
+def scene_split(dataset, folder: Path, multi_folder: Path | None = None) -> dict:
     """{all | choose | report | single | multi: mIoU and object/background IoU} of the label PNGs in ``folder``;
-    single / multi: the images with one / several object classes."""
+    single / multi: the images with one / several object classes. With ``multi_folder`` the multi-class images'
+    labels come from there (one run's labels for the single-class images, another's for the rest)."""
     import numpy as np
 
     from cpcx.data.palette import load_label_png
@@ -141,8 +142,9 @@ def scene_split(dataset, folder: Path) -> dict:
     labels = np.asarray(dataset.labels)
     parts = {p: ConfusionMatrix(dataset.num_classes) for p in ("all", "choose", "report", "single", "multi")}
     for i, image_id in enumerate(dataset.ids):
-        mask, predicted = dataset.load_mask(i), load_label_png(folder / f"{image_id}.png")
         scene = "single" if labels[i, 1:].sum() == 1 else "multi"
+        source = multi_folder if scene == "multi" and multi_folder is not None else folder
+        mask, predicted = dataset.load_mask(i), load_label_png(source / f"{image_id}.png")
         for part in ("all", "choose" if i < CHOOSE else "report", scene):
             parts[part].update(mask, predicted)
     return {p: miou_and_fg(m.matrix, dataset.classes) for p, m in parts.items() if m.matrix.sum()}
@@ -187,8 +189,16 @@ def run_seed(seed: int, probability: float, runs: Path) -> dict:
     started = time.perf_counter()
     run_pseudo(recipe)
     return {"donors": len(donors), "train_s": round(train_s), "pseudo_s": round(time.perf_counter() - started),
-            "base": scene_split(dataset, base / "pseudo" / "labels"),
-            "paste": scene_split(dataset, runs / name / "pseudo" / "labels")}
+            **scores(seed, probability, runs, dataset)}
+
+
+def scores(seed: int, probability: float, runs: Path, dataset) -> dict:
+    """Both rounds' labels scored, and the two routed by scene: the first round's for the single-class images,
+    the second's (pasted) for the multi-class ones."""
+    first = ROOT / "runs-bench" / BASE_RUN.format(seed=seed) / "pseudo" / "labels"
+    second = runs / f"paste{probability:g}-s{seed}" / "pseudo" / "labels"
+    return {"base": scene_split(dataset, first), "paste": scene_split(dataset, second),
+            "routed": scene_split(dataset, first, multi_folder=second)}
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -204,7 +214,10 @@ def render(doc: dict) -> str:
              "seeds, each seed's figures after the colon.", "",
              "| pseudo-labels | all 311 | choose 200 | report 111 | single-class images | multi-class images |",
              "|---|---:|---:|---:|---:|---:|"]
-    for key, title in (("base", "voc-mini as it ships (first round)"), ("paste", "+ pasted single-class objects")):
+    for key, title in (("base", "voc-mini as it ships (first round)"), ("paste", "+ pasted single-class objects"),
+                       ("routed", "first round on single-class images, pasted on multi-class ones")):
+        if any(key not in doc["seeds"][s] for s in seeds):
+            continue
         cells = []
         for part in ("all", "choose", "report", "single", "multi"):
             miou = [doc["seeds"][s][key][part]["miou"] for s in seeds]
@@ -223,8 +236,22 @@ def main(argv=None) -> int:
     parser.add_argument("--probability", type=float, default=0.5, help="share of the training samples pasted into")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs-ag")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "context-paste")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the seeds already in the json again from their runs (no training)")
     args = parser.parse_args(argv)
     from cpcx import atomic
+
+    if args.rescore:
+        from cpcx.data import build_dataset
+
+        path = args.out.with_suffix(".json")
+        doc = json.loads(path.read_text())
+        dataset = build_dataset(recipe_of(0, "rescore", args.runs_dir.resolve()).dataset, "train")
+        for seed in doc["seeds"]:
+            doc["seeds"][seed].update(scores(int(seed), doc["probability"], args.runs_dir.resolve(), dataset))
+        atomic.write_json(path, doc)
+        atomic.write_text(args.out.with_suffix(".md"), render(doc))
+        return 0
 
     path = args.out.with_suffix(".json")
     command = "benchmarks/context_paste_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)

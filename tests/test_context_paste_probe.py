@@ -1,5 +1,6 @@
 """benchmarks/context_paste_probe.py: the pasting moves the donor's masked tokens without wrapping and adds its
-class; donors are the single-class images of a label folder; the scores split single- from multi-class images."""
+class; donors are the single-class images of a label folder; the scores split single- from multi-class images, and
+can take each kind from another run (routed)."""
 from __future__ import annotations
 
 import sys
@@ -50,3 +51,9 @@ def test_donors_are_the_single_class_images_and_scores_split_by_scene(tmp_path, 
     scores = probe.scene_split(dataset, folder)
     assert set(scores) == {"all", "choose", "single", "multi"}  # 8 images: all among the 200 choose ids
     assert all(s["miou"] == 100.0 and s["fg_iou"] == 100.0 for s in scores.values())
+    empty = tmp_path / "empty"  # all background: the multi-class images' labels when routed
+    for i, image_id in enumerate(dataset.ids):
+        save_label_png(empty / f"{image_id}.png", np.zeros_like(dataset.load_mask(i)))
+    routed = probe.scene_split(dataset, folder, multi_folder=empty)
+    assert routed["single"]["miou"] == 100.0 and routed["multi"]["fg_iou"] == 0.0
+    assert 0.0 < routed["all"]["fg_iou"] < 100.0
