@@ -4,9 +4,8 @@ co-occurrence that breaking the context while training would fix?
     .venv/bin/python benchmarks/context_paste_probe.py --seeds 0 1 2
     .venv/bin/python benchmarks/context_paste_probe.py --seeds 0 --probability 1.0 --out /tmp/paste   # another rate
 
-Two thirds of the object/background errors of voc-mini's pseudo-labels lie in the images that hold more than one
-class (``scene_split`` below: object/background IoU about 58 there, 71 in the single-class images), where classes
-that always appear together (person with horse, motorbike, chair; plants with rooms) share each other's context.
+voc-mini's pseudo-labels are far worse in the images that hold more than one class than in the others (this
+script's single / multi parts: object/background IoU about 57 against 71), where classes that always appear together (person with horse, motorbike, chair; plants with rooms) share each other's context.
 Context decoupling augmentation (CDA, Su et al., ICCV 2021) pastes objects cut from other images into the training
 images, so that a class is seen away from its usual companions. Here it is done on the cached token grids that
 voc-mini trains from: with ``--probability`` a training sample gets the object patches of a single-class donor
@@ -19,7 +18,9 @@ so this is a second round: train, label, train again with pastes, label.
 Each seed trains ``cpcx train`` with the pasting (``PastedItems`` replaces the trainer's item set in this process
 only) and labels with ``cpcx pseudo`` unchanged, in ``runs-ag/paste<P>-sN``; the CRF pseudo-labels of both rounds
 are scored on all 311 ids, the first 200 (choose) and the other 111 (report), and on the single- and the
-multi-class images apart. Results: ``benchmarks/results/context-paste.{json,md}`` (``--out``); seeds already in the
+multi-class images apart (``self_training_runs.score_folder``), and routed by scene: the first round's labels for the
+single-class images, the second's for the others (``--rescore`` scores the seeds in the json again from their
+runs, without training). Results: ``benchmarks/results/context-paste.{json,md}`` (``--out``); seeds already in the
 json are kept, so two processes can share the seeds (each merges its own on writing).
 """
 from __future__ import annotations
@@ -38,8 +39,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from backbones import CHOOSE  # noqa: E402
 from results_rows import VOC_MINI_BEFORE_TRIM, VOC_RECIPE  # noqa: E402
+from self_training_runs import score_folder  # noqa: E402
+from supervised_bound import resumable_doc  # noqa: E402
 from variants import VARIANTS  # noqa: E402
 
 BASE_RUN = "var-bf16-crf5-s{seed}"  # voc-mini as it ships (variants.py), the first round
@@ -128,28 +130,6 @@ def pasted_items_class(donors: dict, labels, matrix, probability: float):
     return PastedItems
 
 
-# ------------------------------------------------------------------------------------------------ the scores
-def scene_split(dataset, folder: Path, multi_folder: Path | None = None) -> dict:
-    """{all | choose | report | single | multi: mIoU and object/background IoU} of the label PNGs in ``folder``;
-    single / multi: the images with one / several object classes. With ``multi_folder`` the multi-class images'
-    labels come from there (one run's labels for the single-class images, another's for the rest)."""
-    import numpy as np
-
-    from cpcx.data.palette import load_label_png
-    from cpcx.metrics import ConfusionMatrix
-    from diagnose_pseudo import miou_and_fg
-
-    labels = np.asarray(dataset.labels)
-    parts = {p: ConfusionMatrix(dataset.num_classes) for p in ("all", "choose", "report", "single", "multi")}
-    for i, image_id in enumerate(dataset.ids):
-        scene = "single" if labels[i, 1:].sum() == 1 else "multi"
-        source = multi_folder if scene == "multi" and multi_folder is not None else folder
-        mask, predicted = dataset.load_mask(i), load_label_png(source / f"{image_id}.png")
-        for part in ("all", "choose" if i < CHOOSE else "report", scene):
-            parts[part].update(mask, predicted)
-    return {p: miou_and_fg(m.matrix, dataset.classes) for p, m in parts.items() if m.matrix.sum()}
-
-
 # ------------------------------------------------------------------------------------------------- one seed
 def recipe_of(seed: int, name: str, runs: Path):
     from cpcx.recipe_io import load_recipe
@@ -197,8 +177,8 @@ def scores(seed: int, probability: float, runs: Path, dataset) -> dict:
     the second's (pasted) for the multi-class ones."""
     first = ROOT / "runs-bench" / BASE_RUN.format(seed=seed) / "pseudo" / "labels"
     second = runs / f"paste{probability:g}-s{seed}" / "pseudo" / "labels"
-    return {"base": scene_split(dataset, first), "paste": scene_split(dataset, second),
-            "routed": scene_split(dataset, first, multi_folder=second)}
+    return {"base": score_folder(dataset, first), "paste": score_folder(dataset, second),
+            "routed": score_folder(dataset, first, multi_folder=second)}
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -225,6 +205,13 @@ def render(doc: dict) -> str:
             cells.append(f"{mean_std(miou)} ({fg:.1f})" + (": " + " / ".join(f"{v:.1f}" for v in miou)
                                                               if part == "all" else ""))
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    if all("choose_single" in doc["seeds"][s]["base"] for s in seeds):
+        lines += ["", "On the 200 choose ids alone, mIoU per seed (" + ", ".join(seeds) + "):", "",
+                  "| pseudo-labels | single-class images | multi-class images |", "|---|---|---|"]
+        for key, title in (("base", "first round"), ("paste", "pasted")):
+            cells = [" / ".join(f"{doc['seeds'][s][key][f'choose_{scene}']['miou']:.1f}" for s in seeds)
+                     for scene in ("single", "multi")]
+            lines.append(f"| {title} | {cells[0]} | {cells[1]} |")
     lines += ["", "Seconds per seed (train with pastes, then the pseudo stage): " + "; ".join(
         f"seed {s}: {doc['seeds'][s]['train_s']} + {doc['seeds'][s]['pseudo_s']}" for s in seeds) + "."]
     return "\n".join(lines) + "\n"
@@ -254,19 +241,15 @@ def main(argv=None) -> int:
         return 0
 
     path = args.out.with_suffix(".json")
-    command = "benchmarks/context_paste_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for seed in args.seeds:
-        doc = json.loads(path.read_text()) if path.is_file() else {}
-        if doc.get("probability") != args.probability:
-            doc = {"probability": args.probability, "command": command, "seeds": {}}
+        doc = resumable_doc(path, "benchmarks/context_paste_probe.py", argv, probability=args.probability)
         if str(seed) in doc["seeds"]:
             print(f"seed {seed}: done, kept", flush=True)
             continue
         entry = run_seed(seed, args.probability, args.runs_dir.resolve())
         print(f"seed {seed}: {json.dumps(entry)}", flush=True)
-        doc = json.loads(path.read_text()) if path.is_file() else doc  # another process may have added seeds
-        if doc.get("probability") != args.probability:
-            doc = {"probability": args.probability, "command": command, "seeds": {}}
+        # read again: a process running other seeds beside this one may have written its own since
+        doc = resumable_doc(path, "benchmarks/context_paste_probe.py", argv, probability=args.probability)
         doc["seeds"][str(seed)] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic.write_json(path, doc)

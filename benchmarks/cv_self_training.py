@@ -29,11 +29,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from affinity_probe import RUN, load_seed  # noqa: E402
+from affinity_probe import RUN  # noqa: E402
 from backbones import CHOOSE  # noqa: E402
 from results_exec import mean_std  # noqa: E402
 from results_rows import ROOT  # noqa: E402
-from supervised_bound import cross_validated_probs, label_targets, resumable_doc, view_tokens  # noqa: E402
+from supervised_bound import resumable_doc, seed_heads  # noqa: E402
 
 
 def run_pseudo_labels(runs: Path, seed: int, dataset) -> list:
@@ -134,13 +134,9 @@ def main(argv=None) -> int:
         if str(seed) in doc["seeds"]:
             print(f"seed {seed}: done, kept", flush=True)
             continue
-        recipe, dataset, maps, _ = load_seed(seed, runs)
-        tokens = view_tokens(recipe, dataset)
-        targets = label_targets(run_pseudo_labels(runs, seed, dataset), 4 * tokens.shape[2])
-        print(f"seed {seed}: {args.folds} heads of {args.epochs} epochs on the pseudo-labels", flush=True)
-        started = time.perf_counter()
-        settings = recipe.segment.model_copy(update={"epochs": args.epochs})
-        heads = cross_validated_probs(tokens, targets, settings, dataset.num_classes, args.folds, seed)
+        started = time.perf_counter()  # the heads, with the reads of their tokens and labels
+        recipe, dataset, maps, heads = seed_heads(seed, runs, lambda d: run_pseudo_labels(runs, seed, d),
+                                                  args.folds, args.epochs)
         seconds = time.perf_counter() - started
         if "alpha" not in doc:  # screened once, on the choose ids of the first seed, without the CRF
             alphas = [0.0, *(float(a) for a in args.alphas.split(","))]

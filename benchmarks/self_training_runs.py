@@ -30,18 +30,27 @@ def _label(key: str, entry: dict) -> str:
     return FIRST_NO_CRF if key == "labels_first" and entry.get("first_pass_crf") is False else PASSES[key]
 
 
-def score_folder(dataset, folder: Path) -> dict:
-    """{all | choose | report: mIoU and object/background IoU} of the label PNGs in ``folder``."""
+def score_folder(dataset, folder: Path, multi_folder: Path | None = None) -> dict:
+    """{part: mIoU and object/background IoU} of the label PNGs in ``folder``: parts all, choose (the first
+    ``CHOOSE`` ids) / report (the others), single / multi (the images with one / several object classes) and
+    choose_single / choose_multi. With ``multi_folder`` the multi-class images' labels come from there (one run's
+    labels for the single-class images, another's for the rest)."""
+    import numpy as np
+
     from cpcx.data.palette import load_label_png
     from cpcx.metrics import ConfusionMatrix
     from diagnose_pseudo import miou_and_fg
 
-    parts = {p: ConfusionMatrix(dataset.num_classes) for p in ("all", "choose", "report")}
+    labels = np.asarray(dataset.labels)
+    parts: dict = {}
     for i, image_id in enumerate(dataset.ids):
-        mask, labels = dataset.load_mask(i), load_label_png(folder / f"{image_id}.png")
-        for part in ("all", "choose" if i < CHOOSE else "report"):
-            parts[part].update(mask, labels)
-    return {p: miou_and_fg(m.matrix, dataset.classes) for p, m in parts.items() if m.matrix.sum()}
+        scene = "single" if labels[i, 1:].sum() == 1 else "multi"
+        source = multi_folder if scene == "multi" and multi_folder is not None else folder
+        mask, predicted = dataset.load_mask(i), load_label_png(source / f"{image_id}.png")
+        split = "choose" if i < CHOOSE else "report"
+        for part in ("all", split, scene) + ((f"choose_{scene}",) if split == "choose" else ()):
+            parts.setdefault(part, ConfusionMatrix(dataset.num_classes)).update(mask, predicted)
+    return {p: miou_and_fg(m.matrix, dataset.classes) for p, m in parts.items()}
 
 
 def stage_seconds(log: Path) -> dict:

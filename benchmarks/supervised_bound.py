@@ -87,6 +87,18 @@ def cross_validated_probs(tokens, targets, cfg, num_classes: int, folds: int, se
     return heads(tokens, [0, 1], targets, settings, num_classes, seed, on_epoch)
 
 
+def seed_heads(seed: int, runs: Path, targets_of, folds: int, epochs: int):
+    """A seed's run (``load_seed``: recipe, dataset, decoded maps) and the held-out heads' softmax (N, C, h, w),
+    trained ``folds``-fold for ``epochs`` with ``recipe.segment``'s other settings on ``targets_of(dataset)``
+    (one label image per training image) → (recipe, dataset, maps, probs)."""
+    recipe, dataset, maps, _ = load_seed(seed, runs)
+    tokens = view_tokens(recipe, dataset)
+    targets = label_targets(targets_of(dataset), 4 * tokens.shape[2])
+    print(f"seed {seed}: {tuple(tokens.shape)} tokens, {folds} heads of {epochs} epochs", flush=True)
+    settings = recipe.segment.model_copy(update={"epochs": epochs})
+    return recipe, dataset, maps, cross_validated_probs(tokens, targets, settings, dataset.num_classes, folds, seed)
+
+
 def score(dataset, maps, bound, crf):
     """{"weak" | "bound": split_figures, "bound_unconditioned": {split: mIoU and object/background IoU}}."""
     import numpy as np
@@ -173,12 +185,9 @@ def main(argv=None) -> int:
             print(f"seed {seed}: done, kept", flush=True)
             continue
         started = time.perf_counter()
-        recipe, dataset, maps, _ = load_seed(seed, args.runs_dir.resolve())
-        tokens = view_tokens(recipe, dataset)
-        targets = label_targets([dataset.load_mask(i) for i in range(len(dataset))], 4 * tokens.shape[2])
-        print(f"seed {seed}: {tuple(tokens.shape)} tokens, {args.folds} heads of {args.epochs} epochs", flush=True)
-        settings = recipe.segment.model_copy(update={"epochs": args.epochs})
-        bound = cross_validated_probs(tokens, targets, settings, dataset.num_classes, args.folds, seed)
+        recipe, dataset, maps, bound = seed_heads(seed, args.runs_dir.resolve(),
+                                                  lambda d: [d.load_mask(i) for i in range(len(d))],
+                                                  args.folds, args.epochs)
         entry = score(dataset, maps, bound, CRFParams.from_config(recipe.crf))
         entry["seconds"] = time.perf_counter() - started
         doc["seeds"][str(seed)] = entry

@@ -35,7 +35,8 @@ def test_each_pass_is_scored_on_the_runs_own_data_set(tmp_path, voc_root):
     doc = __import__("json").loads((tmp_path / "out.json").read_text())["runs"]["tiny"]
     assert doc["labels"]["all"]["miou"] == 100.0 and doc["labels"]["all"]["fg_iou"] == 100.0
     assert doc["labels_first"]["all"]["fg_iou"] == 0.0 and doc["labels_first"]["all"]["miou"] < 100.0
-    assert set(doc["labels"]) == {"all", "choose"}  # 8 images: all below the 200 choose ids
+    # 8 images, all below the 200 choose ids; single- and multi-class ones among them
+    assert set(doc["labels"]) == {"all", "choose", "single", "multi", "choose_single", "choose_multi"}
     assert doc["seconds"] == {"first_pass": 12.5, "heads": 40, "second_pass": 9.1}
     assert "+ pseudo.self_training" in (tmp_path / "out.md").read_text()
     assert doc["first_pass_crf"] is True
@@ -45,3 +46,17 @@ def test_each_pass_is_scored_on_the_runs_own_data_set(tmp_path, voc_root):
     (run / "pseudo" / "recipe.resolved.yaml").write_text(dump_recipe(recipe_no_crf))
     runs.main(["--runs", str(run), "--out", str(tmp_path / "out")])
     assert runs.FIRST_NO_CRF in (tmp_path / "out.md").read_text()  # the first pass is named for what it was
+
+
+def test_a_routed_folder_takes_the_multi_class_images_labels_from_the_other(tmp_path, voc_root):
+    recipe = load_recipe(_recipe(tmp_path, voc_root))  # 8 VOC train images, both kinds of scene
+    dataset = build_dataset(recipe.dataset, "train")
+    truth, empty = tmp_path / "truth", tmp_path / "empty"
+    for i, image_id in enumerate(dataset.ids):
+        mask = dataset.load_mask(i)
+        save_label_png(truth / f"{image_id}.png", np.where(mask == 255, 0, mask))
+        save_label_png(empty / f"{image_id}.png", np.zeros_like(mask))  # all background
+    routed = runs.score_folder(dataset, truth, multi_folder=empty)
+    assert routed["single"]["miou"] == 100.0 and routed["multi"]["fg_iou"] == 0.0
+    assert routed["choose_single"] == routed["single"]
+    assert 0.0 < routed["all"]["fg_iou"] < 100.0
