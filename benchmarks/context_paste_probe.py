@@ -13,10 +13,11 @@ image whose class it lacks (the patches where the donor's first-pass CRF pseudo-
 half of the patch, at least 4), shifted by up to a quarter of the grid without wrapping, and the donor's class
 joins the sample's labels (and its cluster vector). Everything else is voc-mini as it ships (``variants.py``'s
 ``bf16-crf5``); the donors' masks come from that recipe's run of the same seed (``runs-bench/var-bf16-crf5-sN``),
-so this is a second round: train, label, train again with pastes, label.
+so this is a second round: train, label, train again with pastes, label. The pipeline switch that routes by scene
+inside one pseudo stage is ``pseudo.context_paste`` (``cpcx/context_paste.py``, which this script's pasting uses).
 
-Each seed trains ``cpcx train`` with the pasting (``PastedItems`` replaces the trainer's item set in this process
-only) and labels with ``cpcx pseudo`` unchanged, in ``runs-ag/paste<P>-sN``; the CRF pseudo-labels of both rounds
+Each seed trains cpcx's trainer with the pasting (``cpcx.context_paste.PastedItems`` as its item set) and labels
+every image with ``cpcx pseudo`` unchanged, in ``runs-ag/paste<P>-sN``; the CRF pseudo-labels of both rounds
 are scored on all 311 ids, the first 200 (choose) and the other 111 (report), and on the single- and the
 multi-class images apart (``self_training_runs.score_folder``), and routed by scene: the first round's labels for the
 single-class images, the second's for the others (``--rescore`` scores the seeds in the json again from their
@@ -45,89 +46,8 @@ from supervised_bound import resumable_doc  # noqa: E402
 from variants import VARIANTS  # noqa: E402
 
 BASE_RUN = "var-bf16-crf5-s{seed}"  # voc-mini as it ships (variants.py), the first round
-MIN_CELLS = 4  # a donor needs at least this many object patches
-SHIFT = 0.25  # pasted objects move by up to this share of the grid, each axis
-SALT = 7919  # the pasting's random stream, apart from the view draw of the same sample
-
-
-# ----------------------------------------------------------------------------------------------- the pasting
-def donor_masks(dataset, labels_dir: Path, grid: int) -> dict:
-    """{image index: (class, (grid, grid) bool patch mask)} of the single-class images: the patches whose area is
-    more than half that class in the image's label PNG (squashed to the square grid, as the token cache is)."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from cpcx.data.palette import load_label_png
-
-    labels = np.asarray(dataset.labels)
-    out = {}
-    for i, image_id in enumerate(dataset.ids):
-        present = np.flatnonzero(labels[i, 1:]) + 1
-        if len(present) != 1:
-            continue
-        c = int(present[0])
-        area = torch.from_numpy((load_label_png(labels_dir / f"{image_id}.png") == c).astype(np.float32))
-        mask = F.adaptive_avg_pool2d(area[None, None], (grid, grid))[0, 0] > 0.5
-        if int(mask.sum()) >= MIN_CELLS:
-            out[i] = (c, mask)
-    return out
-
-
-def paste(x, label, donor_x, donor_mask, donor_class: int, dy: int, dx: int):
-    """Host tokens ``x`` (h, w, e) and ``label`` (C,) with the donor's masked tokens shifted by (dy, dx) patches
-    pasted over them (cells shifted past an edge are dropped, not wrapped) → (tokens, label with the donor's
-    class), new tensors."""
-    import torch
-
-    h, w = donor_mask.shape
-    moved = torch.zeros_like(donor_mask)
-    moved_x = torch.zeros_like(donor_x)
-    ys, yd = slice(max(-dy, 0), h - max(dy, 0)), slice(max(dy, 0), h - max(-dy, 0))
-    xs, xd = slice(max(-dx, 0), w - max(dx, 0)), slice(max(dx, 0), w - max(-dx, 0))
-    moved[yd, xd] = donor_mask[ys, xs]
-    moved_x[yd, xd] = donor_x[ys, xs]
-    out = x.clone()
-    out[moved] = moved_x[moved]
-    label = label.clone()
-    label[donor_class] = 1
-    return out, label
-
-
-def pasted_items_class(donors: dict, labels, matrix, probability: float):
-    """The trainer's item set with the pasting: a subclass of ``cpcx.train._Items`` (cached tokens only)."""
-    import numpy as np
-    import torch
-
-    from cpcx import train as trainer
-    from cpcx.augment import sample_generator
-    from cpcx.model.network import cluster_vectors
-
-    order = sorted(donors)
-    labels = np.asarray(labels)
-
-    class PastedItems(trainer._Items):
-        def __getitem__(self, key):
-            item = super().__getitem__(key)
-            epoch, i = key
-            g = sample_generator(self.seed + SALT, epoch, i)
-            if self.cache is None or float(torch.rand((), generator=g)) >= probability:
-                return item
-            pool = [j for j in order if j != i and labels[i, donors[j][0]] == 0]
-            if not pool:
-                return item
-            j = pool[int(torch.randint(len(pool), (1,), generator=g))]
-            c, mask = donors[j]
-            view = int(torch.randint(len(self.cache.views), (1,), generator=g))
-            if self.cache.views[view] == "hflip":
-                mask = mask.flip(-1)
-            reach = int(SHIFT * mask.shape[0])
-            dy, dx = (int(v) for v in torch.randint(-reach, reach + 1, (2,), generator=g))
-            x, label = paste(item["x"], item["label"], self.cache.get(j, view), mask, c, dy, dx)
-            u = torch.from_numpy(cluster_vectors(label[None].numpy(), matrix)[0])
-            return {**item, "x": x, "label": label, "u": u}
-
-    return PastedItems
+MIN_CELLS = 4  # a donor needs at least this many object patches (pseudo.context_paste.min_patches' default)
+SHIFT = 0.25  # pasted objects move by up to this share of the grid, each axis (pseudo.context_paste.shift's)
 
 
 # ------------------------------------------------------------------------------------------------- one seed
@@ -140,9 +60,14 @@ def recipe_of(seed: int, name: str, runs: Path):
 
 
 def run_seed(seed: int, probability: float, runs: Path) -> dict:
-    import torch
+    import functools
 
+    import torch
+    from rich.console import Console
+
+    from cpcx import distributed
     from cpcx import train as trainer
+    from cpcx.context_paste import PastedItems, donor_masks
     from cpcx.data import build_dataset
     from cpcx.pseudo import run_pseudo
 
@@ -156,16 +81,16 @@ def run_seed(seed: int, probability: float, runs: Path) -> dict:
     if not (runs / name / "clusters").is_dir():  # the first round's clusters: the same cluster token
         shutil.copytree(base / "clusters", runs / name / "clusters")
     dataset = build_dataset(recipe.dataset, "train")
-    donors = donor_masks(dataset, base / "pseudo" / "labels", recipe.model.img_size // 14)
-    matrix = trainer._cluster_matrix(recipe, dataset.classes)
-    original = trainer._Items
-    trainer._Items = pasted_items_class(donors, dataset.labels, matrix, probability)
-    try:
-        started = time.perf_counter()
-        trainer.run_train(recipe)
-        train_s = time.perf_counter() - started
-    finally:
-        trainer._Items = original
+    grid = (recipe.model.img_size // 14,) * 2
+    donors = donor_masks(dataset.labels, dataset.ids, base / "pseudo" / "labels", grid, MIN_CELLS)
+    items = functools.partial(PastedItems, donors=donors, matrix=trainer._cluster_matrix(recipe, dataset.classes),
+                              probability=probability, shift=SHIFT)
+    started = time.perf_counter()
+    # cpcx train's own trainer with the pasted item set: the whole second round, labels for every image (the
+    # pipeline switch, pseudo.context_paste, trains the same network inside the pseudo stage and routes by scene)
+    with distributed.joined(recipe.train.device) as info:
+        trainer._Trainer(recipe, info, Console(highlight=False), items=items).fit(resume=False)
+    train_s = time.perf_counter() - started
     started = time.perf_counter()
     run_pseudo(recipe)
     return {"donors": len(donors), "train_s": round(train_s), "pseudo_s": round(time.perf_counter() - started),

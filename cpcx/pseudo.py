@@ -268,10 +268,11 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
     cache = open_token_cache(recipe, net, dataset, predictor.size, cfg.flip,
                              warn=lambda text: console.print(f"[yellow]![/] {text}", soft_wrap=True),
                              autocast=autocast_tag(device, cfg.precision))
-    if cfg.self_training.enabled:
-        from cpcx.self_training import check_cache
+    for switch in ("self_training", "context_paste"):
+        if getattr(cfg, switch).enabled:
+            from cpcx.self_training import check_cache
 
-        check_cache(cache)
+            check_cache(cache, f"pseudo.{switch}")
     if cache is not None and cache.trunk is None:
         console.print("[dim]patch tokens from the training feature cache (the backbone never changed): no ViT pass[/]")
     elif cache is not None:
@@ -298,18 +299,36 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
         no_crf = NoCRFScores(part_path(stage_dir, ranks.rank), dataset.num_classes, counted=counted, fresh=True)
     elif dataset.has_masks:
         no_crf = NoCRFScores(stage_dir / MERGED_NAME, dataset.num_classes)
-    mine = shard.shard_blocks(todo, ranks.rank, ranks.world_size, cfg.batch_size)
     console.print(f"pseudo-labels for {len(dataset)} {cfg.split} images at {predictor.size}² on {device}"
                   f" ({'CRF with ' + str(cfg.workers) + ' worker(s)' if crf else 'no CRF'}); "
                   f"{len(done_before)} already done"
-                  + (f"; {ranks.world_size} processes, {len(mine)} of the {len(todo)} to do here" if ranks.enabled
-                     else ""))
+                  + (f"; {ranks.world_size} processes" if ranks.enabled else ""))
+    # One pass of the run's network, or with pseudo.context_paste two: the run's network labels the images with at
+    # most one object class, then a network trained with their objects pasted in labels the others.
+    passes: list[tuple[list[int], object, object]] = [(todo, predictor, probe)]
+    pass_cache, pass_u = cache, u
+    second, paste_info = None, {}
+    if cfg.context_paste.enabled:
+        from cpcx.context_paste import multi_class, second_network
+
+        multi = multi_class(dataset.labels)
+        passes = [([i for i in todo if not multi[i]], predictor, probe), ([i for i in todo if multi[i]], None, None)]
     confusion = ConfusionMatrix(dataset.num_classes)
     start = time.perf_counter()
-    if mine:
-        confusion = _with_progress(console, len(mine), lambda advance: label_images(
-            predictor, dataset, mine, u, labels_dir, crf, cfg.workers, cfg.batch_size, no_crf, advance, cache,
-            probe, heads))
+    for indices, pass_predictor, pass_probe in passes:
+        if pass_predictor is None:
+            pass_predictor, pass_probe, pass_cache, pass_u, paste_info = second_network(
+                recipe, ranks, dataset, labels_dir, cache, console)
+            second = (pass_predictor, pass_probe, pass_u)
+            console.print(f"context paste: the second network labels the {len(indices)} images with several "
+                          "object classes still to do")
+        mine = shard.shard_blocks(indices, ranks.rank, ranks.world_size, cfg.batch_size)
+        if ranks.enabled:
+            console.print(f"{len(mine)} of the {len(indices)} images to do are labelled here")
+        if mine:
+            confusion.merge(_with_progress(console, len(mine), lambda advance: label_images(
+                pass_predictor, dataset, mine, pass_u, labels_dir, crf, cfg.workers, cfg.batch_size, no_crf, advance,
+                pass_cache, pass_probe, heads)))
     if ranks.enabled:
         # Integer counts: the sum over ranks is exactly one process's matrix. Also waits for every rank's labels.
         confusion.matrix = shard.sum_over_ranks(confusion.matrix, ranks)
@@ -326,12 +345,13 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
         info = {"checkpoint": str(checkpoint), "img_size": predictor.size, "extra_sizes": predictor.extra_sizes,
                 "flip": cfg.flip,
                 "class_max_norm": cfg.class_max_norm, "class_probe": cfg.class_probe.enabled,
-                "self_training": cfg.self_training.enabled, "feature_cache": cache is not None}
+                "self_training": cfg.self_training.enabled, "context_paste": cfg.context_paste.enabled,
+                **({"context_paste_" + k: v for k, v in paste_info.items()}), "feature_cache": cache is not None}
         _score(stage_dir, dataset, labels_dir, done_before, confusion, no_crf, crf, info, console)
     else:
         console.print(f"[dim]{dataset.source}: no ground-truth masks, so no mIoU[/]")
     if cfg.figures:
-        draw_figures(predictor, dataset, u, labels_dir, stage_dir / "figures", cfg.figures, probe, heads)
+        draw_figures(predictor, dataset, u, labels_dir, stage_dir / "figures", cfg.figures, probe, heads, second)
         console.print(f"[green]✔[/] figures of {min(cfg.figures, len(dataset))} images → {stage_dir / 'figures'}")
     return labels_dir
 
@@ -380,9 +400,12 @@ def _score(stage_dir, dataset, labels_dir, done_before, confusion, no_crf, crf, 
 
 
 def draw_figures(predictor: PatchPredictor, dataset, u, labels_dir: Path, folder: Path, count: int,
-                 probe=None, heads=None) -> None:
+                 probe=None, heads=None, second=None) -> None:
     """Heat maps of Z and label overlays for an evenly spaced, fixed sample of the split (the maps the labels were
-    decoded from: re-decided by the class ``probe`` and mixed with the self-training ``heads`` when there are)."""
+    decoded from: re-decided by the class ``probe`` and mixed with the self-training ``heads`` when there are; the
+    multi-class images from ``second``, the context-paste network, its probe and cluster vectors, when it is given)."""
+    from cpcx.context_paste import multi_class
+
     from cpcx import viz
     from cpcx.data.palette import load_label_png
 
@@ -393,7 +416,9 @@ def draw_figures(predictor: PatchPredictor, dataset, u, labels_dir: Path, folder
     for i in viz.sample_indices(len(dataset), count):
         image_id, image = dataset.ids[i], dataset.load_image(i)
         classes = np.flatnonzero(dataset.labels[i] > 0).astype(np.uint8)
-        probs = _maps(predictor, probe, [image], dataset.labels[i:i + 1], None if u is None else u[i:i + 1])
+        net_, probe_, u_ = (second if second is not None and multi_class(dataset.labels[i:i + 1])[0]
+                            else (predictor, probe, u))
+        probs = _maps(net_, probe_, [image], dataset.labels[i:i + 1], None if u_ is None else u_[i:i + 1])
         if heads is not None:
             probs = heads(probs, [i], dataset.labels[i:i + 1])
         full = upsample(probs[0], classes, image.shape[:2])

@@ -272,6 +272,24 @@ class SelfTrainingConfig(Section):
                                  "folds on CRF labels; docs/results.md 8h).")
 
 
+class ContextPasteConfig(Section):
+    """``pseudo.context_paste``: a second network, trained with single-class objects pasted into the training grids,
+    labels the images that hold several object classes."""
+
+    enabled: bool = Field(False, description="Context decoupling on the cached token grids (CDA, docs/results.md 8i): "
+                          "the images with one object class are labelled first; their objects are pasted into the "
+                          "grids of a second training of the network, which labels the images with several classes. "
+                          "Needs the frozen backbone's token cache (train.feature_cache: true).")
+    probability: float = Field(0.5, gt=0, le=1, description="Share of the training samples that get a pasted object.")
+    min_patches: int = Field(4, ge=1, description="A single-class image donates its object when its label covers more "
+                             "than half of at least this many patches.")
+    shift: float = Field(0.25, ge=0, lt=1, description="Pasted objects move by up to this share of the grid on each "
+                         "axis (cells moved past an edge are dropped, not wrapped).")
+    epochs: Optional[int] = Field(None, ge=1, description="null: the second network trains from scratch on the run's "
+                                  "schedule (train.*); N: it starts from the run's network and trains N epochs with "
+                                  "the pastes at train.lr_after_warmup.")
+
+
 class PseudoConfig(Section):
     img_size: int = Field(960, ge=32, le=8192, description="Inference input size (paper: 960).")
     split: Literal["train", "val"] = Field("train", description="Which split gets pseudo-labels.")
@@ -285,11 +303,21 @@ class PseudoConfig(Section):
                                           description="Object class from a probe trained on single-class images.")
     self_training: SelfTrainingConfig = Field(default_factory=SelfTrainingConfig,
                                               description="A cross-validated self-training round (two passes).")
+    context_paste: ContextPasteConfig = Field(default_factory=ContextPasteConfig,
+                                              description="A second network trained with pasted objects labels the "
+                                              "multi-class images.")
     batch_size: int = Field(4, ge=1, description="Images per forward pass.")
     workers: int = Field(2, ge=1, description="CRF worker processes (one thread each).")
     figures: int = Field(8, ge=0, description="Images drawn as heat maps and overlays.")
     device: Device = Field("auto", description="auto | cpu | cuda | cuda:N.")
     precision: Precision = Field("auto", description="auto | bf16 | fp32.")
+
+    @model_validator(mode="after")
+    def _one_second_pass(self) -> "PseudoConfig":
+        if self.self_training.enabled and self.context_paste.enabled:
+            raise ValueError("self_training and context_paste each run a second pass over the first one's labels "
+                             "and do not combine; enable one of pseudo.self_training and pseudo.context_paste")
+        return self
 
 
 class CRFConfig(Section):
@@ -328,6 +356,14 @@ class Recipe(Section):
             raise ValueError("must be an integer from 0 to 4294967295 (numpy and torch take 32-bit seeds); "
                              "use a smaller seed")
         return value
+
+    @model_validator(mode="after")
+    def _context_paste_needs_cached_tokens(self) -> "Recipe":
+        if self.pseudo.context_paste.enabled and (self.train.unfreeze_blocks or not self.train.feature_cache):
+            raise ValueError("pseudo.context_paste: the objects are pasted into the frozen backbone's cached token "
+                             "grids, so the second network needs train.feature_cache: true and "
+                             "train.unfreeze_blocks: 0; set those or pseudo.context_paste.enabled: false")
+        return self
 
     @model_validator(mode="after")
     def _trunk_cache_needs_a_vit(self) -> "Recipe":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -158,8 +158,15 @@ def _cluster_matrix(recipe: Recipe, classes: Sequence[str]) -> np.ndarray:
 
 
 class _Trainer:
-    def __init__(self, recipe: Recipe, info: distributed.DistInfo, console: Console):
+    """One training of the CPC network. ``folder``, ``items`` and ``name`` let a stage train a second network with
+    the same recipe elsewhere (``pseudo.context_paste``): its own folder instead of ``runs/<name>/train`` (no stage
+    record of its own: it belongs to the calling stage), its own item set for the cached tokens, and ``init``: a
+    checkpoint whose network weights it starts from (a fresh start only; a resume continues its own)."""
+
+    def __init__(self, recipe: Recipe, info: distributed.DistInfo, console: Console, folder: Path | None = None,
+                 items: Callable[..., Dataset] | None = None, name: str = "train", init: Path | None = None):
         self.recipe, self.info, self.console = recipe, info, console
+        self.own_folder, self.make_items, self.name, self.init = folder, items or _Items, name, init
         self.device = info.device
         self.cache: FeatureCache | None = None
         t = recipe.train
@@ -187,7 +194,7 @@ class _Trainer:
         self.u = torch.from_numpy(cluster_vectors(self.labels.numpy(), matrix))
         self.net = net = build_model(r.model, len(classes), 0 if matrix is None else matrix.shape[1]).to(self.device)
         self.meta = checkpoint_meta(net, classes, matrix)
-        self.folder = folder = r.run_dir("train")
+        self.folder = folder = self.own_folder or r.run_dir("train")
         self.optimizer = torch.optim.Adam(
             [{"params": net.head_parameters()}, {"params": net.backbone.trainable_parameters(t.unfreeze_blocks)}],
             lr=t.lr, weight_decay=t.weight_decay)
@@ -198,23 +205,31 @@ class _Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             start, self.history = ckpt["epoch"], ckpt["history"]
             self.best = (ckpt["best_loss"], ckpt["best_epoch"])
-            self.log(f"train: resuming after epoch {start} of {t.epochs} from {folder / 'weights' / 'last.pt'}")
+            self.log(f"{self.name}: resuming after epoch {start} of {t.epochs} from {folder / 'weights' / 'last.pt'}")
         elif (folder / "weights" / "last.pt").is_file():
-            self.log(f"train: starting over; {folder / 'weights'} will be replaced (--resume continues instead)")
-        if self.info.is_main:
+            self.log(f"{self.name}: starting over; {folder / 'weights'} will be replaced (--resume continues instead)")
+        if self.init is not None and not resume:
+            from cpcx.torchload import load_torch_file
+
+            start_from = load_torch_file(self.init, "training checkpoint", "train the run again (`cpcx train`)")
+            net.load_state_dict(start_from["model"])
+            self.log(f"{self.name}: starting from the network of {self.init}")
+        if self.info.is_main and self.own_folder is None:
             prepare_stage_dir(r, "train", str(self.device))
+        elif self.info.is_main:
+            atomic.ensure_dir(folder)
         distributed.barrier()
         if self.info.is_main:  # metrics.csv is exactly the history of the checkpoint we continue from
             (folder / "metrics.csv").unlink(missing_ok=True)
             for row in self.history:
                 atomic.append_csv_row(folder / "metrics.csv", METRICS_HEADER, row)
         report_slow_bf16(self.device, t.precision, "train.precision", self.log)
-        self.log(f"train: {len(self.images)} images, {len(classes)} classes, {net.num_clusters} clusters, "
+        self.log(f"{self.name}: {len(self.images)} images, {len(classes)} classes, {net.num_clusters} clusters, "
                  f"{r.model.backbone} on {self.device} × {self.info.world_size}, epochs {start + 1}..{t.epochs}")
         for epoch in range(start, t.epochs):
             self._epoch(epoch)
         if start >= t.epochs:
-            self.log(f"train: already trained for {t.epochs} epochs; raise train.epochs to continue")
+            self.log(f"{self.name}: already trained for {t.epochs} epochs; raise train.epochs to continue")
         return folder / "weights" / "best.pt"
 
     def _loader(self, epoch: int, frozen: bool, cached: bool) -> DataLoader:
@@ -226,7 +241,7 @@ class _Trainer:
                     t.views, self.device, t.precision, self.per_rank, t.workers, log=self.log,
                     prune=t.feature_cache_dir is None,
                     depth=trunk_depth(self.net.backbone, t.unfreeze_blocks) if self.trunk else None)
-            items = _Items(self.labels, self.u, r.seed, cache=self.cache)
+            items = self.make_items(self.labels, self.u, r.seed, cache=self.cache)
         else:
             transform = TrainTransform(t.augment, r.model.img_size, self.net.mean, self.net.std,
                                        views=t.views if frozen else None)
@@ -269,7 +284,7 @@ class _Trainer:
         for step, batch in enumerate(loader, 1):
             losses = forward_loss(model, self.net, batch, r.loss, self.device, t.precision, cached, trunk)
             if not torch.isfinite(losses["loss"]):
-                raise CpcxError(f"train: the loss is {losses['loss'].item()} at epoch {epoch + 1} step {step}; "
+                raise CpcxError(f"{self.name}: the loss is {losses['loss'].item()} at epoch {epoch + 1} step {step}; "
                                 "lower train.lr (or use train.precision: fp32) and train again")
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -298,7 +313,7 @@ class _Trainer:
             self._save(epoch + 1, loss, new_best=self.best[1] == epoch + 1)
             atomic.append_csv_row(self.folder / "metrics.csv", METRICS_HEADER, row)
             viz.training_curves(self.folder / "metrics.csv", self.folder / "figures" / "curves.png",
-                                title=f"{self.folder.parent.name} · train")
+                                title=f"{self.recipe.name} · {self.name}")
         distributed.barrier()
 
     def _save(self, epochs_done: int, loss: float, new_best: bool) -> None:

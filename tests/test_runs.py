@@ -68,7 +68,7 @@ def test_fingerprints_follow_upstream_sections_and_ignore_neutral_keys(recipe_pa
 
 def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(recipe_path):
     """A recipe that does not use train.trunk_cache / train.backbone_lr / pseudo.scales / pseudo.class_probe /
-    pseudo.self_training / clustering.vote hashes as it did before those options existed (the dump without them); setting one changes
+    pseudo.self_training / pseudo.context_paste / clustering.vote hashes as it did before those options existed (the dump without them); setting one changes
     the fingerprint of its stage."""
     import hashlib
     import json
@@ -79,7 +79,7 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     dumped = base.model_dump(mode="json")
     for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales"),
                          ("pseudo", "class_probe"), ("pseudo", "self_training"), ("clustering", "vote"),
-                         ("model", "feature_strides"),
+                         ("model", "feature_strides"), ("pseudo", "context_paste"),
                          ("model", "fuse")):
         del dumped[section][key]
     sections = [s for stage in ("clusters", "train", "pseudo") for s in STAGES[stage]]
@@ -104,7 +104,7 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     del dumped["pseudo"]["self_training"]["first_pass_crf"]
     for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales"),
                          ("pseudo", "class_probe"), ("clustering", "vote"), ("model", "feature_strides"),
-                         ("model", "fuse")):
+                         ("model", "fuse"), ("pseudo", "context_paste")):
         del dumped[section][key]
     before = hashlib.sha256(json.dumps({s: _strip_neutral(dumped[s]) for s in sections}, sort_keys=True).encode())
     assert fingerprint(trained, "pseudo") == before.hexdigest()[:16]
@@ -113,6 +113,10 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     assert fingerprint(trained, "pseudo") != fingerprint(no_first_crf, "pseudo")
     set_but_off = load_recipe(recipe_path, ["pseudo.self_training.first_pass_crf=false"])
     assert fingerprint(base, "pseudo") != fingerprint(set_but_off, "pseudo")  # off, yet set: a changed recipe
+    frozen = load_recipe(recipe_path, ["train.unfreeze_blocks=0"])
+    pasted = load_recipe(recipe_path, ["train.unfreeze_blocks=0", "pseudo.context_paste.enabled=true"])
+    assert fingerprint(frozen, "train") == fingerprint(pasted, "train")
+    assert fingerprint(frozen, "pseudo") != fingerprint(pasted, "pseudo")
     fused = load_recipe(recipe_path, ["model.fuse.backbone=tf_efficientnet_lite0", "model.fuse.feature_strides=[16]"])
     assert fingerprint(base, "clusters") == fingerprint(fused, "clusters")
     assert fingerprint(base, "train") != fingerprint(fused, "train")

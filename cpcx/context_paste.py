@@ -1,0 +1,187 @@
+"""``pseudo.context_paste``: context decoupling on the cached token grids (docs/results.md 8i).
+
+voc-mini's pseudo-labels are far better in the images that hold one object class than in those that hold several
+(VOC slice: 71 against 45 mIoU), where classes that appear together share each other's context. Context decoupling
+augmentation (CDA, Su et al., ICCV 2021) pastes objects cut from other images into the training images, so that a
+class is seen away from its usual companions. Here it is done where voc-mini trains, on the cached token grids:
+
+1. the run's network labels the images with at most one object class (they are final: they are labelled well);
+2. each of them whose label covers more than half of at least ``min_patches`` patches becomes a donor: the tokens of
+   those patches, and its class;
+3. a second network is trained with the run's recipe, where a share ``probability`` of the training samples get a
+   donor's object patches (of a class the sample lacks), shifted by up to ``shift`` of the grid without wrapping,
+   the donor's class joining the sample's labels and cluster vector (``pseudo/paste/weights``, resumable);
+4. that network (with its own class probe when the recipe has one) labels the images with several object classes.
+
+Routing by scene is the point: the pasted network gains on the multi-class images and loses on the single-class
+ones (results.md 8i), and the image labels say which kind an image is.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cpcx.augment import sample_generator
+from cpcx.errors import CpcxError
+from cpcx.model.network import cluster_vectors
+from cpcx.train import _Items
+
+#: The second network's folder inside the pseudo stage: weights/, metrics.csv, class_probe.pt.
+PASTE_DIR = "paste"
+#: Offset of the pasting's random stream from the view draw of the same sample (seed + SALT, epoch, index).
+SALT = 7919
+
+
+def multi_class(labels) -> np.ndarray:
+    """(N,) bool: the images whose labels hold two object classes or more (the second network's share)."""
+    return np.asarray(labels)[:, 1:].astype(bool).sum(1) >= 2
+
+
+def donor_masks(labels, ids, labels_dir: Path, grid: tuple[int, int], min_patches: int) -> dict:
+    """{image index: (class, (h, w) bool patch mask)} of the images labelled with exactly one object class: the
+    patches more than half of whose area is that class in ``labels_dir/<id>.png`` (squashed to the square grid,
+    as the token cache squashes the image), when there are at least ``min_patches`` of them."""
+    from cpcx.data.palette import load_label_png
+
+    labels = np.asarray(labels)
+    out = {}
+    for i, image_id in enumerate(ids):
+        present = np.flatnonzero(labels[i, 1:]) + 1
+        if len(present) != 1:
+            continue
+        c = int(present[0])
+        area = torch.from_numpy((load_label_png(labels_dir / f"{image_id}.png") == c).astype(np.float32))
+        mask = F.adaptive_avg_pool2d(area[None, None], grid)[0, 0] > 0.5
+        if int(mask.sum()) >= min_patches:
+            out[i] = (c, mask)
+    return out
+
+
+def paste(x: torch.Tensor, label: torch.Tensor, donor_x: torch.Tensor, donor_mask: torch.Tensor, donor_class: int,
+          dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host tokens ``x`` (h, w, e) and ``label`` (C,) with the donor's masked tokens shifted by (dy, dx) patches
+    pasted over them (cells shifted past an edge are dropped, not wrapped) → (tokens, label with the donor's
+    class), new tensors."""
+    h, w = donor_mask.shape
+    moved = torch.zeros_like(donor_mask)
+    moved_x = torch.zeros_like(donor_x)
+    ys, yd = slice(max(-dy, 0), h - max(dy, 0)), slice(max(dy, 0), h - max(-dy, 0))
+    xs, xd = slice(max(-dx, 0), w - max(dx, 0)), slice(max(dx, 0), w - max(-dx, 0))
+    moved[yd, xd] = donor_mask[ys, xs]
+    moved_x[yd, xd] = donor_x[ys, xs]
+    out = x.clone()
+    out[moved] = moved_x[moved]
+    label = label.clone()
+    label[donor_class] = 1
+    return out, label
+
+
+class PastedItems(_Items):
+    """The trainer's cached-token items, a share ``probability`` of them with a donor's object pasted in. Every
+    draw comes from the sample's own generator (seed + SALT, epoch, index): a resumed or sharded run pastes the same."""
+
+    def __init__(self, labels, u, seed: int, images=None, transform=None, cache=None, *, donors: dict,
+                 matrix: np.ndarray | None, probability: float, shift: float):
+        super().__init__(labels, u, seed, images=images, transform=transform, cache=cache)
+        self.donors, self.order = donors, sorted(donors)
+        self.matrix, self.probability, self.shift = matrix, probability, shift
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        item = super().__getitem__(key)
+        epoch, i = key
+        g = sample_generator(self.seed + SALT, epoch, i)
+        if self.cache is None or float(torch.rand((), generator=g)) >= self.probability:
+            return item
+        pool = [j for j in self.order if j != i and self.labels[i, self.donors[j][0]] == 0]
+        if not pool:
+            return item
+        j = pool[int(torch.randint(len(pool), (1,), generator=g))]
+        c, mask = self.donors[j]
+        view = int(torch.randint(len(self.cache.views), (1,), generator=g))
+        if self.cache.views[view] == "hflip":
+            mask = mask.flip(-1)
+        reach = int(self.shift * mask.shape[0])
+        dy, dx = (int(v) for v in torch.randint(-reach, reach + 1, (2,), generator=g))
+        x, label = paste(item["x"], item["label"], self.cache.get(j, view), mask, c, dy, dx)
+        u = torch.from_numpy(cluster_vectors(label[None].numpy(), self.matrix)[0])
+        return {**item, "x": x, "label": label, "u": u}
+
+
+def train_pasted(recipe, ranks, dataset, donors: dict, console) -> Path:
+    """The second network, trained with the run's recipe on the pasted items into ``pseudo/paste/`` (every rank
+    under torchrun, as ``cpcx train``), from scratch or, with ``pseudo.context_paste.epochs``, from the run's network
+    for that many epochs; a killed training resumes from its ``last.pt``, a finished one is kept. Returns its
+    checkpoint (lowest epoch loss, as ``cpcx pseudo`` reads ``train/``)."""
+    from cpcx.train import _cluster_matrix, _Trainer
+
+    cfg = recipe.pseudo.context_paste
+    if not donors:
+        raise CpcxError("pseudo.context_paste: no image labelled with one object class covers "
+                        f"{cfg.min_patches} patches, so there is nothing to paste; lower "
+                        "pseudo.context_paste.min_patches or set pseudo.context_paste.enabled: false")
+    matrix = _cluster_matrix(recipe, dataset.classes) if recipe.model.cluster_token else None
+    items = functools.partial(PastedItems, donors=donors, matrix=matrix, probability=cfg.probability,
+                              shift=cfg.shift)
+    folder = recipe.run_dir("pseudo") / PASTE_DIR
+    init = None
+    if cfg.epochs is not None:  # a short run from the run's network: all epochs after the warm-up, at its rate
+        from cpcx.pseudo import find_checkpoint
+
+        init = find_checkpoint(recipe)
+        t = recipe.train
+        recipe = recipe.model_copy(update={"train": t.model_copy(update={
+            "epochs": cfg.epochs, "warmup_epochs": 0, "lr": t.lr_after_warmup})})
+
+    def trainer():
+        return _Trainer(recipe, ranks, console, folder=folder, items=items, name="context paste", init=init)
+
+    if (folder / "weights" / "last.pt").is_file():
+        try:
+            return trainer().fit(resume=True)
+        except CpcxError as error:  # not this recipe's (the stage drops it when its fingerprint changes)
+            console.print(f"[yellow]![/] {error}; the pasted network is trained again")
+    return trainer().fit(resume=False)
+
+
+def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console):
+    """Once every rank has labelled the images with at most one object class into ``labels_dir``: the donors, the
+    pasted network (trained or read back), its token cache, its cluster vectors and its class probe when the
+    recipe has one → (predictor, probe, cache, u, info) for the images with several."""
+    from cpcx import distributed, shard
+    from cpcx.class_probe import ClassProbe
+    from cpcx.feature_cache import autocast_tag
+    from cpcx.model import load_checkpoint
+    from cpcx.pseudo import _class_probe
+    from cpcx.pseudo_infer import PatchPredictor, open_token_cache
+    from cpcx.self_training import check_cache
+
+    cfg = recipe.pseudo
+    distributed.barrier()  # the donors are read from every rank's labels
+    donors = donor_masks(dataset.labels, dataset.ids, labels_dir, tuple(cache.tokens.shape[2:4]),
+                         cfg.context_paste.min_patches)
+    console.print(f"context paste: {len(donors)} donors among the {int((np.asarray(dataset.labels)[:, 1:].sum(1) == 1).sum())} "
+                  f"images with one object class; a second network learns with their objects pasted in")
+    checkpoint = train_pasted(recipe, ranks, dataset, donors, console)
+    net, meta = load_checkpoint(checkpoint, map_location="cpu")
+    # its own cluster vectors: the same clusters.json as the run's network, unless that one was trained on another
+    u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
+    predictor = PatchPredictor(net, ranks.device, cfg.precision, cfg.img_size, cfg.flip, cfg.class_max_norm,
+                               cfg.scales)
+    # The backbone stayed frozen (the recipe says so), so the first network's token cache is also this one's; asked
+    # again all the same, against this network's backbone digest, so that it can never read tokens that are not its own.
+    cache = open_token_cache(recipe, net, dataset, predictor.size, cfg.flip,
+                             autocast=autocast_tag(ranks.device, cfg.precision))
+    check_cache(cache, "pseudo.context_paste")
+    probe = None
+    if cfg.class_probe.enabled:
+        path = recipe.run_dir("pseudo") / PASTE_DIR / "class_probe.pt"
+        probe = shard.main_first(ranks, lambda: _class_probe(predictor, dataset, u, cache, cfg, recipe.seed, path,
+                                                             console))
+        if not ranks.is_main:
+            probe = ClassProbe.load(path)
+    return predictor, probe, cache, u, {"donors": len(donors), "checkpoint": str(checkpoint)}

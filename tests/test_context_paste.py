@@ -1,0 +1,213 @@
+"""``pseudo.context_paste``: the pasting moves a donor's masked tokens without wrapping and adds its class; the
+pasted items draw the same pastes on every call; donors are the single-class images of a label folder; and `cpcx
+pseudo` labels the single-class VOC images with the run's network, the others with the pasted one, resuming without
+training it again."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from cpcx.context_paste import PASTE_DIR, PastedItems, donor_masks, multi_class, paste
+from cpcx.data import build_dataset
+from cpcx.data.palette import save_label_png
+from cpcx.errors import CpcxError
+from cpcx.pseudo import run_pseudo
+from cpcx.recipe import RecipeError, load_recipe
+from test_pseudo import _checkpoint, _labels, _recipe
+from test_self_training import _cache_tokens
+
+
+def _console() -> Console:
+    return Console(record=True, width=200, file=open(os.devnull, "w"))
+
+
+# ------------------------------------------------------------------------------------------------- pieces
+def test_paste_shifts_the_masked_donor_cells_and_drops_what_leaves_the_grid():
+    host = torch.zeros(5, 5, 3)
+    donor = torch.arange(5 * 5 * 3, dtype=torch.float32).reshape(5, 5, 3) + 1
+    mask = torch.zeros(5, 5, dtype=torch.bool)
+    mask[0, 0] = mask[2, 3] = mask[4, 4] = True
+    label = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    x, out_label = paste(host, label, donor, mask, 3, 1, -1)  # one row down, one column left
+    pasted = (x != 0).any(-1)
+    expected = torch.zeros(5, 5, dtype=torch.bool)
+    expected[3, 2] = True  # (2, 3) moved; (0, 0) left the grid on the left, (4, 4) at the bottom: dropped
+    assert torch.equal(pasted, expected)
+    assert torch.equal(x[3, 2], donor[2, 3])
+    assert out_label.tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert label.tolist() == [1.0, 0.0, 1.0, 0.0] and not host.any()  # the inputs are untouched
+
+
+def test_multi_class_counts_object_classes_not_background():
+    labels = np.array([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 0]])
+    assert multi_class(labels).tolist() == [False, True, True, False]
+
+
+class _Cache:
+    """The trainer's cache interface: ``views`` and ``get(i, view)``; image i's tokens are i + 1 everywhere, its
+    mirrored view the negative."""
+
+    views = ["orig", "hflip"]
+
+    def get(self, i: int, view: int) -> torch.Tensor:
+        return torch.full((4, 4, 2), float(i + 1) * (-1 if view else 1))
+
+
+def test_pasted_items_add_a_missing_class_with_the_donors_tokens_and_draw_the_same_every_time():
+    labels = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [1, 1, 1, 1.0]])
+    matrix = np.array([[1, 0], [0, 1], [0, 1]], dtype=np.float32)  # classes 2 and 3 share the second cluster
+    u = torch.from_numpy(np.clip(labels[:, 1:].numpy() @ matrix, 0, 1))
+    square = torch.zeros(4, 4, dtype=torch.bool)
+    square[1:3, 1:3] = True
+    donors = {0: (1, square), 1: (2, square), 2: (3, square)}
+    items = PastedItems(labels, u, 5, cache=_Cache(), donors=donors, matrix=matrix, probability=1.0, shift=0.25)
+    for epoch in range(3):
+        for i in range(4):
+            item = items[epoch, i]
+            assert torch.equal(item["x"], items[epoch, i]["x"])  # the sample's own stream: the same paste again
+            if i == 3:  # it holds every donor's class: nothing to paste
+                assert torch.equal(item["label"], labels[3]) and item["x"].abs().eq(4).all()
+                continue
+            gained = torch.nonzero(item["label"] - labels[i]).flatten().tolist()
+            assert len(gained) == 1 and labels[i, gained[0]] == 0  # one class the host lacked
+            donor = next(j for j, (c, _) in donors.items() if c == gained[0])
+            changed = item["x"].abs() != i + 1
+            assert 1 <= int(changed[..., 0].sum()) <= 4  # at most the donor's 4 cells, shifted by at most one
+            assert item["x"][changed].abs().eq(donor + 1).all()  # and they hold the donor's tokens
+            torch.testing.assert_close(item["u"], torch.from_numpy(np.clip(
+                item["label"][1:].numpy() @ matrix, 0, 1)))
+    # probability below one: some samples are left as they are
+    few = PastedItems(labels, u, 5, cache=_Cache(), donors=donors, matrix=matrix, probability=0.3, shift=0.25)
+    untouched = sum(torch.equal(few[e, i]["label"], labels[i]) for e in range(10) for i in range(3))
+    assert 10 <= untouched <= 29
+
+
+def test_donors_are_the_single_class_images_of_a_label_folder(tmp_path, voc_root):
+    recipe = load_recipe(_recipe(tmp_path, voc_root))  # 8 VOC train images
+    dataset = build_dataset(recipe.dataset, "train")
+    folder = tmp_path / "labels"
+    for i, image_id in enumerate(dataset.ids):
+        mask = dataset.load_mask(i)
+        save_label_png(folder / f"{image_id}.png", np.where(mask == 255, 0, mask))  # the truth
+    labels = np.asarray(dataset.labels)
+    single = {i for i in range(len(dataset)) if labels[i, 1:].sum() == 1}
+    assert single and len(single) < len(dataset)  # the fixture holds both kinds
+    donors = donor_masks(dataset.labels, dataset.ids, folder, (24, 24), 4)
+    assert set(donors) <= single and donors
+    for i, (c, mask) in donors.items():
+        assert labels[i, c] == 1 and mask.shape == (24, 24) and int(mask.sum()) >= 4
+    few = donor_masks(dataset.labels, dataset.ids, folder, (24, 24), 24 * 24)  # no object covers the whole grid
+    assert not few
+
+
+def test_the_switch_is_refused_where_the_backbone_trains_or_no_tokens_are_cached(tmp_path, voc_root):
+    for train in ({"unfreeze_blocks": 2}, {"unfreeze_blocks": 0, "feature_cache": False}):
+        path = _recipe(tmp_path, voc_root, train=train, pseudo={"context_paste": {"enabled": True}})
+        with pytest.raises(RecipeError, match=r"train\.feature_cache: true and train\.unfreeze_blocks: 0"):
+            load_recipe(path)
+
+
+def test_the_two_second_passes_do_not_combine(tmp_path, voc_root):
+    path = _recipe(tmp_path, voc_root, train={"unfreeze_blocks": 0}, pseudo={"self_training": {"enabled": True},
+                                               "context_paste": {"enabled": True}})
+    with pytest.raises(RecipeError, match=r"pseudo.*enable one of pseudo\.self_training and pseudo\.context_paste"):
+        load_recipe(path)
+
+
+# -------------------------------------------------------------------------------------------------- the stage
+def _paste_recipe(tmp_path, voc_root, **paste):
+    from cpcx.clusters import run_clusters
+
+    path = _recipe(tmp_path, voc_root, model={"img_size": 96}, crf={"enabled": False},
+                   train={"epochs": 2, "warmup_epochs": 1, "batch_size": 4, "unfreeze_blocks": 0},
+                   # one image a batch: an image's maps then never depend on which images share its batch (float
+                   # rounding), so the labels of the two passes can be compared with plain runs bit for bit
+                   pseudo={"batch_size": 1, "context_paste": {"enabled": True, "min_patches": 1, **paste}})
+    recipe = load_recipe(path)
+    run_clusters(recipe, console=_console())  # the static clusters: the second training reads clusters.json
+    _cache_tokens(recipe)  # writes the run's checkpoint too
+    # the run's network: not the one a fresh training of seed 0 starts from (its head moved; the backbone, whose
+    # tokens are cached, kept)
+    checkpoint = recipe.run_dir("train") / "weights" / "best.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    g = torch.Generator().manual_seed(1)
+    state["model"] = {k: v if k.startswith("backbone.") or not v.is_floating_point() else
+                      v + 0.05 * torch.randn(v.shape, generator=g) for k, v in state["model"].items()}
+    torch.save(state, checkpoint)
+    return path, recipe
+
+
+def test_pseudo_routes_the_images_between_the_two_networks_and_resumes_without_training_again(tmp_path, voc_root):
+    path, recipe = _paste_recipe(tmp_path, voc_root)
+    dataset = build_dataset(recipe.dataset, "train")
+    multi = multi_class(dataset.labels)
+    assert multi.any() and not multi.all()  # 3 of the 8 images hold several classes
+    run = _console()
+    labels_dir = run_pseudo(recipe, console=run)
+    final = _labels(labels_dir)
+    assert len(final) == 8
+    stage = recipe.run_dir("pseudo")
+    weights = stage / PASTE_DIR / "weights"
+    assert (weights / "last.pt").is_file() and (weights / "best.pt").is_file()
+    assert len((stage / PASTE_DIR / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["context_paste"] is True and metrics["context_paste_donors"] >= 1
+    assert "second network" in run.export_text()
+
+    def plain_run(name, checkpoint):
+        """Labels of a run without the switch from ``checkpoint``, reading the same token cache."""
+        other = load_recipe(path, [f"name={name}", "pseudo.context_paste.enabled=false",
+                                   f"train.feature_cache_dir={recipe.run_dir('train') / 'features'}"])
+        (other.run_dir("train") / "weights").mkdir(parents=True)
+        (other.run_dir("train") / "weights" / "best.pt").write_bytes(checkpoint.read_bytes())
+        return _labels(run_pseudo(other, console=_console()))
+
+    plain = plain_run("plain", recipe.run_dir("train") / "weights" / "best.pt")  # the single-class images' labeller
+    pasted = plain_run("pasted", weights / "best.pt")  # the multi-class images' labeller
+    for i, image_id in enumerate(dataset.ids):
+        expected = pasted if multi[i] else plain
+        assert (final[image_id] == expected[image_id]).all(), image_id
+    for kind in (True, False):  # the two networks differ on both kinds of image: a wrong routing is seen
+        assert any((pasted[k] != plain[k]).any() for i, k in enumerate(dataset.ids) if multi[i] == kind)
+
+    stamp = (weights / "last.pt").stat().st_mtime_ns
+    lost = [image_id for i, image_id in enumerate(dataset.ids) if multi[i]][:2]
+    for image_id in lost:
+        (labels_dir / f"{image_id}.png").unlink()
+    again = _console()
+    run_pseudo(recipe, console=again)
+    assert (weights / "last.pt").stat().st_mtime_ns == stamp  # read back, not trained again
+    assert "already trained" in again.export_text()
+    resumed = _labels(labels_dir)
+    assert all((resumed[k] == final[k]).all() for k in final)
+
+
+def test_a_run_without_cached_tokens_is_refused_before_any_label(tmp_path, voc_root):
+    recipe = load_recipe(_recipe(tmp_path, voc_root, model={"img_size": 96}, train={"unfreeze_blocks": 0},
+                                 pseudo={"context_paste": {"enabled": True}}))
+    _checkpoint(recipe)  # no feature cache
+    with pytest.raises(CpcxError, match=r"pseudo\.context_paste.*train\.feature_cache"):
+        run_pseudo(recipe, console=_console())
+    assert not list((recipe.run_dir("pseudo") / "labels").glob("*.png"))
+
+
+def test_a_short_second_training_starts_from_the_runs_network(tmp_path, voc_root):
+    path, _ = _paste_recipe(tmp_path, voc_root, epochs=1)
+    recipe = load_recipe(path, ["train.lr_after_warmup=1e-12"])  # so small that the weights stay where they start
+    run = _console()
+    run_pseudo(recipe, console=run)
+    folder = recipe.run_dir("pseudo") / PASTE_DIR
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("1,")  # one epoch, from the warm-up's end: no warm-up
+    assert float(rows[1].split(",")[1]) == recipe.train.lr_after_warmup
+    assert f"starting from the network of {recipe.run_dir('train') / 'weights' / 'best.pt'}" in run.export_text()
+    saved = torch.load(folder / "weights" / "last.pt", weights_only=True)
+    assert saved["recipe"]["train"]["epochs"] == 1 and saved["recipe"]["train"]["warmup_epochs"] == 0
+    start = torch.load(recipe.run_dir("train") / "weights" / "best.pt", weights_only=True)["model"]
+    for key, value in start.items():
+        torch.testing.assert_close(saved["model"][key], value, rtol=0, atol=1e-6)
