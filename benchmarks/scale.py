@@ -68,7 +68,8 @@ CROP_SIDE = (0.6, 1.0)
 CHEAP = ("model.backbone=test_vit", "model.pretrained=false", "model.weights=null", "model.fuse=null",
          "model.img_size=336", "model.lstm_hidden=16", "train.epochs=1", "train.warmup_epochs=0",
          "train.workers=0", "pseudo.img_size=336", "pseudo.workers=1", "pseudo.figures=0",
-         "segment.epochs=2", "segment.eval_every=2", "segment.workers=0", "crf.iterations=5")
+         "segment.epochs=2", "segment.eval_every=2", "segment.workers=0", "crf.iterations=5",
+         "pseudo.context_paste.enabled=false")
 #: Checks: per-image wall seconds may grow by this factor from one N to the next; peak anonymous memory may
 #: exceed the smallest N's by this fraction and this many MiB.
 TIME_GROWTH = 1.30
