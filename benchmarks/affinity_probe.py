@@ -163,7 +163,7 @@ def walks(maps, g, settings):
 # ------------------------------------------------------------------------------------------- the scoring
 def score(dataset, maps, settings, embeddings, indices, crf=None):
     """{setting: {part: [no-CRF confusion, CRF confusion or None]}}; setting ("base",) is the run's own decoding."""
-    from cpcx.pseudo_infer import upsample
+    from cpcx.pseudo.infer import upsample
     from diagnose_pseudo import score_decodings
 
     def decode(i, mask, classes):

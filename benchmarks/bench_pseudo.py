@@ -30,7 +30,7 @@ def _setup(args):
 
     from cpcx.data import build_dataset
     from cpcx.model import build_model, cluster_vectors, load_checkpoint
-    from cpcx.pseudo_infer import PatchPredictor
+    from cpcx.pseudo.infer import PatchPredictor
     from cpcx.recipe import ModelConfig, VOCDatasetConfig
 
     cfg = VOCDatasetConfig(root=args.voc, limit=args.limit)
@@ -73,7 +73,7 @@ def _crf_ms(dataset, predictor, u, count: int) -> dict:
     import numpy as np
 
     from cpcx.crf import CRFParams, crf_labels
-    from cpcx.pseudo_infer import upsample
+    from cpcx.pseudo.infer import upsample
 
     times, sizes, classes_n = [], [], []
     for i in range(min(count, len(dataset))):

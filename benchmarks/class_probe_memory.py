@@ -37,7 +37,7 @@ def batches(labels):
 
 def main() -> None:
     from cpcx import atomic
-    from cpcx.class_probe import fit_from_batches
+    from cpcx.pseudo.class_probe import fit_from_batches
     from cpcx.recipe import ClassProbeConfig
 
     torch.set_num_threads(1)

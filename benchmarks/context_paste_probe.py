@@ -14,9 +14,9 @@ half of the patch, at least 4), shifted by up to a quarter of the grid without w
 joins the sample's labels (and its cluster vector). Everything else is voc-mini as it ships (``variants.py``'s
 ``bf16-crf5``); the donors' masks come from that recipe's run of the same seed (``runs-bench/var-bf16-crf5-sN``),
 so this is a second round: train, label, train again with pastes, label. The pipeline switch that routes by scene
-inside one pseudo stage is ``pseudo.context_paste`` (``cpcx/context_paste.py``, which this script's pasting uses).
+inside one pseudo stage is ``pseudo.context_paste`` (``cpcx/pseudo/context_paste.py``, which this script's pasting uses).
 
-Each seed trains cpcx's trainer with the pasting (``cpcx.context_paste.PastedItems`` as its item set) and labels
+Each seed trains cpcx's trainer with the pasting (``cpcx.pseudo.context_paste.PastedItems`` as its item set) and labels
 every image with ``cpcx pseudo`` unchanged, in ``runs-ag/paste<P>-sN``; the CRF pseudo-labels of both rounds
 are scored on all 311 ids, the first 200 (choose) and the other 111 (report), and on the single- and the
 multi-class images apart (``self_training_runs.score_folder``), and routed by scene: the first round's labels for the
@@ -67,7 +67,7 @@ def run_seed(seed: int, probability: float, runs: Path) -> dict:
 
     from cpcx import distributed
     from cpcx import train as trainer
-    from cpcx.context_paste import PastedItems, donor_masks
+    from cpcx.pseudo.context_paste import PastedItems, donor_masks
     from cpcx.data import build_dataset
     from cpcx.pseudo import run_pseudo
 

@@ -57,7 +57,7 @@ def score(dataset, maps, heads, alphas, crf, indices):
     """{alpha: score_decodings' parts} for the run's maps mixed with the cross-validated heads' (alpha 0: the run)."""
     import numpy as np
 
-    from cpcx.pseudo_infer import upsample
+    from cpcx.pseudo.infer import upsample
     from diagnose_pseudo import score_decodings
 
     def decode(i, mask, classes):

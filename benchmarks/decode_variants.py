@@ -38,7 +38,7 @@ def selftrain_maps(maps, feats, labels, confidence: float, epochs: int = 30, see
     import torch
     import torch.nn.functional as F
 
-    from cpcx.class_probe import train_linear_head
+    from cpcx.pseudo.class_probe import train_linear_head
 
     c = maps.shape[1]
     x = F.normalize(feats.flatten(0, 2), dim=-1) * 10.0
@@ -94,7 +94,7 @@ def probe_objectness(maps, feats, low: float = 0.2, high: float = 0.8, epochs: i
     import torch
     import torch.nn.functional as F
 
-    from cpcx.class_probe import train_linear_head
+    from cpcx.pseudo.class_probe import train_linear_head
 
     share = object_share(maps)
     x = F.normalize(feats.flatten(0, 2).float(), dim=-1) * 10.0
@@ -136,8 +136,8 @@ def prototype_maps(maps, feats, labels, confidence: float = 0.8, tau: float = 0.
 
 def folds_of(n: int, folds: int, seed: int) -> list:
     """[(train indices, held-out indices)] of a ``folds``-fold split of ``n`` images drawn from ``seed``: every image
-    held out exactly once; ``cpcx.self_training``'s split (the bounds here and in ``supervised_bound.py`` use it)."""
-    from cpcx.self_training import folds_of as split
+    held out exactly once; ``cpcx.pseudo.self_training``'s split (the bounds here and in ``supervised_bound.py`` use it)."""
+    from cpcx.pseudo.self_training import folds_of as split
 
     return split(n, folds, seed)
 
@@ -152,7 +152,7 @@ def supervised_probe_probs(feats, truth, folds: int = 10, epochs: int = 10, seed
     import torch
     import torch.nn.functional as F
 
-    from cpcx.class_probe import train_linear_head
+    from cpcx.pseudo.class_probe import train_linear_head
 
     n, c = truth.shape[:2]
     x = F.normalize(feats.float(), dim=-1) * 10.0

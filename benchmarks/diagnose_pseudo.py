@@ -16,7 +16,7 @@ first line must equal the run's "mIoU without CRF"), and reports, without CRF, o
   self-training a linear probe on the confident patches (only the image's classes compete), and taking
   object-vs-background from the tokens alone (first PCA component per image, or a class-agnostic probe), and
   the object class from dataset-level token prototypes (``decode_variants.py`` holds them all);
-* the class probe of ``pseudo.class_probe`` (``cpcx/class_probe.py``), when the recipe does not enable it
+* the class probe of ``pseudo.class_probe`` (``cpcx/pseudo/class_probe.py``), when the recipe does not enable it
   (when it does, the first line is already decoded with it, as ``cpcx pseudo`` does);
 * a bound, not a decoding: a linear head on the same tokens trained on the ground-truth masks of the other
   images (10-fold cross-validation), label-conditioned the same way, with the background score scaled by a
@@ -55,7 +55,7 @@ def load_run(recipe):
     from cpcx.data import build_dataset
     from cpcx.model import cluster_vectors, load_checkpoint
     from cpcx.pseudo import find_checkpoint
-    from cpcx.pseudo_infer import PatchPredictor
+    from cpcx.pseudo.infer import PatchPredictor
 
     dataset = build_dataset(recipe.dataset, recipe.pseudo.split)
     net, meta = load_checkpoint(find_checkpoint(recipe))
@@ -87,7 +87,7 @@ def run_token_cache(recipe, net, dataset, size: int):
 
     from cpcx.errors import CpcxError
     from cpcx.feature_cache import autocast_tag
-    from cpcx.pseudo_infer import open_token_cache
+    from cpcx.pseudo.infer import open_token_cache
 
     cache = open_token_cache(recipe, net, dataset, size, flip=True,
                              autocast=autocast_tag(torch.device("cpu"), recipe.pseudo.precision))
@@ -100,7 +100,7 @@ def run_token_cache(recipe, net, dataset, size: int):
 def with_class_probe(maps, feats, labels, recipe):
     """The maps with the object class re-decided by ``pseudo.class_probe`` as ``cpcx pseudo`` does: the probe
     trained (with the recipe's settings and seed) on the single-class images' maps and tokens, then applied."""
-    from cpcx.class_probe import fit_from_batches, probe_images
+    from cpcx.pseudo.class_probe import fit_from_batches, probe_images
 
     chosen = probe_images(labels, recipe.pseudo.class_probe)
     probe, _ = fit_from_batches([(maps[chosen], feats[chosen], labels[chosen])], labels[chosen],
@@ -204,7 +204,7 @@ class Scorer:
     def predictions(self, maps):
         import numpy as np
 
-        from cpcx.pseudo_infer import channel_argmax, upsample
+        from cpcx.pseudo.infer import channel_argmax, upsample
 
         for i, mask in enumerate(self.masks):
             classes = np.flatnonzero(self.dataset.labels[i] > 0)
@@ -249,7 +249,7 @@ def decode_as_pseudo(probs, feats, labels, recipe):
     labels, and with ``pseudo.class_probe`` enabled the object class re-decided by the probe."""
     import torch
 
-    from cpcx.pseudo_infer import condition_on_labels
+    from cpcx.pseudo.infer import condition_on_labels
 
     # torch.tensor copies: the data set's label array may be read-only
     maps = condition_on_labels(probs, torch.tensor(labels).float(), recipe.pseudo.class_max_norm)
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
         rows.append({"variant": "object class re-decided by the class probe (pseudo.class_probe.enabled=true)",
                      **scorer.scores(with_class_probe(base, feats, dataset.labels, recipe))})
     if "supervised" in wanted:
-        from cpcx.pseudo_infer import condition_on_labels
+        from cpcx.pseudo.infer import condition_on_labels
 
         supervised = condition_on_labels(supervised_probe_probs(feats, truth), labels, recipe.pseudo.class_max_norm)
         for factor in (1.0, 0.5, 0.2, 0.1):

@@ -190,7 +190,7 @@ def inference(recipe, device: torch.device, args) -> dict:
     from cpcx.data import build_dataset
     from cpcx.model import build_model, cluster_vectors
     from cpcx.pseudo import label_images
-    from cpcx.pseudo_infer import PatchPredictor
+    from cpcx.pseudo.infer import PatchPredictor
 
     cfg = recipe.pseudo
     dataset = build_dataset(recipe.dataset, "train")

@@ -149,7 +149,7 @@ def screen_grid(source: str) -> list[tuple]:
 # ------------------------------------------------------------------------------------------------- the scoring
 def score_settings(dataset, maps, saliency, settings, indices, crf=None):
     """{setting: {split: (no-CRF confusion, CRF confusion or None)}}; setting ("base",) is the run's own decoding."""
-    from cpcx.pseudo_infer import upsample
+    from cpcx.pseudo.infer import upsample
     from diagnose_pseudo import score_decodings
 
     def decode(i, mask, classes):
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         if not saliency:  # the same for every seed: the frozen ViT's tokens and the package's network
             from cpcx.model import load_checkpoint
             from cpcx.pseudo import find_checkpoint
-            from cpcx.pseudo_infer import open_token_cache
+            from cpcx.pseudo.infer import open_token_cache
 
             seconds = {}
             if "decoder" in sources:

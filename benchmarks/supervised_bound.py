@@ -68,11 +68,11 @@ def label_targets(masks, size: int):
 
 def cross_validated_probs(tokens, targets, cfg, num_classes: int, folds: int, seed: int, log=print):
     """(N, C, h, w) softmax of each image, both views averaged (views undone), from the head of the folds it is
-    not in: ``cpcx.self_training``'s heads (the ``pseudo.self_training`` switch), trained as ``cfg``
+    not in: ``cpcx.pseudo.self_training``'s heads (the ``pseudo.self_training`` switch), trained as ``cfg``
     (``recipe.segment``, AdamW) says on ``targets`` (N, 2, s, s) for the tokens (N, 2, h, w, e)."""
     from types import SimpleNamespace
 
-    from cpcx.self_training import cross_validated_probs as heads
+    from cpcx.pseudo.self_training import cross_validated_probs as heads
 
     settings = SimpleNamespace(folds=folds, epochs=cfg.epochs, head_channels=cfg.head_channels,
                                aspp_rates=cfg.aspp_rates, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -104,7 +104,7 @@ def score(dataset, maps, bound, crf):
     import numpy as np
 
     from cpcx.metrics import ConfusionMatrix
-    from cpcx.pseudo_infer import upsample
+    from cpcx.pseudo.infer import upsample
     from diagnose_pseudo import miou_and_fg, score_decodings, split_figures
 
     free = {p: ConfusionMatrix(dataset.num_classes) for p in ("choose", "report", "all")}

@@ -88,7 +88,7 @@ def load_probabilities(recipe):
     """(dataset, masks, [(image, present-class probs (k, H, W) float16, classes)]) as ``cpcx pseudo`` sees them."""
     import numpy as np
 
-    from cpcx.pseudo_infer import upsample
+    from cpcx.pseudo.infer import upsample
     from diagnose_pseudo import decode_as_pseudo, load_run
 
     dataset, probs, feats = load_run(recipe)

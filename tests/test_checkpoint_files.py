@@ -52,7 +52,7 @@ def files(tmp_path):
 
 
 def _loaders():
-    from cpcx.class_probe import ClassProbe
+    from cpcx.pseudo.class_probe import ClassProbe
     from cpcx.model import load_checkpoint
     from cpcx.segment.stage import _load_resume
     from cpcx.segment.networks import load_segnet

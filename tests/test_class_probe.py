@@ -9,7 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from cpcx.class_probe import ClassProbe, fit_class_probe, object_patches, single_class_images
+from cpcx.pseudo.class_probe import ClassProbe, fit_class_probe, object_patches, single_class_images
 from cpcx.recipe import ClassProbeConfig, load_recipe
 
 
@@ -88,7 +88,7 @@ def test_tokens_returned_with_the_maps_are_the_vits(tmp_path, voc_root):
 
     from cpcx.data import build_dataset
     from cpcx.model import cluster_vectors, load_checkpoint
-    from cpcx.pseudo_infer import PatchPredictor
+    from cpcx.pseudo.infer import PatchPredictor
 
     recipe = load_recipe(_recipe(tmp_path, voc_root, model={"img_size": 96}))
     net, meta = load_checkpoint(_checkpoint(recipe))
@@ -151,7 +151,7 @@ def test_object_patches_bring_finer_maps_to_the_tokens_grid():
 
 
 def test_multi_object_rows_teach_only_the_classes_short_of_single_class_images():
-    from cpcx.class_probe import fit_from_batches
+    from cpcx.pseudo.class_probe import fit_from_batches
 
     # class 1 (object 0): 2 single-class images; class 2 (object 1): none, but confident in 2 two-object images
     labels = np.array([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]])
@@ -175,7 +175,7 @@ def test_multi_object_rows_teach_only_the_classes_short_of_single_class_images()
 
 
 def test_fit_from_batches_keeps_each_batch_to_its_share_of_max_patches():
-    from cpcx.class_probe import fit_from_batches
+    from cpcx.pseudo.class_probe import fit_from_batches
 
     maps = torch.zeros(2, 3, 10, 10)
     maps[:, 1] = 1.0  # every patch object, class 1
@@ -190,7 +190,7 @@ def test_fit_from_batches_keeps_each_batch_to_its_share_of_max_patches():
 
 
 def test_a_data_set_without_single_class_images_gets_a_probe_that_changes_nothing():
-    from cpcx.class_probe import fit_from_batches
+    from cpcx.pseudo.class_probe import fit_from_batches
 
     cfg = ClassProbeConfig(enabled=True)
     probe, patches = fit_from_batches(iter([]), np.zeros((0, 4)), cfg, seed=0)
@@ -200,7 +200,7 @@ def test_a_data_set_without_single_class_images_gets_a_probe_that_changes_nothin
 
 
 def test_gather_rows_draws_what_cat_then_randperm_draws_and_empties_the_list():
-    from cpcx.class_probe import gather_rows
+    from cpcx.pseudo.class_probe import gather_rows
 
     torch.manual_seed(1)
     blocks = [(torch.randn(n, 5), torch.randint(0, 4, (n,))) for n in (7, 0, 13, 5)]
@@ -222,7 +222,7 @@ def test_gather_rows_draws_what_cat_then_randperm_draws_and_empties_the_list():
 
 
 def test_the_in_place_normalisation_equals_f_normalize():
-    from cpcx.class_probe import _TOKEN_SCALE, normalise_rows_
+    from cpcx.pseudo.class_probe import _TOKEN_SCALE, normalise_rows_
 
     x = torch.randn(50, 8)
     x[3] = 0.0  # a zero row stays zero, as F.normalize leaves it

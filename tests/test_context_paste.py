@@ -12,7 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from cpcx.context_paste import PASTE_DIR, PastedItems, donor_masks, multi_class, paste
+from cpcx.pseudo.context_paste import PASTE_DIR, PastedItems, donor_masks, multi_class, paste
 from cpcx.data import build_dataset
 from cpcx.data.palette import save_label_png
 from cpcx.errors import CpcxError

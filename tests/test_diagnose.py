@@ -186,7 +186,7 @@ def test_supervised_probe_never_sees_the_image_it_predicts():
 
 
 def test_decode_as_pseudo_applies_the_class_probe_only_when_the_recipe_enables_it():
-    from cpcx.pseudo_infer import condition_on_labels
+    from cpcx.pseudo.infer import condition_on_labels
     from cpcx.recipe import ClassProbeConfig
 
     torch.manual_seed(0)

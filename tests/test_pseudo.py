@@ -22,7 +22,7 @@ from cpcx.data import build_dataset, load_label_png
 from cpcx.evaluate import run_evaluate
 from cpcx.model import build_model, checkpoint_meta, cluster_vectors
 from cpcx.pseudo import run_pseudo
-from cpcx.pseudo_infer import PatchPredictor, condition_on_labels
+from cpcx.pseudo.infer import PatchPredictor, condition_on_labels
 from cpcx.recipe import load_recipe
 
 ANIMALS = ["bird", "cat", "cow", "dog", "horse", "sheep"]
@@ -224,7 +224,7 @@ def test_feature_cache_replaces_the_vit(reference, tmp_path, voc_root):
     from cpcx.data.views import ImageLabelDataset
     from cpcx.feature_cache import FeatureCache
     from cpcx.model import load_checkpoint
-    from cpcx.pseudo_infer import open_token_cache
+    from cpcx.pseudo.infer import open_token_cache
 
     recipe = load_recipe(_recipe(tmp_path, voc_root, model={"img_size": 96}, crf={"enabled": False}))
     net, meta = load_checkpoint(_checkpoint(recipe))

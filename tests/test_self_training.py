@@ -14,7 +14,7 @@ from rich.console import Console
 from cpcx.errors import CpcxError
 from cpcx.pseudo import run_pseudo
 from cpcx.recipe import load_recipe
-from cpcx.self_training import FIRST_PASS, PREDICTIONS, HeadMix, cross_validated_probs, folds_of
+from cpcx.pseudo.self_training import FIRST_PASS, PREDICTIONS, HeadMix, cross_validated_probs, folds_of
 from test_pseudo import _checkpoint, _labels, _recipe
 
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from cpcx.metrics import ConfusionMatrix
-from cpcx.no_crf import NoCRFScores, fold_parts, part_path
+from cpcx.pseudo.no_crf import NoCRFScores, fold_parts, part_path
 from cpcx.shard import shard_blocks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,6 +230,39 @@ def test_pseudo_on_two_processes_equals_one(tmp_path, voc_root):
     assert _files(stage / "labels") == labels
     assert all((stage / "labels" / n).stat().st_mtime_ns == t for n, t in kept.items())
     assert json.loads((stage / "metrics.json").read_text()) == metrics
+
+
+@pytest.mark.slow
+def test_context_paste_on_two_processes(tmp_path, voc_root):
+    """``pseudo.context_paste`` under torchrun: the ranks share the first pass, train the second network together
+    (DDP, as `cpcx train`) and share the second pass. The single-class images' labels are the bytes one process
+    writes (the same network); the multi-class ones come from a network trained on two processes, whose float sums
+    need not be one process's, so they are only checked to be there."""
+    from test_context_paste import _paste_recipe
+
+    from cpcx.pseudo.context_paste import multi_class
+    from cpcx.data import build_dataset
+
+    path, recipe = _paste_recipe(tmp_path, voc_root)
+    stage = recipe.run_dir("pseudo")
+    single = _cpcx("pseudo", "-r", str(path), "pseudo.device=cpu", "train.device=cpu")
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    labels = _files(stage / "labels")
+    dataset = build_dataset(recipe.dataset, "train")
+    one_class = {f"{image_id}.png" for i, image_id in enumerate(dataset.ids) if not multi_class(dataset.labels)[i]}
+
+    shutil.rmtree(stage)
+    sharded = _cpcx("pseudo", "-r", str(path), "pseudo.device=cpu", "train.device=cpu", ranks=2)
+    assert sharded.returncode == 0, sharded.stdout[-2000:] + sharded.stderr[-8000:]
+    assert "2 processes, " in sharded.stdout and "with at most one object class to do here" in sharded.stdout
+    assert "cpu × 2" in sharded.stdout  # the second network trained on both processes
+    again = _files(stage / "labels")
+    assert sorted(again) == sorted(labels)
+    assert {n: again[n] for n in one_class} == {n: labels[n] for n in one_class}
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["context_paste"] is True and metrics["images"] == 8
+    assert (stage / "paste" / "weights" / "last.pt").is_file()
+    assert json.loads((stage / "stage.json").read_text())["status"] == "done"
 
 
 def _segment_checkpoint(path: Path) -> None:

@@ -214,7 +214,7 @@ def test_trunk_cache_trains_the_last_block_from_stored_tokens(tmp_path, voc_root
     from cpcx.data import build_dataset
     from cpcx.device import seed_everything
     from cpcx.model import cluster_vectors
-    from cpcx.pseudo_infer import PatchPredictor, open_token_cache
+    from cpcx.pseudo.infer import PatchPredictor, open_token_cache
     from cpcx.train import run_train
 
     common = {"views": ["orig", "hflip"], "augment": NO_PHOTOMETRIC}

@@ -182,7 +182,7 @@ def heads_for_stage(recipe, ranks, dataset, predictor, u, cache, crf, probe, con
     ``self_training.pt``) → the :class:`HeadMix` the second pass decodes with."""
     from cpcx import atomic, distributed, shard
     from cpcx.data.palette import load_label_png
-    from cpcx.pseudo import _remove_torn_files, _with_progress, label_images
+    from cpcx.pseudo.labelling import label_images, remove_torn_files, with_progress
     from cpcx.runs import output_written
 
     cfg, st = recipe.pseudo, recipe.pseudo.self_training
@@ -190,7 +190,7 @@ def heads_for_stage(recipe, ranks, dataset, predictor, u, cache, crf, probe, con
     first = stage_dir / FIRST_PASS
     if ranks.is_main:
         atomic.ensure_dir(first)
-        _remove_torn_files(first)
+        remove_torn_files(first)
     distributed.barrier()
     todo = [i for i, image_id in enumerate(dataset.ids) if not output_written(first / f"{image_id}.png")]
     distributed.barrier()  # every rank has listed the same images before any writes one
@@ -198,7 +198,7 @@ def heads_for_stage(recipe, ranks, dataset, predictor, u, cache, crf, probe, con
     if mine:
         console.print(f"self-training, first pass: {len(todo)} of {len(dataset)} images to label → {first}")
         start = time.perf_counter()
-        _with_progress(console, len(mine), lambda advance: label_images(
+        with_progress(console, len(mine), lambda advance: label_images(
             predictor, dataset, mine, u, first, crf if st.first_pass_crf else None, cfg.workers, cfg.batch_size, None,
             advance, cache, probe))
         console.print(f"[green]✔[/] first pass: {len(mine)} labels in {time.perf_counter() - start:.1f} s → {first}")
@@ -206,7 +206,7 @@ def heads_for_stage(recipe, ranks, dataset, predictor, u, cache, crf, probe, con
 
     def train() -> torch.Tensor:
         console.print(f"self-training: {st.folds} grid heads × {st.epochs} epochs on the first-pass labels")
-        return _with_progress(console, st.folds * st.epochs, lambda advance: train_heads(
+        return with_progress(console, st.folds * st.epochs, lambda advance: train_heads(
             cache, lambda i: load_label_png(first / f"{dataset.ids[i]}.png"), len(dataset), st, dataset.num_classes,
             recipe.seed, stage_dir, advance), label="self-training", unit="epochs")
 

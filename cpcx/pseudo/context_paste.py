@@ -130,7 +130,7 @@ def train_pasted(recipe, ranks, dataset, donors: dict, console) -> Path:
     folder = recipe.run_dir("pseudo") / PASTE_DIR
     init = None
     if cfg.epochs is not None:  # a short run from the run's network: all epochs after the warm-up, at its rate
-        from cpcx.pseudo import find_checkpoint
+        from cpcx.pseudo.stage import find_checkpoint
 
         init = find_checkpoint(recipe)
         t = recipe.train
@@ -153,18 +153,19 @@ def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console):
     pasted network (trained or read back), its token cache, its cluster vectors and its class probe when the
     recipe has one → (predictor, probe, cache, u, info) for the images with several."""
     from cpcx import distributed, shard
-    from cpcx.class_probe import ClassProbe
+    from cpcx.pseudo.class_probe import ClassProbe
     from cpcx.feature_cache import autocast_tag
     from cpcx.model import load_checkpoint
-    from cpcx.pseudo import _class_probe
-    from cpcx.pseudo_infer import PatchPredictor, open_token_cache
-    from cpcx.self_training import check_cache
+    from cpcx.pseudo.labelling import load_or_fit_class_probe
+    from cpcx.pseudo.infer import PatchPredictor, open_token_cache
+    from cpcx.pseudo.self_training import check_cache
 
     cfg = recipe.pseudo
     distributed.barrier()  # the donors are read from every rank's labels
     donors = donor_masks(dataset.labels, dataset.ids, labels_dir, tuple(cache.tokens.shape[2:4]),
                          cfg.context_paste.min_patches)
-    console.print(f"context paste: {len(donors)} donors among the {int((np.asarray(dataset.labels)[:, 1:].sum(1) == 1).sum())} "
+    singles = int((np.asarray(dataset.labels)[:, 1:].sum(1) == 1).sum())
+    console.print(f"context paste: {len(donors)} donors among the {singles} "
                   f"images with one object class; a second network learns with their objects pasted in")
     checkpoint = train_pasted(recipe, ranks, dataset, donors, console)
     net, meta = load_checkpoint(checkpoint, map_location="cpu")
@@ -180,8 +181,8 @@ def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console):
     probe = None
     if cfg.class_probe.enabled:
         path = recipe.run_dir("pseudo") / PASTE_DIR / "class_probe.pt"
-        probe = shard.main_first(ranks, lambda: _class_probe(predictor, dataset, u, cache, cfg, recipe.seed, path,
-                                                             console))
+        probe = shard.main_first(ranks, lambda: load_or_fit_class_probe(predictor, dataset, u, cache, cfg, recipe.seed,
+                                                                        path, console))
         if not ranks.is_main:
             probe = ClassProbe.load(path)
     return predictor, probe, cache, u, {"donors": len(donors), "checkpoint": str(checkpoint)}
