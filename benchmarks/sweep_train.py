@@ -35,10 +35,11 @@ RECIPE = "recipes/voc-mini.yaml"
 FOUR_GROUPS = ("llm.clusters={vehicle: [aeroplane, bicycle, boat, bus, car, motorbike, train], "
                "animal: [bird, cat, cow, dog, horse, sheep], person: [person], "
                "indoor: [bottle, chair, diningtable, pottedplant, sofa, tvmonitor]}")
-#: The sweep ran before voc-mini enabled its class probe and put EfficientNet-Lite0 beside the ViT (model.fuse):
-#: both pinned off, like the four groups, so the rows compare.
+#: The sweep ran before voc-mini enabled its class probe, put EfficientNet-Lite0 beside the ViT (model.fuse) and
+#: labelled the multi-class images with a second network (pseudo.context_paste): all pinned off, like the four
+#: groups, so the rows compare (the context paste also needs the frozen backbone the finetune rows unfreeze).
 SHARED = ["runs_dir=runs-bench", "seed=0", "train.feature_cache_dir=runs-bench/features-voc", FOUR_GROUPS,
-          "pseudo.class_probe.enabled=false", "model.fuse=null"]
+          "pseudo.class_probe.enabled=false", "model.fuse=null", "pseudo.context_paste.enabled=false"]
 FINETUNE = ["train.trunk_cache=true", "train.backbone_lr=0.0001"]
 
 #: name → (overrides, why it is worth a row)
