@@ -16,7 +16,6 @@ Results: ``--out`` (json and md).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_exec import mean_std  # noqa: E402
 from results_rows import ROOT  # noqa: E402
-from self_training_runs import score_folder  # noqa: E402
+from self_training_runs import report_runs, score_folder  # noqa: E402
 
 PARTS = ("all", "choose", "report", "single", "multi")
 
@@ -85,25 +84,18 @@ def main(argv=None) -> int:
     if len(args.base) != len(args.runs):
         parser.error(f"--base names {len(args.base)} folders for {len(args.runs)} runs; give one per run")
 
-    from cpcx import atomic
-    from cpcx.data import build_dataset
-    from cpcx.recipe import load_recipe
     from variants import segment_scores
 
-    doc = {"command": " ".join(["benchmarks/context_paste_runs.py", *(argv if argv is not None else sys.argv[1:])]),
-           "runs": {}}
-    for k, (run, base) in enumerate(zip(args.runs, args.base)):
-        recipe = load_recipe(run / "pseudo" / "recipe.resolved.yaml", [])
-        dataset = build_dataset(recipe.dataset, recipe.pseudo.split)
-        entry = {"base": score_folder(dataset, base), "paste": score_folder(dataset, run / "pseudo" / "labels")}
+    bases = dict(zip(args.runs, args.base))
+
+    def entry_of(run: Path, recipe, dataset) -> dict:
+        entry = {"base": score_folder(dataset, bases[run]), "paste": score_folder(dataset, run / "pseudo" / "labels")}
         if (run / "segment" / "metrics.json").is_file():
             entry["segment"] = segment_scores(run / "segment")
-        if k < len(args.logs):
-            entry["seconds"] = stage_seconds(args.logs[k])
-        doc["runs"][run.name] = entry
-        print(run.name, json.dumps(entry), flush=True)
-    atomic.write_json(args.out.with_suffix(".json"), doc)
-    atomic.write_text(args.out.with_suffix(".md"), render(doc))
+        return entry
+
+    report_runs("benchmarks/context_paste_runs.py", argv, args.runs, args.logs, args.out, entry_of, stage_seconds,
+                render)
     return 0
 
 

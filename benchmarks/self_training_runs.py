@@ -97,25 +97,36 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "self-training-runs")
     args = parser.parse_args(argv)
 
+    def entry_of(run: Path, recipe, dataset) -> dict:
+        entry = {key: score_folder(dataset, run / "pseudo" / key) for key in PASSES}
+        entry["first_pass_crf"] = recipe.pseudo.self_training.first_pass_crf and recipe.crf.enabled
+        return entry
+
+    report_runs("benchmarks/self_training_runs.py", argv, args.runs, args.logs, args.out, entry_of, stage_seconds,
+                render)
+    return 0
+
+
+def report_runs(script: str, argv, runs: list[Path], logs: list[Path], out: Path, entry_of, seconds_of,
+                render) -> dict:
+    """The report of finished runs: ``entry_of(run, recipe, dataset)`` for each run, on the data set of its resolved
+    pseudo recipe, with ``seconds_of(log)`` of its log when there is one; written to ``out`` (json, and md by
+    ``render``) under the command that made it → the document."""
     from cpcx import atomic
     from cpcx.data import build_dataset
     from cpcx.recipe import load_recipe
 
-    doc = {"command": " ".join(["benchmarks/self_training_runs.py", *(argv if argv is not None else sys.argv[1:])]),
-           "runs": {}}
-    for k, run in enumerate(args.runs):
+    doc = {"command": " ".join([script, *(argv if argv is not None else sys.argv[1:])]), "runs": {}}
+    for k, run in enumerate(runs):
         recipe = load_recipe(run / "pseudo" / "recipe.resolved.yaml", [])
-        dataset = build_dataset(recipe.dataset, recipe.pseudo.split)
-        entry = {key: score_folder(dataset, run / "pseudo" / key) for key in PASSES}
-        entry["first_pass_crf"] = recipe.pseudo.self_training.first_pass_crf and recipe.crf.enabled
-        if k < len(args.logs):
-            entry["seconds"] = stage_seconds(args.logs[k])
+        entry = entry_of(run, recipe, build_dataset(recipe.dataset, recipe.pseudo.split))
+        if k < len(logs):
+            entry["seconds"] = seconds_of(logs[k])
         doc["runs"][run.name] = entry
         print(run.name, json.dumps(entry), flush=True)
-    atomic.write_json(args.out.with_suffix(".json"), doc)
-    atomic.write_text(args.out.with_suffix(".md"), render(doc))
-    return 0
-
+    atomic.write_json(out.with_suffix(".json"), doc)
+    atomic.write_text(out.with_suffix(".md"), render(doc))
+    return doc
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,14 +47,12 @@ def donor_masks(labels, ids, labels_dir: Path, grid: tuple[int, int], min_patche
     patches more than half of whose area is that class in ``labels_dir/<id>.png`` (squashed to the square grid,
     as the token cache squashes the image), when there are at least ``min_patches`` of them."""
     from cpcx.data.palette import load_label_png
+    from cpcx.pseudo.class_probe import single_class_images
 
     labels = np.asarray(labels)
     out = {}
-    for i, image_id in enumerate(ids):
-        present = np.flatnonzero(labels[i, 1:]) + 1
-        if len(present) != 1:
-            continue
-        c = int(present[0])
+    for i in single_class_images(labels):
+        c, image_id = int(np.flatnonzero(labels[i, 1:])[0]) + 1, ids[i]
         area = torch.from_numpy((load_label_png(labels_dir / f"{image_id}.png") == c).astype(np.float32))
         mask = F.adaptive_avg_pool2d(area[None, None], grid)[0, 0] > 0.5
         if int(mask.sum()) >= min_patches:
@@ -150,22 +148,20 @@ def train_pasted(recipe, ranks, dataset, donors: dict, console) -> Path:
 
 def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console):
     """Once every rank has labelled the images with at most one object class into ``labels_dir``: the donors, the
-    pasted network (trained or read back), its token cache, its cluster vectors and its class probe when the
-    recipe has one → (predictor, probe, cache, u, info) for the images with several."""
+    pasted network (trained or read back) with its token cache, its cluster vectors and its class probe when the
+    recipe has one → (the :class:`Labeller` of the images with several, what ``metrics.json`` records of it)."""
     from cpcx import distributed, shard
-    from cpcx.pseudo.class_probe import ClassProbe
     from cpcx.feature_cache import autocast_tag
     from cpcx.model import load_checkpoint
-    from cpcx.pseudo.labelling import load_or_fit_class_probe
-    from cpcx.pseudo.infer import PatchPredictor, open_token_cache
-    from cpcx.pseudo.self_training import check_cache
+    from cpcx.pseudo.class_probe import ClassProbe, single_class_images
+    from cpcx.pseudo.infer import PatchPredictor, open_token_cache, require_token_cache
+    from cpcx.pseudo.labelling import Labeller, load_or_fit_class_probe
 
     cfg = recipe.pseudo
     distributed.barrier()  # the donors are read from every rank's labels
     donors = donor_masks(dataset.labels, dataset.ids, labels_dir, tuple(cache.tokens.shape[2:4]),
                          cfg.context_paste.min_patches)
-    singles = int((np.asarray(dataset.labels)[:, 1:].sum(1) == 1).sum())
-    console.print(f"context paste: {len(donors)} donors among the {singles} "
+    console.print(f"context paste: {len(donors)} donors among the {len(single_class_images(dataset.labels))} "
                   f"images with one object class; a second network learns with their objects pasted in")
     checkpoint = train_pasted(recipe, ranks, dataset, donors, console)
     net, meta = load_checkpoint(checkpoint, map_location="cpu")
@@ -177,7 +173,7 @@ def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console):
     # again all the same, against this network's backbone digest, so that it can never read tokens that are not its own.
     cache = open_token_cache(recipe, net, dataset, predictor.size, cfg.flip,
                              autocast=autocast_tag(ranks.device, cfg.precision))
-    check_cache(cache, "pseudo.context_paste")
+    require_token_cache(cache, "pseudo.context_paste")
     probe = None
     if cfg.class_probe.enabled:
         path = recipe.run_dir("pseudo") / PASTE_DIR / "class_probe.pt"
@@ -185,4 +181,4 @@ def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console):
                                                                         path, console))
         if not ranks.is_main:
             probe = ClassProbe.load(path)
-    return predictor, probe, cache, u, {"donors": len(donors), "checkpoint": str(checkpoint)}
+    return Labeller(predictor, probe, cache, u), {"donors": len(donors), "checkpoint": str(checkpoint)}

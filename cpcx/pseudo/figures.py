@@ -6,19 +6,18 @@ from pathlib import Path
 import numpy as np
 
 from cpcx.metrics import ConfusionMatrix
-from cpcx.pseudo.infer import PatchPredictor, channel_argmax, upsample
-from cpcx.pseudo.labelling import class_maps
+from cpcx.pseudo.infer import channel_argmax, upsample
+from cpcx.pseudo.labelling import Labeller, class_maps
 
 
-def draw_figures(predictor: PatchPredictor, dataset, u, labels_dir: Path, folder: Path, count: int,
-                 probe=None, heads=None, second=None) -> None:
-    """Heat maps of Z and label overlays for an evenly spaced, fixed sample of the split (the maps the labels were
-    decoded from: re-decided by the class ``probe`` and mixed with the self-training ``heads`` when there are; the
-    multi-class images from ``second``, the context-paste network, its probe and cluster vectors, when it is given)."""
-    from cpcx.pseudo.context_paste import multi_class
-
+def draw_figures(first: Labeller, dataset, labels_dir: Path, folder: Path, count: int, heads=None,
+                 second: Labeller | None = None) -> None:
+    """Heat maps of Z and label overlays for an evenly spaced, fixed sample of the split: the maps the labels were
+    decoded from, by the ``first`` network (re-decided by its class probe and mixed with the self-training ``heads``
+    when there are), the multi-class images by the ``second`` (context paste) when it is given."""
     from cpcx import viz
     from cpcx.data.palette import load_label_png
+    from cpcx.pseudo.context_paste import multi_class
 
     for sub in ("heatmaps", "overlays"):  # a smaller pseudo.figures must not leave old images behind
         for old in (folder / sub).glob("*.png"):
@@ -27,9 +26,9 @@ def draw_figures(predictor: PatchPredictor, dataset, u, labels_dir: Path, folder
     for i in viz.sample_indices(len(dataset), count):
         image_id, image = dataset.ids[i], dataset.load_image(i)
         classes = np.flatnonzero(dataset.labels[i] > 0).astype(np.uint8)
-        net_, probe_, u_ = (second if second is not None and multi_class(dataset.labels[i:i + 1])[0]
-                            else (predictor, probe, u))
-        probs = class_maps(net_, probe_, [image], dataset.labels[i:i + 1], None if u_ is None else u_[i:i + 1])
+        net = second if second is not None and multi_class(dataset.labels[i:i + 1])[0] else first
+        probs = class_maps(net.predictor, net.probe, [image], dataset.labels[i:i + 1],
+                           None if net.u is None else net.u[i:i + 1])
         if heads is not None:
             probs = heads(probs, [i], dataset.labels[i:i + 1])
         full = upsample(probs[0], classes, image.shape[:2])

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cpcx.errors import CpcxError
+
 
 # --------------------------------------------------------------------------------------- probabilities
 def condition_on_labels(probs: torch.Tensor, labels: torch.Tensor, class_max_norm: bool) -> torch.Tensor:
@@ -188,3 +190,13 @@ def upsample(probs: torch.Tensor, classes: np.ndarray, size: tuple[int, int]) ->
     """The present classes' maps of one image (C, h, w) → (k, H, W), bilinear (align_corners=False)."""
     index = torch.as_tensor(classes, device=probs.device, dtype=torch.long)
     return F.interpolate(probs[index][None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def require_token_cache(cache: TokenCache | None, switch: str) -> None:
+    """``switch`` (self-training's heads, context paste's second network) learns from the frozen backbone's cached
+    tokens of both views: a clear refusal before any work if ``open_token_cache`` found none."""
+    if cache is None or cache.trunk is not None or len(cache.views) < 2:
+        raise CpcxError(f"{switch}: learns from the frozen backbone's cached tokens of both views, "
+                        "and this run has none (they need train.feature_cache: true, train.unfreeze_blocks: 0, "
+                        "pseudo.img_size = model.img_size, pseudo.flip: true and train.views holding orig and "
+                        f"hflip); set those or {switch}.enabled: false")

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 from rich.console import Console
@@ -22,6 +22,16 @@ from cpcx.errors import CpcxError
 from cpcx.metrics import ConfusionMatrix
 from cpcx.pseudo.infer import PatchPredictor, channel_argmax, upsample
 from cpcx.pseudo.no_crf import NoCRFScores
+
+
+class Labeller(NamedTuple):
+    """One network as the labelling uses it: its predictor, its class probe (or None), the token cache it reads (or
+    None: the backbone runs) and the images' cluster vectors (or None)."""
+
+    predictor: PatchPredictor
+    probe: object = None
+    cache: object = None
+    u: np.ndarray | None = None
 
 
 def prefetch(dataset, indices: Sequence[int], batch_size: int, masks: bool, cache=None) -> Iterator[tuple]:

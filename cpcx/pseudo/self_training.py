@@ -165,18 +165,6 @@ def load_or_train(path, n: int, train: Callable[[], torch.Tensor], log) -> torch
     return probs  # float16 (2 bytes per image, class and cell): HeadMix converts a batch at a time
 
 
-def check_cache(cache, switch: str = "pseudo.self_training", views_wanted: int = 2) -> None:
-    """``switch`` (self-training's heads, context paste's second network) learns from the frozen backbone's cached
-    tokens of both views: a clear refusal before any work if the run has none."""
-    from cpcx.errors import CpcxError
-
-    if cache is None or cache.trunk is not None or len(cache.views) < views_wanted:
-        raise CpcxError(f"{switch}: learns from the frozen backbone's cached tokens of both views, "
-                        "and this run has none (they need train.feature_cache: true, train.unfreeze_blocks: 0, "
-                        "pseudo.img_size = model.img_size, pseudo.flip: true and train.views holding orig and "
-                        f"hflip); set those or {switch}.enabled: false")
-
-
 def heads_for_stage(recipe, ranks, dataset, predictor, u, cache, crf, probe, console) -> HeadMix:
     """The first pass (``labels_first/``, resumable), then the heads trained on it by rank 0 (or read back from
     ``self_training.pt``) → the :class:`HeadMix` the second pass decodes with."""

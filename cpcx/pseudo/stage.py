@@ -31,8 +31,8 @@ from cpcx.errors import CpcxError
 from cpcx.feature_cache import autocast_tag
 from cpcx.metrics import ConfusionMatrix, scores_from_confusion
 from cpcx.pseudo.figures import draw_figures
-from cpcx.pseudo.infer import PatchPredictor, open_token_cache
-from cpcx.pseudo.labelling import load_or_fit_class_probe, label_images, remove_torn_files, with_progress
+from cpcx.pseudo.infer import PatchPredictor, open_token_cache, require_token_cache
+from cpcx.pseudo.labelling import Labeller, label_images, load_or_fit_class_probe, remove_torn_files, with_progress
 from cpcx.pseudo.no_crf import MERGED_NAME, NoCRFScores, fold_parts, part_path
 
 
@@ -81,9 +81,9 @@ def run_pseudo(recipe, console: Console | None = None) -> Path:
 
 
 def _run_pseudo(recipe, ranks, console: Console) -> Path:
-    from cpcx.pseudo.class_probe import ClassProbe
     from cpcx.data import build_dataset
     from cpcx.model import cluster_vectors, load_checkpoint
+    from cpcx.pseudo.class_probe import ClassProbe
     from cpcx.runs import output_written, prepare_stage_dir
 
     cfg = recipe.pseudo
@@ -125,9 +125,7 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
                              autocast=autocast_tag(device, cfg.precision))
     for switch in ("self_training", "context_paste"):
         if getattr(cfg, switch).enabled:
-            from cpcx.pseudo.self_training import check_cache
-
-            check_cache(cache, f"pseudo.{switch}")
+            require_token_cache(cache, f"pseudo.{switch}")
     if cache is not None and cache.trunk is None:
         console.print("[dim]patch tokens from the training feature cache (the backbone never changed): no ViT pass[/]")
     elif cache is not None:
@@ -154,36 +152,39 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
         no_crf = NoCRFScores(part_path(stage_dir, ranks.rank), dataset.num_classes, counted=counted, fresh=True)
     elif dataset.has_masks:
         no_crf = NoCRFScores(stage_dir / MERGED_NAME, dataset.num_classes)
-    # One pass of the run's network, or with pseudo.context_paste two: the run's network labels the images with at
-    # most one object class, then a network trained with their objects pasted in labels the others.
-    passes: list[tuple[list[int], object, object]] = [(todo, predictor, probe)]
-    pass_cache, pass_u = cache, u
-    second, paste_info = None, {}
+    # The run's network labels the images; with pseudo.context_paste only those with at most one object class, and a
+    # network trained with their objects pasted in labels the others (cpcx.pseudo.context_paste).
+    first = Labeller(predictor, probe, cache, u)
+    first_todo, second_todo = todo, []
     if cfg.context_paste.enabled:
         from cpcx.pseudo.context_paste import multi_class, second_network
 
         multi = multi_class(dataset.labels)
-        passes = [([i for i in todo if not multi[i]], predictor, probe), ([i for i in todo if multi[i]], None, None)]
-    shares = [shard.shard_blocks(indices, ranks.rank, ranks.world_size, cfg.batch_size) for indices, _, _ in passes]
-    kind = " with at most one object class" if len(passes) > 1 else ""
+        first_todo, second_todo = [i for i in todo if not multi[i]], [i for i in todo if multi[i]]
+    mine = shard.shard_blocks(first_todo, ranks.rank, ranks.world_size, cfg.batch_size)
+    kind = " with at most one object class" if cfg.context_paste.enabled else ""
     console.print(f"pseudo-labels for {len(dataset)} {cfg.split} images at {predictor.size}² on {device}"
                   f" ({'CRF with ' + str(cfg.workers) + ' worker(s)' if crf else 'no CRF'}); "
                   f"{len(done_before)} already done"
-                  + (f"; {ranks.world_size} processes, {len(shares[0])} of the {len(passes[0][0])}{kind} to do here"
+                  + (f"; {ranks.world_size} processes, {len(mine)} of the {len(first_todo)}{kind} to do here"
                      if ranks.enabled else ""))
     confusion = ConfusionMatrix(dataset.num_classes)
     start = time.perf_counter()
-    for (indices, pass_predictor, pass_probe), mine in zip(passes, shares):
-        if pass_predictor is None:
-            pass_predictor, pass_probe, pass_cache, pass_u, paste_info = second_network(
-                recipe, ranks, dataset, labels_dir, cache, console)
-            second = (pass_predictor, pass_probe, pass_u)
-            console.print(f"context paste: the second network labels the {len(indices)} images with several "
-                          "object classes still to do" + (f", {len(mine)} of them here" if ranks.enabled else ""))
+
+    def label(labeller: Labeller, mine: list[int]) -> None:
         if mine:
             confusion.merge(with_progress(console, len(mine), lambda advance: label_images(
-                pass_predictor, dataset, mine, pass_u, labels_dir, crf, cfg.workers, cfg.batch_size, no_crf, advance,
-                pass_cache, pass_probe, heads)))
+                labeller.predictor, dataset, mine, labeller.u, labels_dir, crf, cfg.workers, cfg.batch_size, no_crf,
+                advance, labeller.cache, labeller.probe, heads)))
+
+    label(first, mine)
+    second, paste_info = None, {}
+    if cfg.context_paste.enabled:
+        second, paste_info = second_network(recipe, ranks, dataset, labels_dir, cache, console)
+        mine = shard.shard_blocks(second_todo, ranks.rank, ranks.world_size, cfg.batch_size)
+        console.print(f"context paste: the second network labels the {len(second_todo)} images with several "
+                      "object classes still to do" + (f", {len(mine)} of them here" if ranks.enabled else ""))
+        label(second, mine)
     if ranks.enabled:
         # Integer counts: the sum over ranks is exactly one process's matrix. Also waits for every rank's labels.
         confusion.matrix = shard.sum_over_ranks(confusion.matrix, ranks)
@@ -206,7 +207,7 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
     else:
         console.print(f"[dim]{dataset.source}: no ground-truth masks, so no mIoU[/]")
     if cfg.figures:
-        draw_figures(predictor, dataset, u, labels_dir, stage_dir / "figures", cfg.figures, probe, heads, second)
+        draw_figures(first, dataset, labels_dir, stage_dir / "figures", cfg.figures, heads, second)
         console.print(f"[green]✔[/] figures of {min(cfg.figures, len(dataset))} images → {stage_dir / 'figures'}")
     return labels_dir
 
