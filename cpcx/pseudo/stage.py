@@ -8,6 +8,8 @@ resumes where it stopped (finished images are skipped) and loses nothing.
 
 With ``pseudo.self_training`` this is the second of two passes (``cpcx.pseudo.self_training``): the first writes
 ``labels_first/``, grid heads trained k-fold on those relabel each image they never saw, mixed into the maps.
+With ``pseudo.context_paste`` the run's network labels only the images with at most one object class; a second
+network, trained with their objects pasted in (``cpcx.pseudo.context_paste``), labels the others.
 
 The mIoU without CRF (argmax of the upsampled Z) is scored in the same pass from the probabilities already
 in memory, because the CRF can hurt (over-confident Z) and one should see by how much (``cpcx.pseudo.no_crf``).
