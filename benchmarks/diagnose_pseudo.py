@@ -17,7 +17,13 @@ first line must equal the run's "mIoU without CRF"), and reports, without CRF, o
   object-vs-background from the tokens alone (first PCA component per image, or a class-agnostic probe), and
   the object class from dataset-level token prototypes (``decode_variants.py`` holds them all);
 * the class probe of ``pseudo.class_probe`` (``cpcx/pseudo/class_probe.py``), when the recipe does not enable it
-  (when it does, the first line is already decoded with it, as ``cpcx pseudo`` does);
+  (when it does, the first line is already decoded with it, as ``cpcx pseudo`` does); with ``pseudo.context_paste``
+  the images with several object classes are decoded by the run's pasted network (``pseudo/paste/``) and its own
+  probe, again as ``cpcx pseudo`` does;
+* the same maps with the object's area of each image taken from the truth (``amount_oracle_maps``: the network's
+  ranking of the patches kept, the background scaled until the share called object is the truth's), for every
+  image and for the multi-class images alone; ``--crf`` scores these and the labels as made through the recipe's
+  CRF too, by scene and on the choose / report ids;
 * a bound, not a decoding: a linear head on the same tokens trained on the ground-truth masks of the other
   images (10-fold cross-validation), label-conditioned the same way, with the background score scaled by a
   factor (the factors are compared on these images, so its best row is an optimistic bound);
@@ -38,6 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+CHOOSE = 200  # the first 200 train ids: where settings are chosen; the other 111 are reported apart
+CRF_PARTS = ("all", "choose", "report", "single", "multi")
 VARIANTS = ("threshold", "affinity", "selftrain", "objectness", "prototypes", "classprobe", "supervised")
 # The variants that need the tokens on the maps' grid:
 TOKEN_VARIANTS = ("affinity", "selftrain", "objectness", "prototypes", "classprobe", "supervised")
@@ -47,8 +55,9 @@ from decode_variants import (  # noqa: E402  (re-exported: the tests and the swe
     supervised_probe_probs, threshold_maps, with_objectness)
 
 
-def load_run(recipe):
-    """(dataset, raw flip-averaged patch probs (N, C, h, w), tokens of the original view (N, h, w, e))."""
+def load_run(recipe, checkpoint=None):
+    """(dataset, raw flip-averaged patch probs (N, C, h, w), tokens of the original view (N, h, w, e)) of the run's
+    network, or of the network saved at ``checkpoint``."""
     import numpy as np
     import torch
 
@@ -58,7 +67,7 @@ def load_run(recipe):
     from cpcx.pseudo.infer import PatchPredictor
 
     dataset = build_dataset(recipe.dataset, recipe.pseudo.split)
-    net, meta = load_checkpoint(find_checkpoint(recipe))
+    net, meta = load_checkpoint(checkpoint or find_checkpoint(recipe))
     u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
     cpu = torch.device("cpu")
     predictor = PatchPredictor(net, cpu, recipe.pseudo.precision, recipe.pseudo.img_size, flip=True,
@@ -78,6 +87,23 @@ def load_run(recipe):
                 orig = net.backbone.forward_from(orig, cache.trunk)
         feats.append(orig)
     return dataset, torch.cat(probs), torch.cat(feats)
+
+
+def load_paste_probs(recipe):
+    """With ``pseudo.context_paste`` the images with several object classes are labelled by the pasted network of
+    ``pseudo/paste/``: its raw patch probs of every image (N, C, h, w), or None when the recipe leaves the switch off.
+    A message naming the folder when the run's pseudo stage has not trained it yet."""
+    from cpcx.errors import CpcxError
+    from cpcx.pseudo.context_paste import PASTE_DIR
+
+    if not recipe.pseudo.context_paste.enabled:
+        return None
+    checkpoint = recipe.run_dir("pseudo") / PASTE_DIR / "weights" / "best.pt"
+    if not checkpoint.is_file():
+        raise CpcxError(f"{checkpoint}: the recipe enables pseudo.context_paste and the run has no pasted network; "
+                        "run `cpcx pseudo` with the same recipe first, or pass pseudo.context_paste.enabled=false "
+                        "to diagnose the run's network alone")
+    return load_run(recipe, checkpoint)[1]
 
 
 def run_token_cache(recipe, net, dataset, size: int):
@@ -158,6 +184,33 @@ def score_decodings(dataset, indices, settings, decode, crf=None, choose: int = 
     return out
 
 
+def scene_of(labels):
+    """(N,) array of "single" / "multi": whether each image's labels hold one object class or several."""
+    import numpy as np
+
+    return np.where(np.asarray(labels)[:, 1:].astype(bool).sum(1) >= 2, "multi", "single")
+
+
+def with_crf(dataset, recipe, decodings: dict) -> dict:
+    """{name: {part: mIoU and object/background IoU}} of label-conditioned maps (N, C, h, w) through the recipe's
+    CRF, parts ``CRF_PARTS``: all images, the choose / report ids, the single- / multi-class images."""
+    import numpy as np
+
+    from cpcx.crf import CRFParams, crf_labels
+    from cpcx.metrics import ConfusionMatrix
+    from cpcx.pseudo.infer import upsample
+
+    crf, scenes = CRFParams.from_config(recipe.crf), scene_of(dataset.labels)
+    out = {name: {p: ConfusionMatrix(dataset.num_classes) for p in CRF_PARTS} for name in decodings}
+    for i in range(len(dataset)):
+        mask, image, classes = dataset.load_mask(i), dataset.load_image(i), np.flatnonzero(dataset.labels[i] > 0)
+        for name, maps in decodings.items():
+            labels = crf_labels(image, upsample(maps[i].float(), classes, mask.shape).numpy(), classes, crf)
+            for part in ("all", "choose" if i < CHOOSE else "report", str(scenes[i])):
+                out[name][part].update(mask, labels)
+    return {name: {p: miou_and_fg(m.matrix, dataset.classes) for p, m in parts.items()} for name, parts in out.items()}
+
+
 def miou_and_fg(matrix, names) -> dict:
     """mIoU and object/background IoU (percent) of a confusion matrix."""
     scores = scores_of(matrix, names)
@@ -201,21 +254,24 @@ class Scorer:
         self.dataset = dataset
         self.masks = [dataset.load_mask(i) for i in range(len(dataset.labels))]
 
-    def predictions(self, maps):
+    def predictions(self, maps, which=None):
+        """(mask, predicted label map) of every image, or of those where ``which`` (N,) bool is true."""
         import numpy as np
 
         from cpcx.pseudo.infer import channel_argmax, upsample
 
         for i, mask in enumerate(self.masks):
+            if which is not None and not which[i]:
+                continue
             classes = np.flatnonzero(self.dataset.labels[i] > 0)
             yield mask, classes[channel_argmax(upsample(maps[i], classes, mask.shape))]
 
-    def confusion(self, maps):
-        return confusion_of(self.predictions(maps), self.dataset.num_classes)
+    def confusion(self, maps, which=None):
+        return confusion_of(self.predictions(maps, which), self.dataset.num_classes)
 
-    def scores(self, maps) -> dict:
-        """mIoU, per-class IoU and the error split (``scores_of``), in one decoding pass."""
-        return scores_of(self.confusion(maps), self.dataset.classes)
+    def scores(self, maps, which=None) -> dict:
+        """mIoU, per-class IoU and the error split (``scores_of``), in one decoding pass (of the images ``which``)."""
+        return scores_of(self.confusion(maps, which), self.dataset.classes)
 
     def oracles(self, maps) -> dict:
         """mIoU with one half of the decision taken from the ground truth: ``truth_background`` keeps the
@@ -244,9 +300,11 @@ class Scorer:
         return {"truth_background": perfect_bg.result().miou, "truth_class": perfect_class.result().miou}
 
 
-def decode_as_pseudo(probs, feats, labels, recipe):
+def decode_as_pseudo(probs, feats, labels, recipe, paste=None):
     """The label-conditioned maps ``cpcx pseudo`` decodes for this recipe: ``probs`` conditioned on the image
-    labels, and with ``pseudo.class_probe`` enabled the object class re-decided by the probe."""
+    labels, and with ``pseudo.class_probe`` enabled the object class re-decided by the probe. ``paste``: the pasted
+    network's raw probs (``load_paste_probs``), which decode the images with several object classes, with a class
+    probe of their own, as ``pseudo.context_paste`` does."""
     import torch
 
     from cpcx.pseudo.infer import condition_on_labels
@@ -255,13 +313,41 @@ def decode_as_pseudo(probs, feats, labels, recipe):
     maps = condition_on_labels(probs, torch.tensor(labels).float(), recipe.pseudo.class_max_norm)
     if recipe.pseudo.class_probe.enabled:
         maps = with_class_probe(maps, feats, labels, recipe)
+    if paste is not None:
+        from cpcx.pseudo.context_paste import multi_class
+
+        multi = torch.from_numpy(multi_class(labels))
+        maps[multi] = decode_as_pseudo(paste, feats, labels, recipe)[multi]
     return maps
 
 
-def score_as_pseudo(scorer: Scorer, probs, feats, recipe):
-    """The no-CRF pseudo-labels as ``cpcx pseudo`` decodes ``probs`` → (label-conditioned maps, their scores, their
-    confusion matrix): the row every other decoding here, and every variant of ``sweep_train.py``, is compared with."""
-    maps = decode_as_pseudo(probs, feats, scorer.dataset.labels, recipe)
+def amount_oracle_maps(maps, masks, which=None):
+    """The maps with each image's background score scaled so that the share of its patches called object equals
+    the share of its pixels that are object in the ground truth (ignored pixels left out): the network's own
+    ranking of the patches, the *amount* of object from the truth. ``which`` (N,) bool: only those images; the
+    others keep their maps. An oracle: what one number per image, the object's area, would be worth."""
+    import torch
+
+    out = maps.clone().float()
+    for i, mask in enumerate(masks):
+        if which is not None and not which[i]:
+            continue
+        valid = mask != 255
+        share = float(((mask > 0) & valid).sum() / max(1, valid.sum()))
+        background, objects = out[i, 0], out[i, 1:].amax(0)
+        ratio = (background / objects.clamp_min(1e-12)).flatten().double()
+        # a patch is object where background / cut < its best object, i.e. where ratio < cut
+        cut = ratio.max() * 2 if share >= 1 else torch.quantile(ratio, share) if share > 0 else ratio.min() / 2
+        out[i, 0] = background / float(cut.clamp_min(1e-12))
+        out[i] = out[i] / out[i].sum(0, keepdim=True).clamp_min(1e-12)  # a distribution again, for the CRF
+    return out.to(maps.dtype)
+
+
+def score_as_pseudo(scorer: Scorer, probs, feats, recipe, paste=None):
+    """The no-CRF pseudo-labels as ``cpcx pseudo`` decodes ``probs`` (and ``paste``, ``decode_as_pseudo``) →
+    (label-conditioned maps, their scores, their confusion matrix): the row every other decoding here, and every
+    variant of ``sweep_train.py``, is compared with."""
+    maps = decode_as_pseudo(probs, feats, scorer.dataset.labels, recipe, paste)
     matrix = scorer.confusion(maps)
     return maps, scores_of(matrix, scorer.dataset.classes), matrix
 
@@ -302,11 +388,14 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, as for cpcx")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {','.join(VARIANTS)} or none")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "diagnose")
+    parser.add_argument("--crf", action="store_true", help="also score the labels as cpcx pseudo and the area "
+                        "oracles through the recipe's CRF (about 0.4 s per image and decoding on one core)")
     args = parser.parse_args(argv)
 
     import torch
 
     from cpcx import atomic
+    from cpcx.errors import CpcxError
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -314,9 +403,18 @@ def main(argv=None) -> int:
     if opened is None:
         return 2
     recipe, (dataset, probs, feats) = opened
+    try:
+        paste = load_paste_probs(recipe)
+    except CpcxError as exc:
+        print(f"✘ {exc}", file=sys.stderr)
+        return 2
     labels = torch.tensor(dataset.labels).float()
     scorer = Scorer(dataset)
-    base, first, base_confusion = score_as_pseudo(scorer, probs, feats, recipe)
+    base, first, base_confusion = score_as_pseudo(scorer, probs, feats, recipe, paste)
+    if paste is not None:  # the variants below that start from the raw probs take each image's labelling network's
+        from cpcx.pseudo.context_paste import multi_class
+
+        probs = torch.where(torch.from_numpy(multi_class(dataset.labels))[:, None, None, None], paste, probs)
     rows = [{"variant": "as cpcx pseudo (no CRF)", **first}]
     truth = truth_on_grid(scorer.masks, dataset.num_classes, tuple(probs.shape[2:]))
     rows.append({"variant": f"ground truth averaged on the {probs.shape[2]}×{probs.shape[3]} patch grid "
@@ -326,6 +424,12 @@ def main(argv=None) -> int:
                  "miou": oracle["truth_background"]})
     rows.append({"variant": "oracle: object vs background from the maps, object class from the ground truth",
                  "miou": oracle["truth_class"]})
+    multi = scene_of(dataset.labels) == "multi"
+    amounts = {"every image": amount_oracle_maps(base, scorer.masks),
+               "the images with several object classes": amount_oracle_maps(base, scorer.masks, multi)}
+    for which, maps in amounts.items():
+        rows.append({"variant": f"oracle: the object's area from the ground truth ({which}), the maps' ranking of "
+                     "the patches", **scorer.scores(maps)})
     wanted = [] if args.variants == "none" else args.variants.split(",")
     if probs.shape[2:] != feats.shape[1:3] and set(TOKEN_VARIANTS) & set(wanted):
         print(f"pseudo.scales: the maps are on a {tuple(probs.shape[2:])} grid, the tokens on {tuple(feats.shape[1:3])};"
@@ -367,9 +471,14 @@ def main(argv=None) -> int:
             scaled[:, 0] *= factor
             rows.append({"variant": f"bound: linear probe trained on the ground truth of the other images (10-fold), "
                          f"background × {factor}", **scorer.scores(scaled)})
-    doc = {"command": " ".join(["benchmarks/diagnose_pseudo.py", "-r", args.recipe, *args.overrides]),
+    scenes = {name: scorer.scores(base, scene_of(dataset.labels) == name) for name in ("single", "multi")}
+    crf_rows = with_crf(dataset, recipe, {"as cpcx pseudo": base, **{f"area oracle, {k}": v for k, v in amounts.items()}}
+                        ) if args.crf else {}
+    doc = {"command": " ".join(["benchmarks/diagnose_pseudo.py", "-r", args.recipe, *args.overrides,
+                                *(["--crf"] if args.crf else [])]),
            "run": str(recipe.run_dir()), "images": len(dataset), "seconds": time.perf_counter() - start,
-           "rows": rows, "confusions": top_confusions(base_confusion, dataset.classes)}
+           "context_paste": paste is not None, "rows": rows, "scenes": scenes, "crf": crf_rows,
+           "confusions": top_confusions(base_confusion, dataset.classes)}
     atomic.write_json(args.out.with_suffix(".json"), doc)
     first = rows[0]
     lines = [f"# Pseudo-label diagnosis of `{doc['run']}` ({len(dataset)} images, no CRF)", "",
@@ -380,6 +489,15 @@ def main(argv=None) -> int:
              "foreground in both truth and prediction get another present class.", "",
              "| decoding | mIoU |", "|---|---:|"]
     lines += [f"| {row['variant']} | {100 * row['miou']:.1f} |" for row in rows]
+    lines += ["", "By scene, as `cpcx pseudo` (no CRF): " + "; ".join(
+        f"{name}-class images mIoU {100 * sc['miou']:.1f}, object/background IoU {100 * sc['fg_iou']:.1f} (recall "
+        f"{100 * sc['fg_recall']:.1f}, precision {100 * sc['fg_precision']:.1f})" for name, sc in scenes.items()) + "."]
+    if crf_rows:
+        lines += ["", f"With the recipe's CRF (mIoU, object/background IoU in brackets; choose = the first {CHOOSE} "
+                  "ids, report = the others):", "", "| decoding | " + " | ".join(CRF_PARTS) + " |",
+                  "|---|" + "---:|" * len(CRF_PARTS)]
+        lines += [f"| {name} | " + " | ".join(f"{f[p]['miou']:.1f} ({f[p]['fg_iou']:.1f})" for p in CRF_PARTS) + " |"
+                  for name, f in crf_rows.items()]
     per_class = sorted(first["per_class_iou"].items(), key=lambda kv: (kv[1] is None, kv[1] or 0.0))
     lines += ["", "Per-class IoU as `cpcx pseudo` (no CRF), worst first:", "",
               ", ".join(f"{name} {'–' if iou is None else f'{100 * iou:.1f}'}" for name, iou in per_class)]

@@ -205,3 +205,78 @@ def test_decode_as_pseudo_applies_the_class_probe_only_when_the_recipe_enables_i
     assert torch.equal(probed, diag.with_class_probe(plain, feats, labels, recipe(True)))
     assert not torch.allclose(probed[3:], plain[3:])  # the images with two objects are re-decided
     assert torch.allclose(probed[:3], plain[:3])  # one object: nothing to decide
+
+
+def test_area_oracle_calls_object_the_truths_share_of_patches_in_the_maps_order():
+    maps = torch.zeros(2, 3, 2, 2)
+    maps[:, 0] = torch.tensor([[0.9, 0.6], [0.3, 0.5]])  # background
+    maps[:, 1] = torch.tensor([[0.1, 0.4], [0.7, 0.5]])  # the one object: ratios 9, 1.5, 0.43, 1
+    half = np.array([[1, 1], [0, 0]], dtype=np.uint8)  # half the pixels are object (the top row)
+    masks = [np.kron(half, np.ones((4, 4), dtype=np.uint8))] * 2
+    out = diag.amount_oracle_maps(maps, masks, which=np.array([True, False]))
+    called = out[0, 1] > out[0, 0]
+    assert called.tolist() == [[False, False], [True, True]]  # the two lowest ratios: the area, not the place
+    assert torch.allclose(out[0].sum(0), torch.ones(2, 2))  # a distribution again, for the CRF
+    assert torch.equal(out[1], maps[1])  # not among ``which``: untouched
+    assert (maps[0, 1] > maps[0, 0]).sum() == 1  # the maps alone called one patch object
+    everything, nothing = np.ones((8, 8), dtype=np.uint8), np.zeros((8, 8), dtype=np.uint8)
+    nothing[0, 0] = 255  # ignored pixels do not count
+    assert bool((diag.amount_oracle_maps(maps[:1], [everything])[0, 1] > 0.5).all())
+    assert bool((diag.amount_oracle_maps(maps[:1], [nothing])[0, 0] > 0.5).all())
+
+
+def test_decode_as_pseudo_takes_the_multi_class_images_from_the_pasted_network():
+    torch.manual_seed(0)
+    n, h, w = 6, 3, 3
+    probs, paste = torch.rand(n, 4, h, w).softmax(1), torch.rand(n, 4, h, w).softmax(1)
+    feats = torch.randn(n, h, w, 5)
+    labels = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [1, 1, 1, 0], [1, 0, 1, 1], [1, 1, 0, 1]])
+    recipe = SimpleNamespace(seed=0, pseudo=SimpleNamespace(class_max_norm=True, class_probe=SimpleNamespace(
+        enabled=False)))
+    merged = diag.decode_as_pseudo(probs, feats, labels, recipe, paste)
+    assert torch.equal(merged[:3], diag.decode_as_pseudo(probs, feats, labels, recipe)[:3])  # one object class
+    assert torch.equal(merged[3:], diag.decode_as_pseudo(paste, feats, labels, recipe)[3:])  # several
+    assert not torch.allclose(merged[3:], diag.decode_as_pseudo(probs, feats, labels, recipe)[3:])
+
+
+def test_load_paste_probs_names_the_missing_pasted_network_and_the_fix(tmp_path):
+    from cpcx.errors import CpcxError
+
+    def recipe(enabled: bool):
+        return SimpleNamespace(pseudo=SimpleNamespace(context_paste=SimpleNamespace(enabled=enabled)),
+                               run_dir=lambda stage: tmp_path / stage)
+
+    assert diag.load_paste_probs(recipe(False)) is None
+    with pytest.raises(CpcxError, match=r"paste/weights/best\.pt.*cpcx pseudo.*context_paste\.enabled=false"):
+        diag.load_paste_probs(recipe(True))
+
+
+def test_with_crf_scores_each_part_of_the_slice_through_the_crf(monkeypatch):
+    from cpcx.recipe import CRFConfig
+
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:12, 4:12] = 1
+    image = np.full((16, 16, 3), 40, dtype=np.uint8)
+    image[mask == 1] = 220
+    truth = torch.zeros(1, 3, 4, 4)
+    truth[0, 1, 1:3, 1:3] = 1.0
+    truth[0, 0] = 1 - truth[0, 1]
+    # images 0 and 1 hold one object class, image 2 two (b is labelled, not in its mask)
+    dataset = _Sized(labels=np.array([[1, 1, 0], [1, 1, 0], [1, 1, 1]]), classes=("background", "a", "b"),
+                     num_classes=3, load_mask=lambda i: mask, load_image=lambda i: image)
+    good = truth.repeat(3, 1, 1, 1)
+    mixed = good.clone()
+    mixed[2, [0, 1]] = mixed[2, [1, 0]]  # image 2: object and background swapped
+    monkeypatch.setattr(diag, "CHOOSE", 2)
+    out = diag.with_crf(dataset, SimpleNamespace(crf=CRFConfig()), {"good": good, "mixed": mixed})
+    assert all(out["good"][part]["fg_iou"] == pytest.approx(100.0) for part in diag.CRF_PARTS)
+    assert out["mixed"]["choose"]["fg_iou"] == out["mixed"]["single"]["fg_iou"] == pytest.approx(100.0)
+    assert out["mixed"]["report"]["fg_iou"] == out["mixed"]["multi"]["fg_iou"] == pytest.approx(0.0)
+    assert 0 < out["mixed"]["all"]["fg_iou"] < 100
+
+
+class _Sized(SimpleNamespace):
+    """A stand-in data set of three images."""
+
+    def __len__(self):
+        return 3
