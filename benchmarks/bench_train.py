@@ -44,7 +44,7 @@ def _run(args, runs: Path, cached: bool) -> dict:
     run_clusters(recipe, console=Console(quiet=True))
     cpu: list[float] = []
     loader_cpu: list[float] = []
-    epoch, loader = train._Trainer._epoch, train._Trainer._loader
+    epoch, loader = train.Trainer._epoch, train.Trainer._loader
 
     def timed_epoch(self, index: int) -> None:  # CPU seconds of this process, minus the cache extraction
         start = time.process_time()
@@ -57,13 +57,13 @@ def _run(args, runs: Path, cached: bool) -> dict:
         loader_cpu.append(time.process_time() - start)
         return result
 
-    train._Trainer._epoch, train._Trainer._loader = timed_epoch, timed_loader
+    train.Trainer._epoch, train.Trainer._loader = timed_epoch, timed_loader
     try:
         start = time.perf_counter()
         train.run_train(recipe, console=Console(quiet=True))
         total = time.perf_counter() - start
     finally:
-        train._Trainer._epoch, train._Trainer._loader = epoch, loader
+        train.Trainer._epoch, train.Trainer._loader = epoch, loader
     with open(recipe.run_dir("train") / "metrics.csv") as handle:
         wall = [float(row["seconds"]) for row in csv.DictReader(handle)]
     return {"epoch_seconds": wall, "epoch_cpu_seconds": cpu, "total_seconds": round(total, 2),
@@ -81,7 +81,7 @@ def _steady_steps(recipe, reps: int, device: str) -> tuple[float, float]:
     from cpcx.data import ImageLabelDataset, build_dataset
     from cpcx.feature_cache import FeatureCache
     from cpcx.model import cluster_vectors, load_checkpoint
-    from cpcx.train import _Items, forward_loss
+    from cpcx.train import TrainingItems, forward_loss
 
     net, meta = load_checkpoint(recipe.run_dir("train") / "weights" / "best.pt")
     net.to(device).train()
@@ -90,8 +90,8 @@ def _steady_steps(recipe, reps: int, device: str) -> tuple[float, float]:
     u = torch.from_numpy(cluster_vectors(images.labels.numpy(), meta["cluster_matrix"]))
     t = recipe.train
     transform = TrainTransform(t.augment, recipe.model.img_size, net.mean, net.std, views=t.views)
-    sources = {"cached": _Items(images.labels, u, 0, cache=cache),
-               "images": _Items(images.labels, u, 0, images=images, transform=transform)}
+    sources = {"cached": TrainingItems(images.labels, u, 0, cache=cache),
+               "images": TrainingItems(images.labels, u, 0, images=images, transform=transform)}
     optimizer = torch.optim.Adam(net.head_parameters(), lr=1e-4)
     best = {"cached": float("inf"), "images": float("inf")}
     for rep in range(reps):

@@ -83,13 +83,13 @@ def run_seed(seed: int, probability: float, runs: Path) -> dict:
     dataset = build_dataset(recipe.dataset, "train")
     grid = (recipe.model.img_size // 14,) * 2
     donors = donor_masks(dataset.labels, dataset.ids, base / "pseudo" / "labels", grid, MIN_CELLS)
-    items = functools.partial(PastedItems, donors=donors, matrix=trainer._cluster_matrix(recipe, dataset.classes),
+    items = functools.partial(PastedItems, donors=donors, matrix=trainer.run_cluster_matrix(recipe, dataset.classes),
                               probability=probability, shift=SHIFT)
     started = time.perf_counter()
     # cpcx train's own trainer with the pasted item set: the whole second round, labels for every image (the
     # pipeline switch, pseudo.context_paste, trains the same network inside the pseudo stage and routes by scene)
     with distributed.joined(recipe.train.device) as info:
-        trainer._Trainer(recipe, info, Console(highlight=False), items=items).fit(resume=False)
+        trainer.Trainer(recipe, info, Console(highlight=False), items=items).fit(resume=False)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     run_pseudo(recipe)

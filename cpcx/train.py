@@ -59,7 +59,7 @@ class EpochSampler(Sampler):
         return ((self.epoch, int(i)) for i in self.inner)
 
 
-class _Items(Dataset):
+class TrainingItems(Dataset):
     """Training items {"x", "label", "u", "index"}: images through ``transform`` or cached tokens."""
 
     def __init__(self, labels: torch.Tensor, u: torch.Tensor, seed: int, images=None,
@@ -141,10 +141,12 @@ class _Progress:
 def run_train(recipe: Recipe, resume: bool = False, console: Console | None = None) -> Path:
     """Train the CPC network of ``recipe``; returns ``runs/<name>/train/weights/best.pt``."""
     with distributed.joined(recipe.train.device) as info:
-        return _Trainer(recipe, info, console or Console(highlight=False)).fit(resume)
+        return Trainer(recipe, info, console or Console(highlight=False)).fit(resume)
 
 
-def _cluster_matrix(recipe: Recipe, classes: Sequence[str]) -> np.ndarray:
+def run_cluster_matrix(recipe: Recipe, classes: Sequence[str]) -> np.ndarray:
+    """The (foreground classes, clusters) matrix of the run's ``clusters/clusters.json``, checked against the data
+    set's classes; a message naming the file and the command that makes it when it is missing or stale."""
     path = recipe.run_dir("clusters") / "clusters.json"
     if not path.is_file():
         raise CpcxError(f"{path}: no clusters yet; run `cpcx clusters -r <recipe>` first "
@@ -157,7 +159,7 @@ def _cluster_matrix(recipe: Recipe, classes: Sequence[str]) -> np.ndarray:
     return np.asarray(clusters.matrix, dtype=np.float32)
 
 
-class _Trainer:
+class Trainer:
     """One training of the CPC network. ``folder``, ``items`` and ``name`` let a stage train a second network with
     the same recipe elsewhere (``pseudo.context_paste``): its own folder instead of ``runs/<name>/train`` (no stage
     record of its own: it belongs to the calling stage), its own item set for the cached tokens, and ``init``: a
@@ -166,7 +168,7 @@ class _Trainer:
     def __init__(self, recipe: Recipe, info: distributed.DistInfo, console: Console, folder: Path | None = None,
                  items: Callable[..., Dataset] | None = None, name: str = "train", init: Path | None = None):
         self.recipe, self.info, self.console = recipe, info, console
-        self.own_folder, self.make_items, self.name, self.init = folder, items or _Items, name, init
+        self.own_folder, self.make_items, self.name, self.init = folder, items or TrainingItems, name, init
         self.device = info.device
         self.cache: FeatureCache | None = None
         t = recipe.train
@@ -189,7 +191,7 @@ class _Trainer:
         seed_everything(r.seed)
         self.images = ImageLabelDataset(build_dataset(r.dataset, "train"))
         classes = self.images.classes
-        matrix = _cluster_matrix(r, classes) if r.model.cluster_token else None
+        matrix = run_cluster_matrix(r, classes) if r.model.cluster_token else None
         self.labels = self.images.labels
         self.u = torch.from_numpy(cluster_vectors(self.labels.numpy(), matrix))
         self.net = net = build_model(r.model, len(classes), 0 if matrix is None else matrix.shape[1]).to(self.device)
@@ -245,7 +247,7 @@ class _Trainer:
         else:
             transform = TrainTransform(t.augment, r.model.img_size, self.net.mean, self.net.std,
                                        views=t.views if frozen else None)
-            items = _Items(self.labels, self.u, r.seed, images=self.images, transform=transform)
+            items = TrainingItems(self.labels, self.u, r.seed, images=self.images, transform=transform)
         sampler = EpochSampler(len(items), epoch, r.seed, self.info.world_size, self.info.rank)
         return DataLoader(items, batch_size=self.per_rank, sampler=sampler, num_workers=t.workers,
                           pin_memory=self.device.type == "cuda")

@@ -279,7 +279,7 @@ def _gradients(voc_root: Path, world: int, rank: int) -> dict[str, torch.Tensor]
     from cpcx.data import ImageLabelDataset, build_dataset
     from cpcx.model import cluster_vectors
     from cpcx.recipe import AugmentConfig, LossConfig, ModelConfig, VOCDatasetConfig
-    from cpcx.train import EpochSampler, _Items, forward_loss
+    from cpcx.train import EpochSampler, TrainingItems, forward_loss
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="vit_tiny_patch16_224", pretrained=False, img_size=64, cluster_dim=16, dropout=0.0)
@@ -289,7 +289,7 @@ def _gradients(voc_root: Path, world: int, rank: int) -> dict[str, torch.Tensor]
     matrix = np.eye(4)[np.arange(20) % 4]
     u = torch.from_numpy(cluster_vectors(images.labels.numpy(), matrix))
     transform = TrainTransform(AugmentConfig(), 64, net.mean, net.std, views=["orig", "hflip"])
-    items = _Items(images.labels, u, 0, images=images, transform=transform)
+    items = TrainingItems(images.labels, u, 0, images=images, transform=transform)
     batch = next(iter(DataLoader(items, batch_size=4 // world, sampler=EpochSampler(4, 0, 0, world, rank))))
     model = DistributedDataParallel(net) if world > 1 else net
     forward_loss(model, net, batch, LossConfig(), torch.device("cpu"), "fp32", cached=False)["loss"].backward()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from cpcx.augment import sample_generator
 from cpcx.errors import CpcxError
 from cpcx.model.network import cluster_vectors
-from cpcx.train import _Items
+from cpcx.train import TrainingItems
 
 #: The second network's folder inside the pseudo stage: weights/, metrics.csv, class_probe.pt.
 PASTE_DIR = "paste"
@@ -79,7 +79,7 @@ def paste(x: torch.Tensor, label: torch.Tensor, donor_x: torch.Tensor, donor_mas
     return out, label
 
 
-class PastedItems(_Items):
+class PastedItems(TrainingItems):
     """The trainer's cached-token items, a share ``probability`` of them with a donor's object pasted in. Every
     draw comes from the sample's own generator (seed + SALT, epoch, index): a resumed or sharded run pastes the same."""
 
@@ -115,14 +115,14 @@ def train_pasted(recipe, ranks, dataset, donors: dict, console) -> Path:
     under torchrun, as ``cpcx train``), from scratch or, with ``pseudo.context_paste.epochs``, from the run's network
     for that many epochs; a killed training resumes from its ``last.pt``, a finished one is kept. Returns its
     checkpoint (lowest epoch loss, as ``cpcx pseudo`` reads ``train/``)."""
-    from cpcx.train import _cluster_matrix, _Trainer
+    from cpcx.train import Trainer, run_cluster_matrix
 
     cfg = recipe.pseudo.context_paste
     if not donors:
         raise CpcxError("pseudo.context_paste: no image labelled with one object class covers "
                         f"{cfg.min_patches} patches, so there is nothing to paste; lower "
                         "pseudo.context_paste.min_patches or set pseudo.context_paste.enabled: false")
-    matrix = _cluster_matrix(recipe, dataset.classes) if recipe.model.cluster_token else None
+    matrix = run_cluster_matrix(recipe, dataset.classes) if recipe.model.cluster_token else None
     items = functools.partial(PastedItems, donors=donors, matrix=matrix, probability=cfg.probability,
                               shift=cfg.shift)
     folder = recipe.run_dir("pseudo") / PASTE_DIR
@@ -136,7 +136,7 @@ def train_pasted(recipe, ranks, dataset, donors: dict, console) -> Path:
             "epochs": cfg.epochs, "warmup_epochs": 0, "lr": t.lr_after_warmup})})
 
     def trainer():
-        return _Trainer(recipe, ranks, console, folder=folder, items=items, name="context paste", init=init)
+        return Trainer(recipe, ranks, console, folder=folder, items=items, name="context paste", init=init)
 
     if (folder / "weights" / "last.pt").is_file():
         try:
