@@ -191,9 +191,10 @@ def scene_of(labels):
     return np.where(np.asarray(labels)[:, 1:].astype(bool).sum(1) >= 2, "multi", "single")
 
 
-def with_crf(dataset, recipe, decodings: dict) -> dict:
+def with_crf(dataset, recipe, decodings: dict, indices=None) -> dict:
     """{name: {part: mIoU and object/background IoU}} of label-conditioned maps (N, C, h, w) through the recipe's
-    CRF, parts ``CRF_PARTS``: all images, the choose / report ids, the single- / multi-class images."""
+    CRF, parts ``CRF_PARTS``: all images (or ``indices``), the choose / report ids, the single- / multi-class
+    images; a part no image falls in is left out."""
     import numpy as np
 
     from cpcx.crf import CRFParams, crf_labels
@@ -202,13 +203,14 @@ def with_crf(dataset, recipe, decodings: dict) -> dict:
 
     crf, scenes = CRFParams.from_config(recipe.crf), scene_of(dataset.labels)
     out = {name: {p: ConfusionMatrix(dataset.num_classes) for p in CRF_PARTS} for name in decodings}
-    for i in range(len(dataset)):
+    for i in range(len(dataset)) if indices is None else indices:
         mask, image, classes = dataset.load_mask(i), dataset.load_image(i), np.flatnonzero(dataset.labels[i] > 0)
         for name, maps in decodings.items():
             labels = crf_labels(image, upsample(maps[i].float(), classes, mask.shape).numpy(), classes, crf)
             for part in ("all", "choose" if i < CHOOSE else "report", str(scenes[i])):
                 out[name][part].update(mask, labels)
-    return {name: {p: miou_and_fg(m.matrix, dataset.classes) for p, m in parts.items()} for name, parts in out.items()}
+    return {name: {p: miou_and_fg(m.matrix, dataset.classes) for p, m in parts.items() if m.matrix.sum()}
+            for name, parts in out.items()}
 
 
 def miou_and_fg(matrix, names) -> dict:
@@ -321,26 +323,41 @@ def decode_as_pseudo(probs, feats, labels, recipe, paste=None):
     return maps
 
 
-def amount_oracle_maps(maps, masks, which=None):
-    """The maps with each image's background score scaled so that the share of its patches called object equals
-    the share of its pixels that are object in the ground truth (ignored pixels left out): the network's own
-    ranking of the patches, the *amount* of object from the truth. ``which`` (N,) bool: only those images; the
-    others keep their maps. An oracle: what one number per image, the object's area, would be worth."""
+def truth_shares(masks):
+    """(N,) share of each mask's pixels that are object, ignored pixels (255) left out."""
+    import numpy as np
+
+    return np.array([float(((m > 0) & (m != 255)).sum() / max(1, (m != 255).sum())) for m in masks])
+
+
+def area_scaled_maps(maps, shares, which=None):
+    """The maps with each image's background score scaled so that the share of its patches called object is
+    ``shares[i]``: the network's ranking of the patches kept, the *amount* of object given. ``which`` (N,) bool:
+    only those images; the others keep their maps."""
     import torch
 
     out = maps.clone().float()
-    for i, mask in enumerate(masks):
+    for i, share in enumerate(shares):
         if which is not None and not which[i]:
             continue
-        valid = mask != 255
-        share = float(((mask > 0) & valid).sum() / max(1, valid.sum()))
         background, objects = out[i, 0], out[i, 1:].amax(0)
         ratio = (background / objects.clamp_min(1e-12)).flatten().double()
         # a patch is object where background / cut < its best object, i.e. where ratio < cut
-        cut = ratio.max() * 2 if share >= 1 else torch.quantile(ratio, share) if share > 0 else ratio.min() / 2
+        cut = ratio.max() * 2 if share >= 1 else torch.quantile(ratio, float(share)) if share > 0 else ratio.min() / 2
         out[i, 0] = background / float(cut.clamp_min(1e-12))
         out[i] = out[i] / out[i].sum(0, keepdim=True).clamp_min(1e-12)  # a distribution again, for the CRF
     return out.to(maps.dtype)
+
+
+def amount_oracle_maps(maps, masks, which=None):
+    """``area_scaled_maps`` with each image's object share from its ground-truth mask: what one number per image,
+    the object's area, would be worth (an oracle)."""
+    return area_scaled_maps(maps, truth_shares(masks), which)
+
+
+def own_shares(maps):
+    """(N,) share of each image's patches that its label-conditioned maps call object (the maps' own area)."""
+    return (maps[:, 0] < maps[:, 1:].amax(1)).float().mean((1, 2)).numpy()
 
 
 def score_as_pseudo(scorer: Scorer, probs, feats, recipe, paste=None):
