@@ -60,19 +60,15 @@ def head_shares(tokens, views, label_of, n: int, train, labels, cfg, seed: int, 
     import numpy as np
     import torch
 
-    from cpcx.augment import apply_view
-    from cpcx.pseudo.self_training import VIEWS, _views_of, fit_head
+    from cpcx.pseudo.self_training import VIEWS, fit_head, predict_views
     from cpcx.segment.grid_train import LABEL_UPSAMPLE, label_grids
 
     targets = label_grids(label_of, n, LABEL_UPSAMPLE * tokens.shape[2], list(VIEWS), folder)
     head = fit_head(tokens, views, targets, torch.from_numpy(np.flatnonzero(train)), cfg, labels.shape[1], seed)
     out = np.zeros(n)
-    with torch.no_grad():
-        for i in range(n):
-            probs = head(_views_of(tokens, i, views)).softmax(1)
-            probs = torch.stack([apply_view(p, v) for p, v in zip(probs, VIEWS)]).mean(0)
-            probs = probs * torch.tensor(labels[i], dtype=probs.dtype)[:, None, None]
-            out[i] = float((probs[0] < probs[1:].amax(0)).float().mean())
+    for i in range(n):
+        probs = predict_views(head, tokens, i, views) * torch.tensor(labels[i], dtype=torch.float32)[:, None, None]
+        out[i] = float((probs[0] < probs[1:].amax(0)).float().mean())
     return out
 
 
@@ -84,7 +80,8 @@ def estimate_run(run: Path, crf: bool) -> dict:
     from cpcx.model import load_checkpoint
     from cpcx.pseudo import find_checkpoint
     from cpcx.recipe import load_recipe
-    from diagnose_pseudo import (CHOOSE, Scorer, area_scaled_maps, decode_as_pseudo, load_paste_probs, load_run,
+    from backbones import CHOOSE
+    from diagnose_pseudo import (Scorer, area_scaled_maps, decode_as_pseudo, load_paste_probs, load_run,
                                  miou_and_fg, own_shares, run_token_cache, scene_of, truth_shares, with_crf)
     from saliency_objectness import decoder_maps, onnx_path, saliency_decoder
 

@@ -44,12 +44,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-CHOOSE = 200  # the first 200 train ids: where settings are chosen; the other 111 are reported apart
 CRF_PARTS = ("all", "choose", "report", "single", "multi")
 VARIANTS = ("threshold", "affinity", "selftrain", "objectness", "prototypes", "classprobe", "supervised")
 # The variants that need the tokens on the maps' grid:
 TOKEN_VARIANTS = ("affinity", "selftrain", "objectness", "prototypes", "classprobe", "supervised")
 
+from backbones import CHOOSE  # noqa: E402  (the choose/report split every VOC benchmark uses)
 from decode_variants import (  # noqa: E402  (re-exported: the tests and the sweep reach them through here)
     affinity_maps, object_share, pca_objectness, probe_objectness, prototype_maps, selftrain_maps,
     supervised_probe_probs, threshold_maps, with_objectness)
@@ -185,10 +185,13 @@ def score_decodings(dataset, indices, settings, decode, crf=None, choose: int = 
 
 
 def scene_of(labels):
-    """(N,) array of "single" / "multi": whether each image's labels hold one object class or several."""
+    """(N,) array of "single" / "multi": whether each image's labels hold one object class or several (as
+    ``pseudo.context_paste`` routes them)."""
     import numpy as np
 
-    return np.where(np.asarray(labels)[:, 1:].astype(bool).sum(1) >= 2, "multi", "single")
+    from cpcx.pseudo.context_paste import multi_class
+
+    return np.where(multi_class(labels), "multi", "single")
 
 
 def with_crf(dataset, recipe, decodings: dict, indices=None) -> dict:
@@ -428,10 +431,9 @@ def main(argv=None) -> int:
     labels = torch.tensor(dataset.labels).float()
     scorer = Scorer(dataset)
     base, first, base_confusion = score_as_pseudo(scorer, probs, feats, recipe, paste)
+    multi = scene_of(dataset.labels) == "multi"
     if paste is not None:  # the variants below that start from the raw probs take each image's labelling network's
-        from cpcx.pseudo.context_paste import multi_class
-
-        probs = torch.where(torch.from_numpy(multi_class(dataset.labels))[:, None, None, None], paste, probs)
+        probs = torch.where(torch.from_numpy(multi)[:, None, None, None], paste, probs)
     rows = [{"variant": "as cpcx pseudo (no CRF)", **first}]
     truth = truth_on_grid(scorer.masks, dataset.num_classes, tuple(probs.shape[2:]))
     rows.append({"variant": f"ground truth averaged on the {probs.shape[2]}×{probs.shape[3]} patch grid "
@@ -441,7 +443,6 @@ def main(argv=None) -> int:
                  "miou": oracle["truth_background"]})
     rows.append({"variant": "oracle: object vs background from the maps, object class from the ground truth",
                  "miou": oracle["truth_class"]})
-    multi = scene_of(dataset.labels) == "multi"
     amounts = {"every image": amount_oracle_maps(base, scorer.masks),
                "the images with several object classes": amount_oracle_maps(base, scorer.masks, multi)}
     for which, maps in amounts.items():
@@ -488,7 +489,7 @@ def main(argv=None) -> int:
             scaled[:, 0] *= factor
             rows.append({"variant": f"bound: linear probe trained on the ground truth of the other images (10-fold), "
                          f"background × {factor}", **scorer.scores(scaled)})
-    scenes = {name: scorer.scores(base, scene_of(dataset.labels) == name) for name in ("single", "multi")}
+    scenes = {"single": scorer.scores(base, ~multi), "multi": scorer.scores(base, multi)}
     crf_rows = with_crf(dataset, recipe, {"as cpcx pseudo": base, **{f"area oracle, {k}": v for k, v in amounts.items()}}
                         ) if args.crf else {}
     doc = {"command": " ".join(["benchmarks/diagnose_pseudo.py", "-r", args.recipe, *args.overrides,
@@ -513,8 +514,8 @@ def main(argv=None) -> int:
         lines += ["", f"With the recipe's CRF (mIoU, object/background IoU in brackets; choose = the first {CHOOSE} "
                   "ids, report = the others):", "", "| decoding | " + " | ".join(CRF_PARTS) + " |",
                   "|---|" + "---:|" * len(CRF_PARTS)]
-        lines += [f"| {name} | " + " | ".join(f"{f[p]['miou']:.1f} ({f[p]['fg_iou']:.1f})" for p in CRF_PARTS) + " |"
-                  for name, f in crf_rows.items()]
+        lines += [f"| {name} | " + " | ".join(f"{f[p]['miou']:.1f} ({f[p]['fg_iou']:.1f})" if p in f else "—"
+                                             for p in CRF_PARTS) + " |" for name, f in crf_rows.items()]
     per_class = sorted(first["per_class_iou"].items(), key=lambda kv: (kv[1] is None, kv[1] or 0.0))
     lines += ["", "Per-class IoU as `cpcx pseudo` (no CRF), worst first:", "",
               ", ".join(f"{name} {'–' if iou is None else f'{100 * iou:.1f}'}" for name, iou in per_class)]

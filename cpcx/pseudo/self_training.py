@@ -98,21 +98,28 @@ def fit_head(tokens, views: Sequence[int], targets, train: torch.Tensor, cfg, nu
     return head.eval()
 
 
+@torch.no_grad()
+def predict_views(head, tokens, index: int, views: Sequence[int]) -> torch.Tensor:
+    """(C, h, w) softmax of a trained head on image ``index`` in ``views`` (named as ``VIEWS``), undone and
+    averaged."""
+    from cpcx.augment import apply_view
+
+    probs = head(_views_of(tokens, index, views)).softmax(1)
+    return torch.stack([apply_view(p, v) for p, v in zip(probs, VIEWS[:len(views)])]).mean(0)
+
+
 def cross_validated_probs(tokens, views: Sequence[int], targets, cfg, num_classes: int, seed: int,
                           on_epoch: Callable[[], None] | None = None) -> torch.Tensor:
     """(N, C, h, w) softmax of every image from the head of the ``cfg.folds`` fold it is held out of, its
     ``views`` (named as ``VIEWS``) undone and averaged. Fold k's head is initialised with ``seed * 1000 + k``."""
-    from cpcx.augment import apply_view
-
     out = None
     for k, (train, held) in enumerate(folds_of(targets.shape[0], cfg.folds, seed)):
         head = fit_head(tokens, views, targets, train, cfg, num_classes, seed * 1000 + k, on_epoch)
-        with torch.no_grad():
-            for i in held.tolist():
-                probs = head(_views_of(tokens, i, views)).softmax(1)
-                if out is None:
-                    out = torch.zeros(targets.shape[0], *probs.shape[1:])
-                out[i] = torch.stack([apply_view(p, v) for p, v in zip(probs, VIEWS[:len(views)])]).mean(0)
+        for i in held.tolist():
+            probs = predict_views(head, tokens, i, views)
+            if out is None:
+                out = torch.zeros(targets.shape[0], *probs.shape)
+            out[i] = probs
     return out
 
 
