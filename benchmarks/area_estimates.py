@@ -82,7 +82,7 @@ def estimate_run(run: Path, crf: bool) -> dict:
     from cpcx.recipe import load_recipe
     from backbones import CHOOSE
     from diagnose_pseudo import (Scorer, area_scaled_maps, decode_as_pseudo, load_paste_probs, load_run,
-                                 miou_and_fg, own_shares, run_token_cache, scene_of, truth_shares, with_crf)
+                                 miou_and_fg, own_shares, run_token_cache, scene_of, object_area_shares, with_crf)
     from saliency_objectness import decoder_maps, onnx_path, saliency_decoder
 
     start = time.perf_counter()
@@ -93,7 +93,7 @@ def estimate_run(run: Path, crf: bool) -> dict:
     labels_dir, n = run / "pseudo" / "labels", len(dataset)
     multi = scene_of(dataset.labels) == "multi"
     single = ~multi
-    label_areas = truth_shares([load_label_png(labels_dir / f"{i}.png") for i in dataset.ids])  # no mask read
+    label_areas = object_area_shares([load_label_png(labels_dir / f"{i}.png") for i in dataset.ids])  # pseudo-labels
     net, _ = load_checkpoint(find_checkpoint(recipe))
     cache = run_token_cache(recipe, net, dataset, recipe.pseudo.img_size)
     tokens = cache.tokens
@@ -105,7 +105,7 @@ def estimate_run(run: Path, crf: bool) -> dict:
         "saliency": (saliency > 0.5).mean((1, 2)),
         "head": head_shares(tokens, cache.views, lambda i: load_label_png(labels_dir / f"{dataset.ids[i]}.png"), n,
                             single, np.asarray(dataset.labels), recipe.pseudo.self_training, recipe.seed, run / "pseudo"),
-        "truth": truth_shares(scorer.masks),
+        "truth": object_area_shares(scorer.masks),
     }
     choose = np.arange(n) < CHOOSE
     parts = {"choose": multi & choose, "report": multi & ~choose}

@@ -20,7 +20,7 @@ first line must equal the run's "mIoU without CRF"), and reports, without CRF, o
   (when it does, the first line is already decoded with it, as ``cpcx pseudo`` does); with ``pseudo.context_paste``
   the images with several object classes are decoded by the run's pasted network (``pseudo/paste/``) and its own
   probe, again as ``cpcx pseudo`` does;
-* the same maps with the object's area of each image taken from the truth (``amount_oracle_maps``: the network's
+* the same maps with the object's area of each image taken from the truth (``area_oracle_maps``: the network's
   ranking of the patches kept, the background scaled until the share called object is the truth's), for every
   image and for the multi-class images alone; ``--crf`` scores these and the labels as made through the recipe's
   CRF too, by scene and on the choose / report ids;
@@ -326,8 +326,9 @@ def decode_as_pseudo(probs, feats, labels, recipe, paste=None):
     return maps
 
 
-def truth_shares(masks):
-    """(N,) share of each mask's pixels that are object, ignored pixels (255) left out."""
+def object_area_shares(masks):
+    """(N,) share of each label map's pixels that are object (ground-truth masks or pseudo-labels), ignored pixels
+    (255) left out."""
     import numpy as np
 
     return np.array([float(((m > 0) & (m != 255)).sum() / max(1, (m != 255).sum())) for m in masks])
@@ -352,10 +353,10 @@ def area_scaled_maps(maps, shares, which=None):
     return out.to(maps.dtype)
 
 
-def amount_oracle_maps(maps, masks, which=None):
+def area_oracle_maps(maps, masks, which=None):
     """``area_scaled_maps`` with each image's object share from its ground-truth mask: what one number per image,
     the object's area, would be worth (an oracle)."""
-    return area_scaled_maps(maps, truth_shares(masks), which)
+    return area_scaled_maps(maps, object_area_shares(masks), which)
 
 
 def own_shares(maps):
@@ -443,9 +444,9 @@ def main(argv=None) -> int:
                  "miou": oracle["truth_background"]})
     rows.append({"variant": "oracle: object vs background from the maps, object class from the ground truth",
                  "miou": oracle["truth_class"]})
-    amounts = {"every image": amount_oracle_maps(base, scorer.masks),
-               "the images with several object classes": amount_oracle_maps(base, scorer.masks, multi)}
-    for which, maps in amounts.items():
+    areas = {"every image": area_oracle_maps(base, scorer.masks),
+               "the images with several object classes": area_oracle_maps(base, scorer.masks, multi)}
+    for which, maps in areas.items():
         rows.append({"variant": f"oracle: the object's area from the ground truth ({which}), the maps' ranking of "
                      "the patches", **scorer.scores(maps)})
     wanted = [] if args.variants == "none" else args.variants.split(",")
@@ -490,7 +491,7 @@ def main(argv=None) -> int:
             rows.append({"variant": f"bound: linear probe trained on the ground truth of the other images (10-fold), "
                          f"background × {factor}", **scorer.scores(scaled)})
     scenes = {"single": scorer.scores(base, ~multi), "multi": scorer.scores(base, multi)}
-    crf_rows = with_crf(dataset, recipe, {"as cpcx pseudo": base, **{f"area oracle, {k}": v for k, v in amounts.items()}}
+    crf_rows = with_crf(dataset, recipe, {"as cpcx pseudo": base, **{f"area oracle, {k}": v for k, v in areas.items()}}
                         ) if args.crf else {}
     doc = {"command": " ".join(["benchmarks/diagnose_pseudo.py", "-r", args.recipe, *args.overrides,
                                 *(["--crf"] if args.crf else [])]),

@@ -35,16 +35,14 @@ def score_folder(dataset, folder: Path, multi_folder: Path | None = None) -> dic
     ``CHOOSE`` ids) / report (the others), single / multi (the images with one / several object classes) and
     choose_single / choose_multi. With ``multi_folder`` the multi-class images' labels come from there (one run's
     labels for the single-class images, another's for the rest)."""
-    import numpy as np
-
     from cpcx.data.palette import load_label_png
     from cpcx.metrics import ConfusionMatrix
-    from diagnose_pseudo import miou_and_fg
+    from diagnose_pseudo import miou_and_fg, scene_of
 
-    labels = np.asarray(dataset.labels)
+    scenes = scene_of(dataset.labels)
     parts: dict = {}
     for i, image_id in enumerate(dataset.ids):
-        scene = "single" if labels[i, 1:].sum() == 1 else "multi"
+        scene = str(scenes[i])
         source = multi_folder if scene == "multi" and multi_folder is not None else folder
         mask, predicted = dataset.load_mask(i), load_label_png(source / f"{image_id}.png")
         split = "choose" if i < CHOOSE else "report"
@@ -127,6 +125,7 @@ def report_runs(script: str, argv, runs: list[Path], logs: list[Path], out: Path
     atomic.write_json(out.with_suffix(".json"), doc)
     atomic.write_text(out.with_suffix(".md"), render(doc))
     return doc
+
 
 if __name__ == "__main__":
     sys.exit(main())

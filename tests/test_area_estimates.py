@@ -31,7 +31,7 @@ def test_an_estimated_share_decodes_like_the_truth_of_the_same_share():
     maps = maps / maps.sum(1, keepdim=True)
     masks = [np.kron(np.eye(2, dtype=np.uint8), np.ones((5, 5), dtype=np.uint8))] * 3  # half object
     which = np.array([True, False, True])
-    assert torch.equal(diag.area_scaled_maps(maps, np.full(3, 0.5), which), diag.amount_oracle_maps(maps, masks, which))
+    assert torch.equal(diag.area_scaled_maps(maps, np.full(3, 0.5), which), diag.area_oracle_maps(maps, masks, which))
     called = diag.own_shares(diag.area_scaled_maps(maps, np.array([0.2, 0.0, 0.6])))
     assert called.tolist() == pytest.approx([0.2, 0.0, 0.6], abs=0.021)  # 25 patches: to one patch
 

@@ -213,7 +213,7 @@ def test_area_oracle_calls_object_the_truths_share_of_patches_in_the_maps_order(
     maps[:, 1] = torch.tensor([[0.1, 0.4], [0.7, 0.5]])  # the one object: ratios 9, 1.5, 0.43, 1
     half = np.array([[1, 1], [0, 0]], dtype=np.uint8)  # half the pixels are object (the top row)
     masks = [np.kron(half, np.ones((4, 4), dtype=np.uint8))] * 2
-    out = diag.amount_oracle_maps(maps, masks, which=np.array([True, False]))
+    out = diag.area_oracle_maps(maps, masks, which=np.array([True, False]))
     called = out[0, 1] > out[0, 0]
     assert called.tolist() == [[False, False], [True, True]]  # the two lowest ratios: the area, not the place
     assert torch.allclose(out[0].sum(0), torch.ones(2, 2))  # a distribution again, for the CRF
@@ -221,8 +221,8 @@ def test_area_oracle_calls_object_the_truths_share_of_patches_in_the_maps_order(
     assert (maps[0, 1] > maps[0, 0]).sum() == 1  # the maps alone called one patch object
     everything, nothing = np.ones((8, 8), dtype=np.uint8), np.zeros((8, 8), dtype=np.uint8)
     nothing[0, 0] = 255  # ignored pixels do not count
-    assert bool((diag.amount_oracle_maps(maps[:1], [everything])[0, 1] > 0.5).all())
-    assert bool((diag.amount_oracle_maps(maps[:1], [nothing])[0, 0] > 0.5).all())
+    assert bool((diag.area_oracle_maps(maps[:1], [everything])[0, 1] > 0.5).all())
+    assert bool((diag.area_oracle_maps(maps[:1], [nothing])[0, 0] > 0.5).all())
 
 
 def test_decode_as_pseudo_takes_the_multi_class_images_from_the_pasted_network():
