@@ -89,10 +89,11 @@ def load_probabilities(recipe):
     import numpy as np
 
     from cpcx.pseudo.infer import upsample
-    from diagnose_pseudo import decode_as_pseudo, load_run
+    from diagnose_pseudo import decode_as_pseudo, load_paste_probs, load_run
 
     dataset, probs, feats = load_run(recipe)
-    maps = decode_as_pseudo(probs, feats, dataset.labels, recipe)
+    # pseudo.context_paste: the multi-class images come from the pasted network, as the stage decodes them
+    maps = decode_as_pseudo(probs, feats, dataset.labels, recipe, load_paste_probs(recipe))
     items, masks = [], []
     for i in range(len(dataset)):
         image = dataset.load_image(i)
