@@ -154,14 +154,11 @@ class FineFeatures:
     standardised per channel: (h·w, 176), (h, w)."""
 
     def __init__(self, weights: Path):
-        import timm
         import torch
 
-        from cpcx.weights import load_state_dict_file
+        from imagenet_objectness import imagenet_classifier
 
-        self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-        self.net.load_state_dict(load_state_dict_file(weights))
-        self.net.eval()
+        self.net = imagenet_classifier("lite0", weights)
         cfg = self.net.pretrained_cfg
         self.mean = torch.tensor(cfg["mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg["std"]).view(1, 3, 1, 1)

@@ -54,6 +54,17 @@ NETWORKS = ("lite0", "lite2")
 THRESHOLDS = (0.1, 0.2, 0.3)
 
 
+def imagenet_classifier(name: str, weights: Path):
+    """timm's ``tf_efficientnet_<name>`` with its 1000-way ImageNet head, from a ``cpcx weights import`` file."""
+    import timm
+
+    from cpcx.weights import load_state_dict_file
+
+    net = timm.create_model(f"tf_efficientnet_{name}", pretrained=False, num_classes=1000)
+    net.load_state_dict(load_state_dict_file(weights))
+    return net.eval()
+
+
 def dense_class_probs(net, image, classes: list[str], size: int):
     """(len(classes), h, w): the summed per-location ImageNet probability of each VOC class's ImageNet classes,
     image and mirror averaged. ``net``: a timm EfficientNet with its classifier."""
@@ -109,13 +120,11 @@ def label_iou(masks, label_maps) -> float:
 
 def measure(runs: list[Path], size: int, weights_dir: Path) -> dict:
     import numpy as np
-    import timm
     from scipy.stats import spearmanr
 
     from cpcx.data import build_dataset
     from cpcx.data.palette import load_label_png
     from cpcx.recipe import load_recipe
-    from cpcx.weights import load_state_dict_file
     from diagnose_pseudo import object_area_shares, scene_of
 
     recipe = load_recipe(runs[0] / "pseudo" / "recipe.resolved.yaml", [])
@@ -131,9 +140,7 @@ def measure(runs: list[Path], size: int, weights_dir: Path) -> dict:
         doc["pseudo"][str(run)] = {"fg_iou": label_iou(masks, pseudo), "area_rank": rank(object_area_shares(pseudo))}
     for name in NETWORKS:
         start = time.perf_counter()
-        net = timm.create_model(f"tf_efficientnet_{name}", pretrained=False, num_classes=1000)
-        net.load_state_dict(load_state_dict_file(weights_dir / f"efficientnet_{name}.safetensors"))
-        net.eval()
+        net = imagenet_classifier(name, weights_dir / f"efficientnet_{name}.safetensors")
         mass = [present_mass(dense_class_probs(net, dataset.load_image(i), classes, size), labels[i])
                 for i in range(len(dataset))]
         doc["networks"][name] = {
