@@ -47,6 +47,8 @@ def test_dense_probs_follow_the_head_at_every_location_and_sum_per_class():
     assert dense.shape == (2, 2, 2)
     everything = io.dense_class_probs(net, image, list(io.VOC_TO_IMAGENET), size=64)
     assert (everything.sum(0) <= 1 + 1e-5).all() and (dense >= 0).all()  # disjoint parts of one softmax
+    mirrored = io.dense_class_probs(net, np.ascontiguousarray(image[:, ::-1]), ["cat", "dog"], size=64)
+    assert np.allclose(mirrored, dense[..., ::-1], atol=1e-5)  # image and mirror averaged, each in its own frame
     # the head's global logits are the mean of the dense ones (linear head after a mean pool)
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
