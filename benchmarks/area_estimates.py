@@ -181,15 +181,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cpcx import atomic
+    from results_exec import command_line, write_report
 
     torch.set_num_threads(1)
-    doc = {"command": " ".join(["benchmarks/area_estimates.py", *(argv if argv is not None else sys.argv[1:])]),
+    doc = {"command": command_line(__file__, argv),
            "runs": {str(run): estimate_run(run, not args.no_crf) for run in args.runs}}
-    atomic.write_json(args.out.with_suffix(".json"), doc)
-    text = render(doc)
-    atomic.write_text(args.out.with_suffix(".md"), text)
-    print(text)
+    print(write_report(doc, args.out, render))
     return 0
 
 

@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,6 +74,19 @@ def nearest_object_class(labels):
     return labels[rows, cols]
 
 
+class Geometry(NamedTuple):
+    """What the band functions read of a label map: each pixel's distance to its boundary (``boundary_distance``)
+    and the class of its nearest object pixel (``nearest_object_class``). Two distance transforms of the image,
+    about 50 ms at 500 × 375: ``_image`` computes them once for all its decodings."""
+
+    distance: Any
+    nearest: Any
+
+
+def geometry_of(labels) -> Geometry:
+    return Geometry(boundary_distance(labels > 0), nearest_object_class(labels))
+
+
 def error_split(mask, labels, patch: float, edges=EDGES):
     """Pixel counts of the object/background errors by distance (patches of ``patch`` px): false object (predicted
     object, true background) by its distance to the true object; missed object by its distance to the predicted
@@ -90,19 +104,22 @@ def error_split(mask, labels, patch: float, edges=EDGES):
     return {"false_object": false_object, "missed": missed, "both": int((truth & predicted).sum())}
 
 
-def band_oracle(mask, labels, band_px: float):
+def band_oracle(mask, labels, band_px: float, geometry: Geometry | None = None):
     """The label map with object vs background taken from ``mask`` within ``band_px`` of its own boundary; pixels
-    that become object take the nearest predicted object's class; ignored pixels and the rest are unchanged."""
+    that become object take the nearest predicted object's class; ignored pixels and the rest are unchanged.
+    ``geometry``: the labels' ``geometry_of``, when the caller has it."""
+    geometry = geometry or geometry_of(labels)
     objects = labels > 0
-    band = (boundary_distance(objects) <= band_px) & (mask != 255)
+    band = (geometry.distance <= band_px) & (mask != 255)
     out = labels.copy()
     out[band & (mask == 0)] = 0
     grow = band & (mask > 0) & ~objects
-    out[grow] = nearest_object_class(labels)[grow]
+    out[grow] = geometry.nearest[grow]
     return out
 
 
-def grabcut_band(image, labels, object_prob, sure_object: float, sure_background: float, iterations: int):
+def grabcut_band(image, labels, object_prob, sure_object: float, sure_background: float, iterations: int,
+                 geometry: Geometry | None = None):
     """GrabCut over the image seeded by the maps' object probability ``object_prob`` (H, W): fixed object above
     ``sure_object``, fixed background below ``1 - sure_background``, the CRF ``labels`` the probable rest. Pixels
     that become object take the nearest labelled object's class."""
@@ -120,10 +137,11 @@ def grabcut_band(image, labels, object_prob, sure_object: float, sure_background
     cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), seeds, None, background, foreground, iterations,
                 cv2.GC_INIT_WITH_MASK)
     refined = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
-    return np.where(refined, np.where(objects, labels, nearest_object_class(labels)), 0).astype(labels.dtype)
+    nearest = (geometry or geometry_of(labels)).nearest
+    return np.where(refined, np.where(objects, labels, nearest), 0).astype(labels.dtype)
 
 
-def ridge_band(features, grid, labels, band_px: float, lam: float):
+def ridge_band(features, grid, labels, band_px: float, lam: float, geometry: Geometry | None = None):
     """Object vs background re-decided within ``band_px`` of the labels' boundary by a ridge classifier fitted on
     this image's pixels outside the band. ``features`` (h·w, d) standardised, sampled at stride 4 (``grid`` =
     (h, w)); the label map is read at the same points and the score upsampled back to it."""
@@ -131,8 +149,8 @@ def ridge_band(features, grid, labels, band_px: float, lam: float):
     import torch
     import torch.nn.functional as F
 
-    objects = labels > 0
-    distance = boundary_distance(objects)
+    geometry = geometry or geometry_of(labels)
+    objects, distance = labels > 0, geometry.distance
     h, w = grid
     rows = np.minimum(np.arange(h) * 4 + 2, labels.shape[0] - 1)
     cols = np.minimum(np.arange(w) * 4 + 2, labels.shape[1] - 1)
@@ -146,7 +164,7 @@ def ridge_band(features, grid, labels, band_px: float, lam: float):
     score = torch.from_numpy((x @ weights).reshape(1, 1, h, w)).float()
     score = F.interpolate(score, labels.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
     refined = np.where(distance <= band_px, score > 0.5, objects)
-    return np.where(refined, np.where(objects, labels, nearest_object_class(labels)), 0).astype(labels.dtype)
+    return np.where(refined, np.where(objects, labels, geometry.nearest), 0).astype(labels.dtype)
 
 
 class FineFeatures:
@@ -211,10 +229,11 @@ def _image(i: int):
     patch = max(mask.shape) / 24
     object_prob = 1 - upsample(maps[i].float(), classes, mask.shape).numpy()[0]
     features, grid = _STATE["features"](image)
+    geometry = geometry_of(labels)
     decoded = {"as shipped": labels,
-               **{f"band oracle {b:g}": band_oracle(mask, labels, b * patch) for b in BANDS},
-               "grabcut": grabcut_band(image, labels, object_prob, **GRABCUT),
-               "ridge": ridge_band(features, grid, labels, RIDGE["band"] * patch, RIDGE["lam"])}
+               **{f"band oracle {b:g}": band_oracle(mask, labels, b * patch, geometry) for b in BANDS},
+               "grabcut": grabcut_band(image, labels, object_prob, **GRABCUT, geometry=geometry),
+               "ridge": ridge_band(features, grid, labels, RIDGE["band"] * patch, RIDGE["lam"], geometry)}
     return i, mask, decoded, error_split(mask, labels, patch)
 
 
@@ -303,15 +322,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cpcx import atomic
+    from results_exec import command_line, write_report
 
     torch.set_num_threads(1)
-    doc = {"command": " ".join(["benchmarks/boundary_band.py", *(argv if argv is not None else sys.argv[1:])]),
+    doc = {"command": command_line(__file__, argv),
            "runs": {str(run): score_run(run, args.workers, args.weights, args.limit) for run in args.runs}}
-    atomic.write_json(args.out.with_suffix(".json"), doc)
-    text = render(doc)
-    atomic.write_text(args.out.with_suffix(".md"), text)
-    print(text)
+    print(write_report(doc, args.out, render))
     return 0
 
 

@@ -180,15 +180,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cpcx import atomic
+    from results_exec import command_line, write_report
 
     torch.set_num_threads(1)
-    doc = {"command": " ".join(["benchmarks/imagenet_objectness.py", *(argv if argv is not None else sys.argv[1:])]),
+    doc = {"command": command_line(__file__, argv),
            "size": args.size, **measure(args.runs, args.size, args.weights_dir)}
-    atomic.write_json(args.out.with_suffix(".json"), doc)
-    text = render(doc)
-    atomic.write_text(args.out.with_suffix(".md"), text)
-    print(text)
+    print(write_report(doc, args.out, render))
     return 0
 
 

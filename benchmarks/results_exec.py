@@ -107,9 +107,24 @@ def save_results(results: dict, out: Path, stem: str, render) -> None:
 
     results.update({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "machine": f"{os.cpu_count()} cores, {platform.machine()}, no GPU"})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(render(results))
+    write_report(results, out / stem, render)
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command a results file names: ``benchmarks/<script>`` and its arguments (``sys.argv`` when None)."""
+    return " ".join([f"benchmarks/{Path(script).name}", *(argv if argv is not None else sys.argv[1:])])
+
+
+def write_report(doc: dict, out: Path, render) -> str:
+    """Write ``doc`` to ``out`` as .json and its table ``render(doc)`` as .md, each atomically (a killed
+    benchmark leaves the previous pair whole); return the table."""
+    from cpcx import atomic
+
+    text = render(doc)
+    atomic.ensure_dir(out.parent)
+    atomic.write_json(out.with_suffix(".json"), doc)
+    atomic.write_text(out.with_suffix(".md"), text)
+    return text
 
 
 def mean_std(values: Sequence[float]) -> str:
