@@ -312,13 +312,6 @@ class PseudoConfig(Section):
     device: Device = Field("auto", description="auto | cpu | cuda | cuda:N.")
     precision: Precision = Field("auto", description="auto | bf16 | fp32.")
 
-    @model_validator(mode="after")
-    def _one_second_pass(self) -> "PseudoConfig":
-        if self.self_training.enabled and self.context_paste.enabled:
-            raise ValueError("self_training and context_paste each run a second pass over the first one's labels "
-                             "and do not combine; enable one of pseudo.self_training and pseudo.context_paste")
-        return self
-
 
 class CRFConfig(Section):
     enabled: bool = Field(True, description="Refine pseudo-labels with a dense CRF.")

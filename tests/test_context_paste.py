@@ -19,6 +19,7 @@ from cpcx.errors import CpcxError
 from cpcx.pseudo import run_pseudo
 from cpcx.recipe import RecipeError, load_recipe
 from test_pseudo import _checkpoint, _labels, _recipe
+from cpcx.pseudo.self_training import FIRST_PASS, PREDICTIONS
 from test_self_training import _cache_tokens
 
 
@@ -110,13 +111,6 @@ def test_the_switch_is_refused_where_the_backbone_trains_or_no_tokens_are_cached
         path = _recipe(tmp_path, voc_root, train=train, pseudo={"context_paste": {"enabled": True}})
         with pytest.raises(RecipeError, match=r"train\.feature_cache: true and train\.unfreeze_blocks: 0"):
             load_recipe(path)
-
-
-def test_the_two_second_passes_do_not_combine(tmp_path, voc_root):
-    path = _recipe(tmp_path, voc_root, train={"unfreeze_blocks": 0}, pseudo={"self_training": {"enabled": True},
-                                               "context_paste": {"enabled": True}})
-    with pytest.raises(RecipeError, match=r"pseudo.*enable one of pseudo\.self_training and pseudo\.context_paste"):
-        load_recipe(path)
 
 
 # -------------------------------------------------------------------------------------------------- the stage
@@ -211,3 +205,42 @@ def test_a_short_second_training_starts_from_the_runs_network(tmp_path, voc_root
     start = torch.load(recipe.run_dir("train") / "weights" / "best.pt", weights_only=True)["model"]
     for key, value in start.items():
         torch.testing.assert_close(saved["model"][key], value, rtol=0, atol=1e-6)
+
+
+def test_with_self_training_the_routing_makes_the_first_pass_and_the_pasted_network_trains_once(tmp_path, voc_root):
+    path, recipe = _paste_recipe(tmp_path, voc_root)
+    both = load_recipe(path, ["name=both", "pseudo.self_training.enabled=true", "pseudo.self_training.folds=2",
+                              "pseudo.self_training.epochs=2", "pseudo.self_training.head_channels=8",
+                              "pseudo.self_training.aspp_rates=[1,1,1]",
+                              f"train.feature_cache_dir={recipe.run_dir('train') / 'features'}"])
+    (both.run_dir("train") / "weights").mkdir(parents=True)
+    checkpoint = recipe.run_dir("train") / "weights" / "best.pt"
+    (both.run_dir("train") / "weights" / "best.pt").write_bytes(checkpoint.read_bytes())
+    (both.run_dir("clusters")).mkdir(parents=True)
+    for f in recipe.run_dir("clusters").iterdir():
+        (both.run_dir("clusters") / f.name).write_bytes(f.read_bytes())
+    run = _console()
+    labels_dir = run_pseudo(both, console=run)
+    stage = both.run_dir("pseudo")
+    first, final = _labels(stage / FIRST_PASS), _labels(labels_dir)
+    assert len(first) == len(final) == 8
+    # The first pass is exactly what the context paste alone writes: the same routing, the same pasted network.
+    routed = _labels(run_pseudo(recipe, console=_console()))
+    assert all((first[k] == routed[k]).all() for k in routed)
+    assert any((first[k] != final[k]).any() for k in final)  # the heads are mixed into the final pass
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["self_training"] is True and metrics["context_paste"] is True
+    weights = stage / PASTE_DIR / "weights"
+    assert len((stage / PASTE_DIR / "metrics.csv").read_text().splitlines()) == 3  # trained once: header + 2 epochs
+    assert run.export_text().count("a second network learns") == 1
+
+    stamps = (weights / "last.pt").stat().st_mtime_ns, (stage / PREDICTIONS).stat().st_mtime_ns
+    ids = build_dataset(both.dataset, "train").ids
+    multi = multi_class(build_dataset(both.dataset, "train").labels)
+    lost = [next(k for i, k in enumerate(ids) if multi[i]), next(k for i, k in enumerate(ids) if not multi[i])]
+    for image_id in lost:
+        (labels_dir / f"{image_id}.png").unlink()
+    run_pseudo(both, console=_console())
+    assert ((weights / "last.pt").stat().st_mtime_ns, (stage / PREDICTIONS).stat().st_mtime_ns) == stamps
+    resumed = _labels(labels_dir)
+    assert all((resumed[k] == final[k]).all() for k in final)

@@ -172,15 +172,23 @@ def load_or_train(path, n: int, train: Callable[[], torch.Tensor], log) -> torch
     return probs  # float16 (2 bytes per image, class and cell): HeadMix converts a batch at a time
 
 
-def heads_for_stage(recipe, ranks, dataset, predictor, u, cache, crf, probe, console) -> HeadMix:
-    """The first pass (``labels_first/``, resumable), then the heads trained on it by rank 0 (or read back from
-    ``self_training.pt``) → the :class:`HeadMix` the second pass decodes with."""
+def crf_of_first_pass(recipe, st):
+    """The CRF the first pass labels with: the stage's, unless ``first_pass_crf`` is false (its maps' argmax)."""
+    from cpcx.crf import CRFParams
+
+    return CRFParams.from_config(recipe.crf) if recipe.crf.enabled and st.first_pass_crf else None
+
+
+def heads_for_stage(recipe, ranks, dataset, first_pass, cache, console) -> HeadMix:
+    """The first pass (``labels_first/``, resumable; ``first_pass(folder, todo, crf)`` labels every rank's list
+    ``todo`` into ``folder``, as ``routing.LabellingPasses.first_pass`` does), then the heads trained on it by rank 0
+    (or read back from ``self_training.pt``) → the :class:`HeadMix` the second pass decodes with."""
     from cpcx import atomic, distributed, shard
     from cpcx.data.palette import load_label_png
-    from cpcx.pseudo.labelling import label_images, remove_torn_files, with_progress
+    from cpcx.pseudo.labelling import remove_torn_files, with_progress
     from cpcx.runs import output_written
 
-    cfg, st = recipe.pseudo, recipe.pseudo.self_training
+    st = recipe.pseudo.self_training
     stage_dir = recipe.run_dir("pseudo")
     first = stage_dir / FIRST_PASS
     if ranks.is_main:
@@ -189,14 +197,13 @@ def heads_for_stage(recipe, ranks, dataset, predictor, u, cache, crf, probe, con
     distributed.barrier()
     todo = [i for i, image_id in enumerate(dataset.ids) if not output_written(first / f"{image_id}.png")]
     distributed.barrier()  # every rank has listed the same images before any writes one
-    mine = shard.shard_blocks(todo, ranks.rank, ranks.world_size, cfg.batch_size)
-    if mine:
+    if todo:
         console.print(f"self-training, first pass: {len(todo)} of {len(dataset)} images to label → {first}")
-        start = time.perf_counter()
-        with_progress(console, len(mine), lambda advance: label_images(
-            predictor, dataset, mine, u, first, crf if st.first_pass_crf else None, cfg.workers, cfg.batch_size, None,
-            advance, cache, probe))
-        console.print(f"[green]✔[/] first pass: {len(mine)} labels in {time.perf_counter() - start:.1f} s → {first}")
+    start = time.perf_counter()
+    # Called even when every image is done: with pseudo.context_paste it also makes (or reads back) the second network.
+    first_pass(first, todo, crf_of_first_pass(recipe, st))
+    if todo:
+        console.print(f"[green]✔[/] first pass: {len(todo)} labels in {time.perf_counter() - start:.1f} s → {first}")
     distributed.barrier()  # the heads learn from every image's first-pass label
 
     def train() -> torch.Tensor:

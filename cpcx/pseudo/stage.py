@@ -9,7 +9,8 @@ resumes where it stopped (finished images are skipped) and loses nothing.
 With ``pseudo.self_training`` this is the second of two passes (``cpcx.pseudo.self_training``): the first writes
 ``labels_first/``, grid heads trained k-fold on those relabel each image they never saw, mixed into the maps.
 With ``pseudo.context_paste`` the run's network labels only the images with at most one object class; a second
-network, trained with their objects pasted in (``cpcx.pseudo.context_paste``), labels the others.
+network, trained with their objects pasted in (``cpcx.pseudo.context_paste``), labels the others
+(``cpcx.pseudo.routing``, in both passes when ``pseudo.self_training`` is on too).
 
 The mIoU without CRF (argmax of the upsampled Z) is scored in the same pass from the probabilities already
 in memory, because the CRF can hurt (over-confident Z) and one should see by how much (``cpcx.pseudo.no_crf``).
@@ -31,11 +32,12 @@ from cpcx.crf import CRFParams
 from cpcx.device import report_slow_bf16
 from cpcx.errors import CpcxError
 from cpcx.feature_cache import autocast_tag
-from cpcx.metrics import ConfusionMatrix, scores_from_confusion
+from cpcx.metrics import scores_from_confusion
 from cpcx.pseudo.figures import draw_figures
 from cpcx.pseudo.infer import PatchPredictor, open_token_cache, require_token_cache
-from cpcx.pseudo.labelling import Labeller, label_images, load_or_fit_class_probe, remove_torn_files, with_progress
+from cpcx.pseudo.labelling import Labeller, load_or_fit_class_probe, remove_torn_files
 from cpcx.pseudo.no_crf import MERGED_NAME, NoCRFScores, fold_parts, part_path
+from cpcx.pseudo.routing import LabellingPasses
 
 
 # -------------------------------------------------------------------------------------------- the stage
@@ -143,11 +145,6 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
         predictor, dataset, u, cache, cfg, recipe.seed, probe_path, console) if cfg.class_probe.enabled else None)
     if cfg.class_probe.enabled and not ranks.is_main:
         probe = ClassProbe.load(probe_path)
-    heads = None
-    if cfg.self_training.enabled:  # first pass and heads (read back once done); the labels below: the second pass
-        from cpcx.pseudo.self_training import heads_for_stage
-
-        heads = heads_for_stage(recipe, ranks, dataset, predictor, u, cache, crf, probe, console)
     no_crf = None
     if dataset.has_masks and ranks.enabled:  # each rank counts its images apart; rank 0 folds the parts at the end
         counted = NoCRFScores(stage_dir / MERGED_NAME, dataset.num_classes).ids
@@ -155,38 +152,24 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
     elif dataset.has_masks:
         no_crf = NoCRFScores(stage_dir / MERGED_NAME, dataset.num_classes)
     # The run's network labels the images; with pseudo.context_paste only those with at most one object class, and a
-    # network trained with their objects pasted in labels the others (cpcx.pseudo.context_paste).
-    first = Labeller(predictor, probe, cache, u)
-    first_todo, second_todo = todo, []
-    if cfg.context_paste.enabled:
-        from cpcx.pseudo.context_paste import multi_class, second_network
+    # network trained with their objects pasted in labels the others (cpcx.pseudo.context_paste). With
+    # pseudo.self_training the same routing makes the first pass, and the final pass mixes the heads into both.
+    passes = LabellingPasses(recipe, ranks, dataset, Labeller(predictor, probe, cache, u), crf, console)
+    heads = None
+    if cfg.self_training.enabled:  # first pass and heads (read back once done); the labels below: the second pass
+        from cpcx.pseudo.self_training import heads_for_stage
 
-        multi = multi_class(dataset.labels)
-        first_todo, second_todo = [i for i in todo if not multi[i]], [i for i in todo if multi[i]]
-    mine = shard.shard_blocks(first_todo, ranks.rank, ranks.world_size, cfg.batch_size)
-    kind = " with at most one object class" if cfg.context_paste.enabled else ""
+        heads = heads_for_stage(recipe, ranks, dataset, passes.first_pass, cache, console)
+    first_todo = passes.first_todo(todo)
+    kind = " with at most one object class" if passes.multi is not None else ""
     console.print(f"pseudo-labels for {len(dataset)} {cfg.split} images at {predictor.size}² on {device}"
                   f" ({'CRF with ' + str(cfg.workers) + ' worker(s)' if crf else 'no CRF'}); "
                   f"{len(done_before)} already done"
-                  + (f"; {ranks.world_size} processes, {len(mine)} of the {len(first_todo)}{kind} to do here"
-                     if ranks.enabled else ""))
-    confusion = ConfusionMatrix(dataset.num_classes)
+                  + (f"; {ranks.world_size} processes, {len(passes.mine(first_todo))} of the {len(first_todo)}{kind} "
+                     "to do here" if ranks.enabled else ""))
     start = time.perf_counter()
-
-    def label(labeller: Labeller, mine: list[int]) -> None:
-        if mine:
-            confusion.merge(with_progress(console, len(mine), lambda advance: label_images(
-                labeller.predictor, dataset, mine, labeller.u, labels_dir, crf, cfg.workers, cfg.batch_size, no_crf,
-                advance, labeller.cache, labeller.probe, heads)))
-
-    label(first, mine)
-    second, paste_info = None, {}
-    if cfg.context_paste.enabled:
-        second, paste_info = second_network(recipe, ranks, dataset, labels_dir, cache, console)
-        mine = shard.shard_blocks(second_todo, ranks.rank, ranks.world_size, cfg.batch_size)
-        console.print(f"context paste: the second network labels the {len(second_todo)} images with several "
-                      "object classes still to do" + (f", {len(mine)} of them here" if ranks.enabled else ""))
-        label(second, mine)
+    confusion = passes.run(labels_dir, todo, crf, no_crf, heads)
+    second, paste_info = passes.second, passes.paste_info
     if ranks.enabled:
         # Integer counts: the sum over ranks is exactly one process's matrix. Also waits for every rank's labels.
         confusion.matrix = shard.sum_over_ranks(confusion.matrix, ranks)
@@ -209,7 +192,7 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
     else:
         console.print(f"[dim]{dataset.source}: no ground-truth masks, so no mIoU[/]")
     if cfg.figures:
-        draw_figures(first, dataset, labels_dir, stage_dir / "figures", cfg.figures, heads, second)
+        draw_figures(passes.first, dataset, labels_dir, stage_dir / "figures", cfg.figures, heads, second)
         console.print(f"[green]✔[/] figures of {min(cfg.figures, len(dataset))} images → {stage_dir / 'figures'}")
     return labels_dir
 
