@@ -56,6 +56,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "ep8": (["train.epochs=8"], "8 epochs, not 6"),
     "bg-learned": (["model.background=learned"], "a learned background row instead of one constant logit"),
     "dropout0.4": (["model.dropout=0.4"], "twice the dropout"),
+    "views-transpose": (["train.views=[orig,hflip,transpose]"],
+                        "the transposed grid as a third training view (ViT-PCM's transpose augmentation)"),
     "self-training": (["pseudo.self_training.enabled=true"],
                       "+ the cross-validated self-training round (results.md 8h) beside the context paste"),
     "crf-t1": (["crf.unary_temperature=1"], "CRF unary at temperature 1, not 0.5"),
@@ -156,6 +158,8 @@ def render(doc: dict) -> str:
         lines.append(f"| {variant}: {why} | `{overrides or '—'}` | {', '.join(seeds)} | {cell('all')} | "
                      f"{cell('choose')} | {cell('report')} | {single} / {multi} | {no_crf} | {seconds('train')} | "
                      f"{seconds('pseudo')} |")
+    if doc.get("notes"):
+        lines += [""] + [f"- {note}" for note in doc["notes"]]
     if doc.get("invocations"):
         lines += ["", "Invocations that wrote this file, in order:", ""]
         lines += [f"- `{c}`" for c in doc["invocations"]]
@@ -170,6 +174,7 @@ def main(argv=None) -> int:
                         help="train.feature_cache_dir shared by every run (the fused grid's token cache)")
     parser.add_argument("--score-only", action="store_true", help="score the runs that exist; train nothing")
     parser.add_argument("--merge", type=Path, nargs="+", default=[], help="sweep JSONs of parallel runs to fold in")
+    parser.add_argument("--note", action="append", default=[], help="a line to keep under the table (how runs were made)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sweep-shipped")
     args = parser.parse_args(argv)
     wanted = [v for v in args.only.split(",") if v] or list(VARIANTS)
@@ -184,6 +189,8 @@ def main(argv=None) -> int:
         for variant, by_seed in theirs["rows"].items():
             doc["rows"].setdefault(variant, {}).update(by_seed)
         doc["invocations"] += [c for c in theirs.get("invocations", []) if c not in doc["invocations"]]
+        doc["notes"] = [*doc.get("notes", []), *[n for n in theirs.get("notes", []) if n not in doc.get("notes", [])]]
+    doc["notes"] = [*doc.get("notes", []), *[n for n in args.note if n not in doc.get("notes", [])]]
     logs = ROOT / RUNS_DIR / "sweep-shipped-logs"
     logs.mkdir(parents=True, exist_ok=True)
     if not args.merge:

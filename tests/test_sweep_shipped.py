@@ -54,7 +54,7 @@ def test_unknown_variant_is_refused_with_the_list(capsys):
 
 def test_merge_folds_seeds_of_parallel_sweeps_into_one_row(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"rows": {"topk3": {"0": _entry(55.0, 53.0)}},
-                                                 "invocations": ["a"]}))
+                                                 "invocations": ["a"], "notes": ["made by a shell loop"]}))
     (tmp_path / "b.json").write_text(json.dumps({"rows": {"topk3": {"1": _entry(56.0, 54.0)},
                                                           "shipped": {"0": _entry(55.8, 53.9)}},
                                                  "invocations": ["b"]}))
@@ -63,6 +63,7 @@ def test_merge_folds_seeds_of_parallel_sweeps_into_one_row(tmp_path):
     doc = json.loads(out.with_suffix(".json").read_text())
     assert list(doc["rows"]) == ["shipped", "topk3"] and sorted(doc["rows"]["topk3"]) == ["0", "1"]
     assert doc["invocations"] == ["a", "b"]
+    assert "- made by a shell loop" in out.with_suffix(".md").read_text()
 
 
 def test_score_only_skips_runs_that_do_not_exist(tmp_path, monkeypatch):
