@@ -129,11 +129,12 @@ def score_run(variant: str, seed: int, cache: str) -> dict:
 
 def render(doc: dict) -> str:
     lines = ["# Training knobs of voc-mini as it ships (issue 20)", "",
-             f"`.venv/bin/python {doc['command']}`" if doc.get("command") else "", "",
+             f"`.venv/bin/python {doc['command']}`" if len(doc.get("invocations", [])) == 1 else
+             "Made by the invocations listed below the table, merged (`--merge`).", "",
              f"CRF pseudo-label mIoU of the 311 train images (object/background IoU in brackets); choose = the first "
              f"{CHOOSE} ids, where a setting may be picked; report = the other {311 - CHOOSE}, never used to pick. "
-             "Seconds: `stage.json` of each run (train includes no token extraction: the cache is shared; two runs "
-             "side by side on the 2 cores).", "",
+             "Seconds: `stage.json` of each run, mean over its seeds (train includes a token extraction only for a "
+             "variant whose grid or views need a cache of their own); runs shared the 2 cores (see below).", "",
              "| variant | overrides | seeds | all | choose | report | single / multi | no CRF | train s | pseudo s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for variant, by_seed in doc["rows"].items():
