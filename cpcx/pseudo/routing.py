@@ -20,11 +20,10 @@ class LabellingPasses:
     second network (``second``, with what ``metrics.json`` records of it in ``paste_info``) is made by the first
     pass that needs it and reused by the next."""
 
-    def __init__(self, recipe, ranks, dataset, first: Labeller, crf, console):
+    def __init__(self, recipe, ranks, dataset, first: Labeller, console):
         from cpcx.pseudo.context_paste import multi_class
 
-        self.recipe, self.ranks, self.dataset, self.first, self.crf, self.console = (
-            recipe, ranks, dataset, first, crf, console)
+        self.recipe, self.ranks, self.dataset, self.first, self.console = recipe, ranks, dataset, first, console
         self.multi = multi_class(dataset.labels) if recipe.pseudo.context_paste.enabled else None
         self.second: Labeller | None = None
         self.paste_info: dict = {}

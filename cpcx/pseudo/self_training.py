@@ -172,14 +172,7 @@ def load_or_train(path, n: int, train: Callable[[], torch.Tensor], log) -> torch
     return probs  # float16 (2 bytes per image, class and cell): HeadMix converts a batch at a time
 
 
-def crf_of_first_pass(recipe, st):
-    """The CRF the first pass labels with: the stage's, unless ``first_pass_crf`` is false (its maps' argmax)."""
-    from cpcx.crf import CRFParams
-
-    return CRFParams.from_config(recipe.crf) if recipe.crf.enabled and st.first_pass_crf else None
-
-
-def heads_for_stage(recipe, ranks, dataset, first_pass, cache, console) -> HeadMix:
+def heads_for_stage(recipe, ranks, dataset, first_pass, cache, crf, console) -> HeadMix:
     """The first pass (``labels_first/``, resumable; ``first_pass(folder, todo, crf)`` labels every rank's list
     ``todo`` into ``folder``, as ``routing.LabellingPasses.first_pass`` does), then the heads trained on it by rank 0
     (or read back from ``self_training.pt``) → the :class:`HeadMix` the second pass decodes with."""
@@ -201,7 +194,7 @@ def heads_for_stage(recipe, ranks, dataset, first_pass, cache, console) -> HeadM
         console.print(f"self-training, first pass: {len(todo)} of {len(dataset)} images to label → {first}")
     start = time.perf_counter()
     # Called even when every image is done: with pseudo.context_paste it also makes (or reads back) the second network.
-    first_pass(first, todo, crf_of_first_pass(recipe, st))
+    first_pass(first, todo, crf if st.first_pass_crf else None)
     if todo:
         console.print(f"[green]✔[/] first pass: {len(todo)} labels in {time.perf_counter() - start:.1f} s → {first}")
     distributed.barrier()  # the heads learn from every image's first-pass label

@@ -154,12 +154,12 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
     # The run's network labels the images; with pseudo.context_paste only those with at most one object class, and a
     # network trained with their objects pasted in labels the others (cpcx.pseudo.context_paste). With
     # pseudo.self_training the same routing makes the first pass, and the final pass mixes the heads into both.
-    passes = LabellingPasses(recipe, ranks, dataset, Labeller(predictor, probe, cache, u), crf, console)
+    passes = LabellingPasses(recipe, ranks, dataset, Labeller(predictor, probe, cache, u), console)
     heads = None
     if cfg.self_training.enabled:  # first pass and heads (read back once done); the labels below: the second pass
         from cpcx.pseudo.self_training import heads_for_stage
 
-        heads = heads_for_stage(recipe, ranks, dataset, passes.first_pass, cache, console)
+        heads = heads_for_stage(recipe, ranks, dataset, passes.first_pass, cache, crf, console)
     first_todo = passes.first_todo(todo)
     kind = " with at most one object class" if passes.multi is not None else ""
     console.print(f"pseudo-labels for {len(dataset)} {cfg.split} images at {predictor.size}² on {device}"
