@@ -105,7 +105,8 @@ def run_variant(variant: str, seed: int, cache: str, logs: Path) -> dict:
             continue
         if variant != "shipped" and stage != "pseudo" and reuse_shipped(recipe, shipped, stage):
             continue
-        seconds[stage] = round(run_cpcx([stage, "-r", RECIPE, *overrides], logs / f"{run_name(variant, seed)}-{stage}.log"))
+        log = logs / f"{run_name(variant, seed)}-{stage}.log"
+        seconds[stage] = round(run_cpcx([stage, "-r", RECIPE, *overrides], log))
     return seconds
 
 
@@ -129,7 +130,7 @@ def score_run(variant: str, seed: int, cache: str) -> dict:
 
 def render(doc: dict) -> str:
     lines = ["# Training knobs of voc-mini as it ships (issue 20)", "",
-             f"`.venv/bin/python {doc['command']}`" if len(doc.get("invocations", [])) == 1 else
+             f"`.venv/bin/python {doc['invocations'][0]}`" if len(doc.get("invocations", [])) == 1 else
              "Made by the invocations listed below the table, merged (`--merge`).", "",
              f"CRF pseudo-label mIoU of the 311 train images (object/background IoU in brackets); choose = the first "
              f"{CHOOSE} ids, where a setting may be picked; report = the other {311 - CHOOSE}, never used to pick. "
@@ -167,6 +168,11 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _extend_new(items: list, more) -> None:
+    """Append the entries of ``more`` that ``items`` lacks, in order (invocations and notes of merged sweeps)."""
+    items += [m for m in more if m not in items]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help=f"comma-separated variants of: {', '.join(VARIANTS)}")
@@ -189,9 +195,9 @@ def main(argv=None) -> int:
         theirs = json.loads(other.read_text())
         for variant, by_seed in theirs["rows"].items():
             doc["rows"].setdefault(variant, {}).update(by_seed)
-        doc["invocations"] += [c for c in theirs.get("invocations", []) if c not in doc["invocations"]]
-        doc["notes"] = [*doc.get("notes", []), *[n for n in theirs.get("notes", []) if n not in doc.get("notes", [])]]
-    doc["notes"] = [*doc.get("notes", []), *[n for n in args.note if n not in doc.get("notes", [])]]
+        _extend_new(doc.setdefault("invocations", []), theirs.get("invocations", []))
+        _extend_new(doc.setdefault("notes", []), theirs.get("notes", []))
+    _extend_new(doc.setdefault("notes", []), args.note)
     logs = ROOT / RUNS_DIR / "sweep-shipped-logs"
     logs.mkdir(parents=True, exist_ok=True)
     if not args.merge:
@@ -206,12 +212,9 @@ def main(argv=None) -> int:
                 print(f"{run_name(variant, seed)}: all {entry['parts']['all']['miou']:.1f}, choose "
                       f"{entry['parts']['choose']['miou']:.1f} (ran {ran or 'nothing'}, "
                       f"{time.perf_counter() - start:.0f} s)", flush=True)
-        command = command_line("benchmarks/sweep_shipped.py", argv)
-        if command not in doc["invocations"]:
-            doc["invocations"].append(command)
+        _extend_new(doc["invocations"], [command_line("benchmarks/sweep_shipped.py", argv)])
     doc["rows"] = {v: doc["rows"][v] for v in [*VARIANTS, *sorted(set(doc["rows"]) - set(VARIANTS))]
                    if v in doc["rows"]}
-    doc["command"] = doc["invocations"][-1] if doc["invocations"] else ""
     write_report(doc, args.out, render)
     return 0
 

@@ -35,9 +35,9 @@ def _entry(all_miou: float, choose: float) -> dict:
 
 
 def test_render_gives_each_seed_and_keeps_choose_and_report_apart():
-    doc = {"rows": {"topk3": {"1": _entry(56.0, 54.0), "0": _entry(55.0, 53.0)}}, "invocations": ["x"],
-           "command": "x"}
+    doc = {"rows": {"topk3": {"1": _entry(56.0, 54.0), "0": _entry(55.0, 53.0)}}, "invocations": ["x"]}
     table = sweep.render(doc)
+    assert "`.venv/bin/python x`" in table  # one invocation: its command heads the table
     row = next(line for line in table.splitlines() if line.startswith("| topk3:"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[2] == "0, 1"
