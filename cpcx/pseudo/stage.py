@@ -10,7 +10,8 @@ With ``pseudo.self_training`` this is the second of two passes (``cpcx.pseudo.se
 ``labels_first/``, grid heads trained k-fold on those relabel each image they never saw, mixed into the maps.
 With ``pseudo.context_paste`` the run's network labels only the images with at most one object class; a second
 network, trained with their objects pasted in (``cpcx.pseudo.context_paste``), labels the others
-(``cpcx.pseudo.routing``, in both passes when ``pseudo.self_training`` is on too).
+(``cpcx.pseudo.routing``, in both passes when ``pseudo.self_training`` is on too). With ``pseudo.saliency`` a
+salient-object network's foreground is mixed into the upsampled maps of every pass (``cpcx.pseudo.saliency``).
 
 The mIoU without CRF (argmax of the upsampled Z) is scored in the same pass from the probabilities already
 in memory, because the CRF can hurt (over-confident Z) and one should see by how much (``cpcx.pseudo.no_crf``).
@@ -154,7 +155,13 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
     # The run's network labels the images; with pseudo.context_paste only those with at most one object class, and a
     # network trained with their objects pasted in labels the others (cpcx.pseudo.context_paste). With
     # pseudo.self_training the same routing makes the first pass, and the final pass mixes the heads into both.
-    passes = LabellingPasses(recipe, ranks, dataset, Labeller(predictor, probe, cache, u), console)
+    saliency = None
+    if cfg.saliency.enabled:  # the salient-object maps of this rank's images first, cached (cpcx.pseudo.saliency)
+        from cpcx.pseudo.saliency import SaliencyMix, saliency_folder
+
+        saliency = SaliencyMix(cfg.saliency, dataset, saliency_folder(cfg.saliency, stage_dir, dataset))
+        saliency.ensure(shard.shard_blocks(todo, ranks.rank, ranks.world_size, cfg.batch_size), cfg.workers, console)
+    passes = LabellingPasses(recipe, ranks, dataset, Labeller(predictor, probe, cache, u), console, saliency)
     heads = None
     if cfg.self_training.enabled:  # first pass and heads (read back once done); the labels below: the second pass
         from cpcx.pseudo.self_training import heads_for_stage
@@ -187,6 +194,7 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
                 "flip": cfg.flip,
                 "class_max_norm": cfg.class_max_norm, "class_probe": cfg.class_probe.enabled,
                 "self_training": cfg.self_training.enabled, "context_paste": cfg.context_paste.enabled,
+                "saliency": cfg.saliency.enabled,
                 **({"context_paste_" + k: v for k, v in paste_info.items()}), "feature_cache": cache is not None}
         _score(stage_dir, dataset, labels_dir, done_before, confusion, no_crf, crf, info, console)
     else:
