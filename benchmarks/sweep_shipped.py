@@ -1,4 +1,4 @@
-"""Training knobs of voc-mini *as it ships* (fused grid, class probe, context paste, CRF), scored as issue 20 asks.
+"""Knobs of voc-mini *as it ships* (fused grid, class probe, context paste, CRF), scored as issue 20 asks.
 
     .venv/bin/python benchmarks/sweep_shipped.py --only topk3,topk12 --seeds 0           # screen on seed 0
     .venv/bin/python benchmarks/sweep_shipped.py --only shipped,topk12 --seeds 0 1 2      # confirm a choice
@@ -63,6 +63,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "crf-t1": (["crf.unary_temperature=1"], "CRF unary at temperature 1, not 0.5"),
     "img448": (["model.img_size=448", "pseudo.img_size=448", "model.topk=11"],
                "a 32×32 grid instead of 24×24 (Lite0 reads 512 px; k scaled with the patch count)"),
+    "saliency": (["pseudo.saliency.enabled=true", "pseudo.saliency.weights=../weights/isnet.onnx",
+                  f"pseudo.saliency.cache_dir={RUNS_DIR}/saliency-voc"],
+                 "+ ISNet's foreground mixed into the maps (pseudo.saliency, weights 0.5 / 0.2; `make weights-saliency`)"),
 }
 
 
@@ -129,7 +132,7 @@ def score_run(variant: str, seed: int, cache: str) -> dict:
 
 
 def render(doc: dict) -> str:
-    lines = ["# Training knobs of voc-mini as it ships (issue 20)", "",
+    lines = ["# Knobs of voc-mini as it ships (issue 20)", "",
              f"`.venv/bin/python {doc['invocations'][0]}`" if len(doc.get("invocations", [])) == 1 else
              "Made by the invocations listed below the table, merged (`--merge`).", "",
              f"CRF pseudo-label mIoU of the 311 train images (object/background IoU in brackets); choose = the first "
