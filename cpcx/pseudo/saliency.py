@@ -139,8 +139,10 @@ class SaliencyMix:
 
     def ensure(self, indices: Sequence[int], workers: int, console, label=None) -> None:
         """Compute the maps of ``indices`` that are not on disk yet (``workers`` processes, with progress)."""
+        from concurrent.futures.process import BrokenProcessPool
+
         from cpcx import atomic
-        from cpcx.crf import crf_pool
+        from cpcx.crf import crf_pool, worker_death
         from cpcx.pseudo.labelling import remove_torn_files, with_progress
         from cpcx.runs import output_written
 
@@ -165,6 +167,11 @@ class SaliencyMix:
                 for future in futures:
                     future.result()
                     advance(1)
+            except BrokenProcessPool:
+                why, stopped = worker_death(pool)
+                fix = ("re-run to resume" if stopped else "lower pseudo.workers and re-run (calling this from a "
+                       "script? guard the call with `if __name__ == '__main__':`, worker processes re-import it)")
+                raise CpcxError(f"pseudo.saliency: {why}; the finished maps are kept, {fix}") from None
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
 
