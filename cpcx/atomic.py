@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then ``os.replace``.
+"""Atomic file writes: a temp file in the same folder, fsync, then ``os.replace`` (and ``file_sha256``, the one
+file hash that tells whether an input changed).
 
 A stage killed half-way therefore leaves either the old file or the new one, never a torn one.
 Every output of cpcx goes through these helpers.
@@ -6,6 +7,7 @@ Every output of cpcx goes through these helpers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import errno
 import io
 import json
@@ -133,3 +135,12 @@ def _csv_cell(value: Any) -> str:
         return f"{value:.6g}"
     text = str(value)
     return f'"{text}"' if "," in text else text
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

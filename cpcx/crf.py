@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cpcx.errors import CpcxError
+
 #: Probabilities are clipped here before the log (pydensecrf's ``unary_from_softmax`` default).
 UNARY_CLIP = 1e-5
 
@@ -157,7 +159,16 @@ def crf_pool(workers: int):
     return pool
 
 
-def worker_death(pool) -> tuple[str, bool]:
+def broken_pool_error(pool, field: str, kept: str, lower: str, kind: str = "CRF") -> CpcxError:
+    """The one message for a pool of worker processes that broke (``worker_death``'s cause): what is kept and the
+    fix, re-running alone when the workers were stopped from outside."""
+    why, stopped = worker_death(pool, kind)
+    fix = ("re-run to resume" if stopped else f"lower {lower} and re-run (calling this from a script? guard the call "
+           "with `if __name__ == '__main__':`, worker processes re-import the script)")
+    return CpcxError(f"{field}: {why}; {kept}, {fix}")
+
+
+def worker_death(pool, kind: str = "CRF") -> tuple[str, bool]:
     """Why a CRF pool broke, from its workers' exit codes: (the start of an error message, whether the workers
     were stopped from outside, so that re-running is the whole fix).
 
@@ -174,15 +185,15 @@ def worker_death(pool) -> tuple[str, bool]:
         time.sleep(0.05)
     codes = [c for c in (p.exitcode for p in processes) if c is not None and c != 0]
     if -signal.SIGKILL in codes:
-        return "a CRF worker process was killed (SIGKILL: the out-of-memory killer, typically)", False
+        return f"a {kind} worker process was killed (SIGKILL: the out-of-memory killer, typically)", False
     if codes and all(c == -signal.SIGTERM for c in codes):
-        return "the CRF worker processes were stopped by SIGTERM from outside (sent to the whole process group)", True
+        return f"the {kind} worker processes were stopped by SIGTERM from outside (sent to the whole process group)", True
     if codes:
         code = next(c for c in codes if c != -signal.SIGTERM)
         how = f"signal {-code} ({signal.Signals(-code).name})" if code < 0 and -code in signal.valid_signals() \
             else f"exit code {code}"
-        return f"a CRF worker process died ({how})", False
-    return "a CRF worker process died", False
+        return f"a {kind} worker process died ({how})", False
+    return f"a {kind} worker process died", False
 
 
 def warm_up() -> None:

@@ -138,3 +138,26 @@ def test_a_broken_pool_says_why_its_workers_died(sig, says, stopped):
         assert says in why and from_outside is stopped
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_a_broken_pool_is_one_message_naming_its_workers_the_field_and_the_fix():
+    """Both pools of `cpcx pseudo` (CRF, saliency) say it the same way: what died, what is kept, what to lower."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from cpcx.crf import broken_pool_error, crf_pool
+
+    pool = crf_pool(1)
+    try:
+        pool.submit(sum, [1, 2]).result()
+        os.kill(next(iter(pool._processes)), signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool):
+            for _ in range(100):
+                pool.submit(sum, [1, 2]).result()
+                time.sleep(0.05)
+        error = broken_pool_error(pool, "pseudo.saliency", "the finished maps are kept", "pseudo.workers",
+                                  kind="saliency")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    text = str(error)
+    assert text.startswith("pseudo.saliency: a saliency worker process was killed (SIGKILL")
+    assert "the finished maps are kept, lower pseudo.workers and re-run" in text

@@ -17,8 +17,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 from rich.console import Console
 
-from cpcx.crf import CRFParams, CRFTask, crf_pool, run_task, worker_death
-from cpcx.errors import CpcxError
+from cpcx.crf import CRFParams, CRFTask, broken_pool_error, crf_pool, run_task
 from cpcx.metrics import ConfusionMatrix
 from cpcx.pseudo.infer import PatchPredictor, channel_argmax, upsample
 from cpcx.pseudo.no_crf import NoCRFScores
@@ -92,11 +91,8 @@ def label_images(
             try:
                 _, label_map = future.result()
             except BrokenProcessPool:
-                why, stopped = worker_death(pool)
-                fix = ("re-run to resume" if stopped else "lower pseudo.workers or pseudo.batch_size and "
-                       "re-run (calling run_pseudo from a script? guard the call with `if __name__ == '__main__':`, "
-                       "worker processes re-import the script)")
-                raise CpcxError(f"pseudo.workers: {why}; finished labels are kept, {fix}") from None
+                raise broken_pool_error(pool, "pseudo.workers", "finished labels are kept",
+                                        "pseudo.workers or pseudo.batch_size") from None
             if mask is not None:
                 confusion.update(mask, label_map)
             if progress is not None:

@@ -107,21 +107,15 @@ def load_map(path: Path) -> np.ndarray:
         return np.asarray(image, np.float32) / 255.0
 
 
-def network_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
 def saliency_folder(cfg, stage_dir: Path, dataset) -> Path:
     """Where one network at one input size keeps the maps of one data set's images: ``<cache_dir or the stage
     folder>/saliency/<network hash>-<size>-<data set hash>`` (maps are named by image id, which two data sets can
     share)."""
+    from cpcx import atomic
+
     root = cfg.cache_dir if cfg.cache_dir is not None else stage_dir
     source = hashlib.sha256(str(dataset.source).encode()).hexdigest()[:8]
-    return Path(root) / "saliency" / f"{network_hash(cfg.weights)}-{cfg.size}-{source}"
+    return Path(root) / "saliency" / f"{atomic.file_sha256(cfg.weights)[:12]}-{cfg.size}-{source}"
 
 
 class SaliencyMix:
@@ -142,7 +136,7 @@ class SaliencyMix:
         from concurrent.futures.process import BrokenProcessPool
 
         from cpcx import atomic
-        from cpcx.crf import crf_pool, worker_death
+        from cpcx.crf import broken_pool_error, crf_pool
         from cpcx.pseudo.labelling import remove_torn_files, with_progress
         from cpcx.runs import output_written
 
@@ -168,10 +162,8 @@ class SaliencyMix:
                     future.result()
                     advance(1)
             except BrokenProcessPool:
-                why, stopped = worker_death(pool)
-                fix = ("re-run to resume" if stopped else "lower pseudo.workers and re-run (calling this from a "
-                       "script? guard the call with `if __name__ == '__main__':`, worker processes re-import it)")
-                raise CpcxError(f"pseudo.saliency: {why}; the finished maps are kept, {fix}") from None
+                raise broken_pool_error(pool, "pseudo.saliency", "the finished maps are kept", "pseudo.workers",
+                                        kind="saliency") from None
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
 

@@ -21,7 +21,6 @@ prepares the folder and trains the class probe before the others start, and scor
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -50,20 +49,12 @@ def find_checkpoint(recipe) -> Path:
     raise CpcxError(f"{weights / 'best.pt'}: no trained checkpoint; run `cpcx train -r <recipe>` first")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _drop_if_new_checkpoint(recipe, stage_dir: Path, checkpoint: Path, console: Console) -> None:
     """Labels made by another checkpoint (re-trained with the same recipe) must not be kept as finished."""
     from cpcx.runs import drop_stale_outputs
 
     record = stage_dir / "checkpoint.json"
-    current = {"path": str(checkpoint.resolve()), "sha256": _file_sha256(checkpoint)}
+    current = {"path": str(checkpoint.resolve()), "sha256": atomic.file_sha256(checkpoint)}
     try:
         previous = json.loads(record.read_text())
     except (OSError, ValueError):
