@@ -141,7 +141,9 @@ def render(doc: dict) -> str:
              "variant whose grid or views need a cache of their own); runs shared the 2 cores (see below).", "",
              "| variant | overrides | seeds | all | choose | report | single / multi | no CRF | train s | pseudo s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for variant, by_seed in doc["rows"].items():
+    # the table's order is VARIANTS' (the json's keys may come back sorted), unknown rows last
+    for variant in [*[v for v in VARIANTS if v in doc["rows"]], *sorted(set(doc["rows"]) - set(VARIANTS))]:
+        by_seed = doc["rows"][variant]
         seeds = sorted(by_seed, key=int)
         rows = [by_seed[s] for s in seeds]
 
@@ -216,8 +218,6 @@ def main(argv=None) -> int:
                       f"{entry['parts']['choose']['miou']:.1f} (ran {ran or 'nothing'}, "
                       f"{time.perf_counter() - start:.0f} s)", flush=True)
         _extend_new(doc["invocations"], [command_line("benchmarks/sweep_shipped.py", argv)])
-    doc["rows"] = {v: doc["rows"][v] for v in [*VARIANTS, *sorted(set(doc["rows"]) - set(VARIANTS))]
-                   if v in doc["rows"]}
     write_report(doc, args.out, render)
     return 0
 

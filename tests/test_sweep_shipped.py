@@ -92,3 +92,11 @@ def test_a_decoding_variant_copies_the_shipped_training_and_a_training_variant_d
     assert (decoding.run_dir("train") / "weights.pt").read_text() == "train"
     assert not sweep.reuse_shipped(training, shipped, "train") and not training.run_dir("train").exists()
     assert sweep.reuse_shipped(training, shipped, "clusters")  # topk leaves the clusters as they are
+
+
+def test_render_orders_the_rows_as_the_variants_are_listed_whatever_the_json_order():
+    doc = {"rows": {"zz-unknown": {"0": _entry(1.0, 1.0)}, "topk3": {"0": _entry(2.0, 2.0)},
+                    "shipped": {"0": _entry(3.0, 3.0)}}, "invocations": ["x", "y"]}
+    rows = [line.split(":")[0] for line in sweep.render(doc).splitlines() if line.startswith("| ") and ":" in line
+            and not line.startswith("| variant")]
+    assert rows == ["| shipped", "| topk3", "| zz-unknown"]

@@ -43,7 +43,7 @@ class LabellingPasses:
             return confusion
         if self.second is None:
             self.second, self.paste_info = second_network(self.recipe, self.ranks, self.dataset,
-                                                          self.donor_folder(folder, todo, crf), self.first.cache,
+                                                          self.donor_folder(folder, crf), self.first.cache,
                                                           self.console)
         rest = [i for i in todo if self.multi[i]]
         mine = self.mine(rest)
@@ -53,7 +53,7 @@ class LabellingPasses:
         self._label(self.second, rest, folder, crf, no_crf, heads, confusion)
         return confusion
 
-    def donor_folder(self, folder: Path, todo: Sequence[int], crf) -> Path:
+    def donor_folder(self, folder: Path, crf) -> Path:
         """Where the pasted network reads its donors: the pass's own labels, or with ``pseudo.saliency`` the
         single-class images labelled again without it into ``pseudo/paste/donors/``: pasted objects at the
         saliency's larger extent gave a second network that lost 1.9 on seed 2's multi-class images (56.3 against
@@ -71,7 +71,7 @@ class LabellingPasses:
             remove_torn_files(donors)
         single = [i for i in range(len(self.dataset)) if not self.multi[i]
                   and not output_written(donors / f"{self.dataset.ids[i]}.png")]
-        if single and todo:
+        if single:
             self.console.print(f"context paste: the donors, {len(single)} single-class images labelled again without "
                                f"the saliency → {donors}")
         self._label(self.first, single, donors, crf, None, None, ConfusionMatrix(self.dataset.num_classes),
