@@ -169,11 +169,16 @@ class SaliencyMix:
 
         with_progress(console, len(todo), work, label=label or "saliency")
 
-    def __call__(self, i: int, full: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
+    def map(self, i: int) -> np.ndarray:
+        """Image i's saliency (H, W) in [0, 1], read back (or computed here, once, when missing: another rank's
+        share, or a map removed since)."""
         path = self.path(i)
-        if not path.is_file():  # another rank's share, or a map removed since: computed here, once
+        if not path.is_file():
             _compute(str(self.cfg.weights), self.cfg.size, self.dataset.load_image(i), path)
-        saliency = load_map(path)
+        return load_map(path)
+
+    def __call__(self, i: int, full: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
+        path, saliency = self.path(i), self.map(i)
         if saliency.shape != tuple(full.shape[1:]):
             raise CpcxError(f"{path}: saliency map of {saliency.shape[1]}×{saliency.shape[0]} for an image of "
                             f"{full.shape[2]}×{full.shape[1]}; delete the folder {self.folder} and re-run")
