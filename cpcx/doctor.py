@@ -87,10 +87,10 @@ def _recipe_checks(recipe) -> list[Check]:
         elif label == "backbone weights" and recipe.model.pretrained:
             checks.append(Check(True, label, f"timm download of {recipe.model.backbone} (needs internet once)",
                                 required=False))
-    if recipe.pseudo.saliency.enabled:  # the recipe already checked the file; the runtime is checked here
-        runtime = _module("onnxruntime", "saliency (pseudo.saliency)", "pip install 'cpcx[weights]' (onnxruntime)")
-        checks.append(Check(True, runtime.name, f"{recipe.pseudo.saliency.weights} with {runtime.detail}")
-                      if runtime.ok else runtime)
+    for section, cfg in (("pseudo.saliency", recipe.pseudo.saliency), ("segment.saliency", recipe.segment.saliency)):
+        if cfg.enabled:  # the recipe already checked the file; the runtime is checked here
+            runtime = _module("onnxruntime", f"saliency ({section})", "pip install 'cpcx[weights]' (onnxruntime)")
+            checks.append(Check(True, runtime.name, f"{cfg.weights} with {runtime.detail}") if runtime.ok else runtime)
     checks.append(_llm_check(recipe))
     return checks
 

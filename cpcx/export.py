@@ -7,8 +7,8 @@ The exported graph's input convention, the same for both formats:
   order of the file's ``classes`` metadata (ONNX ``metadata_props``, TorchScript extra file ``cpcx.json``).
 
 The normalisation with the encoder's mean/std and the padding to the network's output stride are inside the
-graph, so a caller only converts pixels to [0, 1]. Test-time scales, flip and the CRF are not: they are loops
-around the network (``cpcx predict`` does them). After writing (atomically), the file is run on a real image
+graph, so a caller only converts pixels to [0, 1]. Test-time scales, flip, the CRF and ``segment.saliency`` are
+not: they are loops around the network or other networks (``cpcx predict`` does them). After writing (atomically), the file is run on a real image
 of the recipe's data set when its root is there (else a synthetic one) at two sizes and compared with torch.
 """
 from __future__ import annotations

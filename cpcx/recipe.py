@@ -16,6 +16,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator, mod
 from cpcx.recipe_types import (  # the path types, number guards and base section of the schema
     Device, ExistingDir, Precision, RecipePath, Section, WeightsFile, must_be_file, resolve_path,
 )
+from cpcx.recipe_saliency import SaliencyConfig  # noqa: F401  (re-exported, as SegmentConfig)
 from cpcx.recipe_segment import SegmentConfig  # noqa: F401  (re-exported: cpcx.recipe is the schema's one door)
 
 #: The editable prompt templates that ship with cpcx (top-level ``prompts/`` of the project).
@@ -288,35 +289,6 @@ class ContextPasteConfig(Section):
     epochs: Optional[int] = Field(None, ge=1, description="null: the second network trains from scratch on the run's "
                                   "schedule (train.*); N: it starts from the run's network and trains N epochs with "
                                   "the pastes at train.lr_after_warmup.")
-
-
-class SaliencyConfig(Section):
-    """``pseudo.saliency``: a class-agnostic salient-object network mixed into the maps before the CRF
-    (``cpcx.pseudo.saliency``)."""
-
-    enabled: bool = Field(False, description="Mix a salient-object network's foreground into the maps at the "
-                          "image's own resolution (docs/results.md 8n); needs its ONNX file (`cpcx weights import "
-                          "isnet --out weights/isnet.onnx`).")
-    weights: Optional[RecipePath] = Field(None, description="The saliency network's ONNX file (input 1×3×size×size, "
-                                          "first output the foreground probability).")
-    size: int = Field(1024, ge=32, le=4096, description="The network's input size (ISNet: 1024).")
-    weight: float = Field(0.5, ge=0, le=1, description="Weight of the saliency on images with one object class.")
-    weight_multi: float = Field(0.2, ge=0, le=1, description="Weight on images with several object classes (the less "
-                                "salient objects are the network's misses).")
-    cache_dir: Optional[Path] = Field(None, description="Folder for the maps (default: the pseudo stage's; relative to "
-                                      "the working directory, as runs_dir): runs over the same images can share one.")
-
-    @model_validator(mode="after")
-    def _weights_exist_when_enabled(self, info: ValidationInfo) -> "SaliencyConfig":
-        if not self.enabled or not (info.context or {}).get("check_inputs", True):
-            return self
-        fix = "build it with `cpcx weights import isnet --out weights/isnet.onnx` (or `make weights-saliency`)"
-        if self.weights is None:
-            raise ValueError(f"enabled without weights; name the saliency network's ONNX file, and {fix}")
-        if not self.weights.is_file():
-            what = "is a folder, not a file" if self.weights.is_dir() else "does not exist"
-            raise ValueError(f"weights {self.weights} {what}; {fix}")
-        return self
 
 
 class PseudoConfig(Section):

@@ -5,6 +5,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from cpcx.recipe_saliency import SegmentSaliencyConfig
 from cpcx.recipe_types import Device, Precision, Section, WeightsFile
 
 
@@ -37,6 +38,9 @@ class SegmentConfig(Section):
         [0.5, 0.75, 1.0, 1.25, 1.5], min_length=1, description="Test-time scales.")
     flip: bool = Field(True, description="Test-time horizontal flip.")
     crf: bool = Field(False, description="Dense CRF on the predictions.")
+    saliency: SegmentSaliencyConfig = Field(
+        default_factory=SegmentSaliencyConfig,
+        description="A salient-object network's foreground mixed into the predictions (val and cpcx predict).")
     workers: int = Field(2, ge=0, description="DataLoader worker processes.")
     device: Device = Field("auto", description="auto | cpu | cuda | cuda:N.")
     precision: Precision = Field("auto", description="auto | bf16 | fp32.")

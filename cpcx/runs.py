@@ -61,6 +61,7 @@ _ADDED_DEFAULTS: dict[str, Any] = {
     "pseudo.context_paste": {"enabled": False, "probability": 0.5, "min_patches": 4, "shift": 0.25, "epochs": None},
     "pseudo.saliency": {"enabled": False, "weights": None, "size": 1024, "weight": 0.5, "weight_multi": 0.2,
                         "cache_dir": None},
+    "segment.saliency": {"enabled": False, "weights": None, "size": 1024, "weight": 0.2, "cache_dir": None},
 }
 #: Sub-folders derived from a stage's inputs that must go when the inputs change (resumable outputs that
 #: would otherwise be "skipped as finished" although they came from an older recipe).

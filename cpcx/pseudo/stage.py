@@ -148,7 +148,8 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
     # pseudo.self_training the same routing makes the first pass, and the final pass mixes the heads into both.
     saliency = None
     if cfg.saliency.enabled:  # the salient-object maps of this rank's images first, cached (cpcx.pseudo.saliency)
-        from cpcx.pseudo.saliency import SaliencyMix, saliency_folder
+        from cpcx.pseudo.saliency import SaliencyMix
+        from cpcx.saliency import saliency_folder
 
         saliency = SaliencyMix(cfg.saliency, dataset, saliency_folder(cfg.saliency, stage_dir, dataset))
         saliency.ensure(shard.shard_blocks(todo, ranks.rank, ranks.world_size, cfg.batch_size), cfg.workers, console)

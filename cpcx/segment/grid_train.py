@@ -217,8 +217,9 @@ def confusion_from_tokens(model: GridSegNet, cache: FeatureCache, dataset, devic
 
 
 def write_grid_predictions(recipe: Recipe, model: GridSegNet, val_set, folder: Path, indices, device,
-                           crf_params=None, on_image=None, log=print) -> int:
-    """``folder/<id>.png`` for ``val_set[indices]`` from cached tokens (resumable: existing files are kept)."""
+                           crf_params=None, on_image=None, log=print, mix=None) -> int:
+    """``folder/<id>.png`` for ``val_set[indices]`` from cached tokens (resumable: existing files are kept);
+    ``mix(index, probs)`` as in ``infer.write_predictions``."""
     from cpcx.data.palette import save_label_png
     from cpcx.segment.infer import refine_labels
 
@@ -230,6 +231,8 @@ def write_grid_predictions(recipe: Recipe, model: GridSegNet, val_set, folder: P
         if not path.is_file():
             image = val_set.load_image(index)
             probs = probs_from_tokens(model, cache.get_all(index).to(device), cache.views, image.shape[:2])
+            if mix is not None:
+                probs = mix(index, probs)
             save_label_png(path, refine_labels(image, probs, crf_params))
             written += 1
         if on_image is not None:

@@ -113,8 +113,10 @@ def write_predictions(
     precision: str,
     crf_params=None,
     on_image: Callable[[], None] | None = None,
+    mix: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
-    """Write ``folder/<id>.png`` for ``dataset[indices]``, skipping files that exist (resumable); → written."""
+    """Write ``folder/<id>.png`` for ``dataset[indices]``, skipping files that exist (resumable); → written.
+    ``mix(index, probs)``: what the probabilities become before the argmax or CRF (``segment.saliency``)."""
     from cpcx.data.palette import save_label_png
 
     folder = Path(folder)
@@ -123,9 +125,43 @@ def write_predictions(
     for index in indices:
         path = folder / f"{dataset.ids[index]}.png"
         if not path.is_file():
-            label = predict_label(model, dataset.load_image(index), scales, flip, device, precision, crf_params)
+            image = dataset.load_image(index)
+            probs = predict_probs(model, image, scales, flip, device, precision)
+            label = refine_labels(image, probs if mix is None else mix(index, probs), crf_params)
             save_label_png(path, label)  # atomic: a kill never leaves a torn PNG to be skipped next time
             written += 1
         if on_image is not None:
             on_image()
     return written
+
+
+def write_val_predictions(recipe, model: torch.nn.Module, meta: dict, val_set, folder: Path, indices: Iterable[int],
+                          device: torch.device, crf_params=None, on_image: Callable[[], None] | None = None,
+                          log=print, mix: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> int:
+    """``cpcx segment``'s val predictions for either kind of segmenter (a grid one from its cached tokens, an image
+    one at the recipe's scales and flip) into ``folder``, resumable; → written."""
+    from cpcx.segment.grid import GRID_ENCODER
+
+    if meta["encoder"] == GRID_ENCODER:
+        from cpcx.segment.grid_train import write_grid_predictions
+
+        return write_grid_predictions(recipe, model, val_set, folder, indices, device, crf_params, on_image=on_image,
+                                      log=log, mix=mix)
+    cfg = recipe.segment
+    return write_predictions(model, val_set, folder, indices, cfg.scales, cfg.flip, device, cfg.precision, crf_params,
+                             on_image=on_image, mix=mix)
+
+
+def val_saliency(recipe, val_set, indices: Sequence[int], console) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+    """``segment.saliency`` for the val predictions: the maps of ``indices`` computed (or found) in
+    ``<cache_dir or the segment folder>/saliency/…`` → ``mix(index, probs)``; None when the switch is off."""
+    cfg = recipe.segment.saliency
+    if not cfg.enabled:
+        return None
+    from cpcx.saliency import SaliencyMaps, check_network, mix_prediction, saliency_folder
+
+    check_network(cfg.weights, cfg.size, "segment.saliency")
+    maps = SaliencyMaps(cfg, val_set, saliency_folder(cfg, recipe.run_dir("segment"), val_set), "segment.saliency",
+                        "segment.workers")
+    maps.ensure(indices, recipe.segment.workers, console, label="saliency (val)")
+    return lambda index, probs: mix_prediction(probs, maps.map(index, tuple(probs.shape[1:])), cfg.weight)

@@ -234,7 +234,7 @@ def _val_miou(net, val_set, device, precision: str, rank: int, world: int, conso
 # ----------------------------------------------------------------------------------------- inference
 def _predict_and_score(recipe: Recipe, val_set, device, rank: int, world: int, console, log) -> None:
     from cpcx.crf import CRFParams
-    from cpcx.segment.infer import write_predictions
+    from cpcx.segment.infer import val_saliency, write_val_predictions
     from cpcx.segment.networks import load_segnet
 
     cfg = recipe.segment
@@ -247,6 +247,9 @@ def _predict_and_score(recipe: Recipe, val_set, device, rank: int, world: int, c
     crf_params = CRFParams.from_config(recipe.crf) if cfg.crf else None
     source = {"checkpoint": checkpoint.name, "epoch": meta["epoch"], "val_miou": meta["val_miou"],
               "scales": list(cfg.scales), "flip": cfg.flip, "crf": None if crf_params is None else vars(crf_params)}
+    if cfg.saliency.enabled:  # keyed by the network's bytes: another file at the same path redoes the predictions
+        source["saliency"] = {"weights": atomic.file_sha256(cfg.saliency.weights)[:12], "size": cfg.saliency.size,
+                              "weight": cfg.saliency.weight}
     predictions = folder / "predictions"
     stamp = folder / "predictions.source.json"
     if rank == 0:
@@ -258,16 +261,13 @@ def _predict_and_score(recipe: Recipe, val_set, device, rank: int, world: int, c
     distributed.barrier()
     indices = range(rank, len(val_set), world)
     started = time.perf_counter()
-    how = f"{len(cfg.scales)} scale{'s' if len(cfg.scales) > 1 else ''}{' + flip' if cfg.flip else ''}"
+    mix = val_saliency(recipe, val_set, [i for i in indices if not (predictions / f"{val_set.ids[i]}.png").is_file()],
+                       console if rank == 0 else Console(quiet=True))
+    how = f"{len(cfg.scales)} scale{'s' if len(cfg.scales) > 1 else ''}{' + flip' if cfg.flip else ''}" \
+          f"{' + saliency' if mix is not None else ''}"
     with _progress(console, f"predict val ({how})", len(indices), rank == 0) as advance:
-        if meta["encoder"] == GRID_ENCODER:  # from the val images' cached tokens
-            from cpcx.segment.grid_train import write_grid_predictions
-
-            written = write_grid_predictions(recipe, model, val_set, predictions, indices, device, crf_params,
-                                             on_image=advance, log=log)
-        else:
-            written = write_predictions(model, val_set, predictions, indices, cfg.scales, cfg.flip, device,
-                                        cfg.precision, crf_params, on_image=advance)
+        written = write_val_predictions(recipe, model, meta, val_set, predictions, indices, device, crf_params,
+                                        on_image=advance, log=log, mix=mix)
     written = int(distributed.all_reduce_sum(torch.tensor([written], device=device)).item())
     log(f"predictions: {written} written, {len(val_set) - written} already there · {predictions}")
     distributed.barrier()
@@ -282,6 +282,7 @@ def _predict_and_score(recipe: Recipe, val_set, device, rank: int, world: int, c
     extra = {"stage": "segment", "best_epoch": source["epoch"], "best_val_miou_single_scale": source["val_miou"],
              "scales": source["scales"], "flip": cfg.flip, "crf": cfg.crf, "arch": cfg.arch, "encoder": cfg.encoder,
              "labels": meta.get("labels", "pseudo"),
+             "saliency": cfg.saliency.weight if cfg.saliency.enabled else None,
              "oracle": meta.get("labels") == "ground_truth",  # trained on the true masks: a reference, not the method
              "train_seconds": _csv_seconds(folder / "metrics.csv"),
              "predict_seconds": round(time.perf_counter() - started, 1)}

@@ -1,0 +1,52 @@
+"""The ``pseudo.saliency`` and ``segment.saliency`` sections of the recipe: a salient-object network mixed into a
+stage's maps (``cpcx.saliency``). Both name the network the same way; each stage has its own switch and weights."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field, ValidationInfo, model_validator
+
+from cpcx.recipe_types import RecipePath, Section
+
+_FIX = "build it with `cpcx weights import isnet --out weights/isnet.onnx` (or `make weights-saliency`)"
+
+
+class SaliencyNetworkConfig(Section):
+    """What both sections share: the switch, the network and where its maps are kept."""
+
+    enabled: bool = Field(False, description="Mix a salient-object network's foreground into the maps at the "
+                          "image's own resolution (docs/results.md 8n, 8o); needs its ONNX file (`cpcx weights "
+                          "import isnet --out weights/isnet.onnx`).")
+    weights: Optional[RecipePath] = Field(None, description="The saliency network's ONNX file (input 1×3×size×size, "
+                                          "first output the foreground probability).")
+    size: int = Field(1024, ge=32, le=4096, description="The network's input size (ISNet: 1024).")
+    cache_dir: Optional[Path] = Field(None, description="Folder for the maps (default: the stage's; relative to the "
+                                      "working directory, as runs_dir): runs over the same images can share one.")
+
+    @model_validator(mode="after")
+    def _weights_exist_when_enabled(self, info: ValidationInfo) -> "SaliencyNetworkConfig":
+        if not self.enabled or not (info.context or {}).get("check_inputs", True):
+            return self
+        if self.weights is None:
+            raise ValueError(f"enabled without weights; name the saliency network's ONNX file, and {_FIX}")
+        if not self.weights.is_file():
+            what = "is a folder, not a file" if self.weights.is_dir() else "does not exist"
+            raise ValueError(f"weights {self.weights} {what}; {_FIX}")
+        return self
+
+
+class SaliencyConfig(SaliencyNetworkConfig):
+    """``pseudo.saliency``: mixed into the training images' maps before the CRF (``cpcx.pseudo.saliency``)."""
+
+    weight: float = Field(0.5, ge=0, le=1, description="Weight of the saliency on images with one object class.")
+    weight_multi: float = Field(0.2, ge=0, le=1, description="Weight on images with several object classes (the less "
+                                "salient objects are the network's misses).")
+
+
+class SegmentSaliencyConfig(SaliencyNetworkConfig):
+    """``segment.saliency``: mixed into the segmenter's probabilities, for the val predictions of ``cpcx segment``
+    and for ``cpcx predict`` (before ``segment.crf``)."""
+
+    weight: float = Field(0.2, ge=0, le=1, description="Weight of the saliency on every image (a new image's classes "
+                          "are unknown, so there is no weight by scene).")
