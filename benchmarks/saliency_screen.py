@@ -5,11 +5,12 @@
 
 Decodes the run's label-conditioned maps as ``cpcx pseudo`` does (``diagnose_pseudo.decode_as_pseudo``: class probe
 and, with the context paste, the pasted network on the multi-class images), mixes ISNet's foreground into each
-image's upsampled maps with ``cpcx.pseudo.saliency.fuse`` at each setting ``single/multi`` (the weight on images with
-one object class / with several; 0/0 is the run as it is), and scores them through the run's CRF on the first 200 ids
-(``--ids choose``, where the weights may be picked) or the other 111 (``report``), split by scene. The donors of the
-pasted network are the run's own, as the switch makes them. The ISNet maps are computed once into ``--maps``
-(``pseudo.saliency``'s folder layout) and shared by every run of the same images.
+image's upsampled maps with ``cpcx.saliency.fuse`` at each setting ``single/multi`` (the weight on images with one
+object class / with several; a ``+`` before a weight makes that scene's mix add object only; 0/0 is the run as it
+is), and scores them through the run's CRF on the first 200 ids (``--ids choose``, where the weights may be picked)
+or the other 111 (``report``), split by scene. The donors of the pasted network are the run's own, as the switch
+makes them. The ISNet maps are computed once into ``--maps`` (``pseudo.saliency``'s folder layout) and shared by
+every run of the same images.
 """
 from __future__ import annotations
 
@@ -31,9 +32,15 @@ from results_exec import command_line, write_report  # noqa: E402
 PARTS = ("all", "single", "multi")
 
 
-def parse_setting(text: str) -> tuple[float, float]:
+def parse_setting(text: str) -> tuple[tuple[float, bool], tuple[float, bool]]:
+    """``single/multi`` → ((weight, add_only), (weight, add_only)) for each scene; a ``+`` before a weight makes
+    that scene's mix add object only (``fuse(add_only=True)``)."""
     single, _, multi = text.partition("/")
-    return float(single), float(multi or single)
+
+    def one(part: str) -> tuple[float, bool]:
+        return float(part.lstrip("+")), part.startswith("+")
+
+    return one(single), one(multi or single)
 
 
 def screen(run: Path, isnet: Path, settings: list[str], ids: str, maps: Path, workers: int) -> dict:
@@ -43,7 +50,7 @@ def screen(run: Path, isnet: Path, settings: list[str], ids: str, maps: Path, wo
     from cpcx.crf import CRFParams, crf_labels
     from cpcx.metrics import ConfusionMatrix
     from cpcx.pseudo.infer import upsample
-    from cpcx.pseudo.saliency import SaliencyMix, fuse, saliency_folder
+    from cpcx.saliency import SaliencyMaps, fuse, saliency_folder
     from cpcx.recipe import load_recipe
     from diagnose_pseudo import decode_as_pseudo, load_paste_probs, load_run, miou_and_fg, scene_of
 
@@ -52,7 +59,7 @@ def screen(run: Path, isnet: Path, settings: list[str], ids: str, maps: Path, wo
     dataset, probs, feats = load_run(recipe)
     decoded = decode_as_pseudo(probs, feats, dataset.labels, recipe, load_paste_probs(recipe)).float()
     cfg = SimpleNamespace(weights=isnet, size=1024, cache_dir=maps)
-    mix = SaliencyMix(cfg, dataset, saliency_folder(cfg, maps, dataset))
+    mix = SaliencyMaps(cfg, dataset, saliency_folder(cfg, maps, dataset))
     chosen = [i for i in range(len(dataset)) if (i < CHOOSE) == (ids == "choose")]
     mix.ensure(chosen, workers, Console())
     crf, scenes = CRFParams.from_config(recipe.crf), scene_of(dataset.labels)
@@ -64,7 +71,8 @@ def screen(run: Path, isnet: Path, settings: list[str], ids: str, maps: Path, wo
         saliency = mix.map(i)
         for setting in settings:
             single, multi = parse_setting(setting)
-            mixed = fuse(full, classes, saliency, multi if scenes[i] == "multi" else single)
+            weight, add_only = multi if scenes[i] == "multi" else single
+            mixed = fuse(full, classes, saliency, weight, add_only)
             labels = crf_labels(image, mixed.numpy(), classes, crf)
             for part in ("all", str(scenes[i])):
                 matrices[setting][part].update(mask, labels)
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="a run with a finished pseudo stage")
     parser.add_argument("--isnet", type=Path, default=ROOT / "weights" / "isnet.onnx", help="make weights-saliency")
-    parser.add_argument("--settings", nargs="+", default=["0/0", "0.5/0.2"], help="single/multi weights")
+    parser.add_argument("--settings", nargs="+", default=["0/0", "0.5/0.2"], help="single/multi weights, + for add-only")
     parser.add_argument("--ids", choices=("choose", "report"), default="choose")
     parser.add_argument("--maps", type=Path, default=ROOT / "runs-bench" / "saliency-voc", help="ISNet maps' cache_dir")
     parser.add_argument("--workers", type=int, default=2)
@@ -99,7 +107,7 @@ def main(argv=None) -> int:
             weights = parse_setting(setting)
         except ValueError:
             parser.error(f"--settings {setting}: write single/multi weights, e.g. 0.5/0.2")
-        if not all(0 <= w <= 1 for w in weights):
+        if not all(0 <= w <= 1 for w, _ in weights):
             parser.error(f"--settings {setting}: weights lie in 0..1")
     if not args.isnet.is_file():
         parser.error(f"--isnet {args.isnet}: no such file; build it with `make weights-saliency`")
