@@ -8,6 +8,9 @@
 - ``self_training``: ``pseudo.self_training``, a cross-validated self-training round (two passes);
 - ``context_paste``: ``pseudo.context_paste``, a second network trained with pasted objects labels the multi-class
   images;
+- ``routing``: which network labels which image, in each pass;
+- ``saliency``: ``pseudo.saliency``, ISNet's foreground mixed into the maps by scene (the network and the mix are
+  ``cpcx.saliency``, shared with ``segment.saliency``);
 - ``figures``: heat maps and overlays of a fixed sample.
 """
 from cpcx.pseudo.labelling import label_images
