@@ -66,6 +66,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "saliency": (["pseudo.saliency.enabled=true", "pseudo.saliency.weights=../weights/isnet.onnx",
                   f"pseudo.saliency.cache_dir={RUNS_DIR}/saliency-voc"],
                  "+ ISNet's foreground mixed into the maps (pseudo.saliency, weights 0.5 / 0.2; `make weights-saliency`)"),
+    "saliency-add": (["pseudo.saliency.enabled=true", "pseudo.saliency.weights=../weights/isnet.onnx",
+                      f"pseudo.saliency.cache_dir={RUNS_DIR}/saliency-voc", "pseudo.saliency.weight_multi=0.5",
+                      "pseudo.saliency.multi_mode=add"],
+                     "+ pseudo.saliency, the multi-class images' mix adding object only (weights 0.5 / +0.5)"),
 }
 
 

@@ -3,7 +3,7 @@ stage's maps (``cpcx.saliency``). Both name the network the same way; each stage
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, ValidationInfo, model_validator
 
@@ -42,6 +42,9 @@ class SaliencyConfig(SaliencyNetworkConfig):
     weight: float = Field(0.5, ge=0, le=1, description="Weight of the saliency on images with one object class.")
     weight_multi: float = Field(0.2, ge=0, le=1, description="Weight on images with several object classes (the less "
                                 "salient objects are the network's misses).")
+    multi_mode: Literal["mix", "add"] = Field(
+        "mix", description="On images with several object classes: mix (the saliency moves object and background "
+        "both ways) or add (it may make a pixel more object, never less: the less salient objects stay).")
 
 
 class SegmentSaliencyConfig(SaliencyNetworkConfig):

@@ -62,6 +62,31 @@ def test_fuse_add_only_never_takes_object_away():
     assert out[1, 0, 1] > 0.3
 
 
+def test_the_scene_picks_the_weight_and_with_multi_mode_add_the_mix(tmp_path):
+    """SaliencyMix: one object class → ``weight``, symmetric; several → ``weight_multi``, adding object only when
+    ``multi_mode: add``."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from cpcx.pseudo.saliency import SaliencyMix
+
+    labels = np.array([[1, 1, 0], [1, 1, 1]])  # image a: one object class; image b: two
+    dataset = SimpleNamespace(labels=labels, ids=["a", "b"])
+    for name in ("a", "b"):  # saliency 0.1 everywhere: the symmetric mix takes object away
+        Image.fromarray(np.full((1, 1), 26, np.uint8)).save(tmp_path / f"{name}.png")
+    full = torch.tensor([0.2, 0.5, 0.3])[:, None, None]
+    classes = np.array([0, 1, 2])
+    cfg = SimpleNamespace(weights=None, size=64, weight=0.5, weight_multi=0.5, multi_mode="add")
+    mix = SaliencyMix(cfg, dataset, tmp_path)
+    torch.testing.assert_close(mix(0, full, classes), fuse(full, classes, mix.map(0), 0.5))
+    assert mix(0, full, classes)[0] > 0.2  # single-class image: object taken away
+    torch.testing.assert_close(mix(1, full, classes), fuse(full, classes, mix.map(1), 0.5, add_only=True))
+    assert mix(1, full, classes)[0] <= 0.2 + 1e-6  # multi-class image: never more background than the maps said
+    cfg.multi_mode = "mix"
+    assert mix(1, full, classes)[0] > 0.2
+
+
 # ------------------------------------------------------------------------------------------- the network
 def test_predict_runs_at_the_network_size_and_returns_the_image_size(tmp_path):
     path = str(_onnx(tmp_path / "half.onnx", 64))

@@ -233,6 +233,35 @@ def test_pseudo_on_two_processes_equals_one(tmp_path, voc_root):
 
 
 @pytest.mark.slow
+def test_saliency_on_two_processes_equals_one(tmp_path, voc_root):
+    """``pseudo.saliency`` under torchrun: each rank computes the maps of its share, the labels are the bytes of one
+    process's, and the maps folder holds each image's map once."""
+    from saliency_net import left_half_onnx
+    from test_pseudo import _checkpoint, _recipe
+
+    from cpcx.recipe import load_recipe
+
+    network = left_half_onnx(tmp_path / "half.onnx", 64)
+    path = _recipe(tmp_path, voc_root, pseudo={
+        "batch_size": 2, "workers": 1, "figures": 0, "device": "cpu",
+        "saliency": {"enabled": True, "weights": str(network), "size": 64, "weight": 0.5, "weight_multi": 0.5}})
+    recipe = load_recipe(path)
+    _checkpoint(recipe)
+    stage = recipe.run_dir("pseudo")
+    single = _cpcx("pseudo", "-r", str(path))
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-2000:]
+    labels, maps = _files(stage / "labels"), _files(stage / "saliency", "*.png")
+    assert len(labels) == 8 and len(maps) == 8
+
+    shutil.rmtree(stage)
+    sharded = _cpcx("pseudo", "-r", str(path), ranks=2)
+    assert sharded.returncode == 0, sharded.stdout[-2000:] + sharded.stderr[-8000:]
+    assert sharded.stdout.count("saliency: 4 maps") == 1  # rank 0 reports its share; rank 1 computes its own quietly
+    assert _files(stage / "labels") == labels
+    assert _files(stage / "saliency", "*.png") == maps
+
+
+@pytest.mark.slow
 def test_context_paste_on_two_processes(tmp_path, voc_root):
     """``pseudo.context_paste`` under torchrun: the ranks share the first pass, train the second network together
     (DDP, as `cpcx train`) and share the second pass. The single-class images' labels are the bytes one process

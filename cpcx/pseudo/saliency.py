@@ -24,5 +24,7 @@ class SaliencyMix(SaliencyMaps):
         self.multi = multi_class(dataset.labels)
 
     def __call__(self, i: int, full: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
-        weight = self.cfg.weight_multi if self.multi[i] else self.cfg.weight
-        return fuse(full, classes, self.map(i, full.shape[1:]), weight)
+        if self.multi[i]:
+            return fuse(full, classes, self.map(i, full.shape[1:]), self.cfg.weight_multi,
+                        add_only=self.cfg.multi_mode == "add")
+        return fuse(full, classes, self.map(i, full.shape[1:]), self.cfg.weight)
