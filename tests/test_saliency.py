@@ -99,13 +99,18 @@ def test_predict_runs_at_the_network_size_and_returns_the_image_size(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the stage
-def test_pseudo_with_saliency_follows_the_network_and_keeps_its_maps(tmp_path, voc_root):
+def test_pseudo_with_saliency_follows_the_network_and_keeps_its_maps(tmp_path, voc_root, monkeypatch):
+    from cpcx import viz
+
     network = _onnx(tmp_path / "half.onnx", 64)
     saliency = {"enabled": True, "weights": str(network), "size": 64, "weight": 1.0, "weight_multi": 1.0,
                 "cache_dir": str(tmp_path / "maps")}
-    recipe = load_recipe(_recipe(tmp_path, voc_root, pseudo={"saliency": saliency}))
+    recipe = load_recipe(_recipe(tmp_path, voc_root, pseudo={"saliency": saliency, "figures": 1}))
     _checkpoint(recipe)
+    drawn = []  # the heat maps of the figures show the maps the labels came from: the saliency mixed in
+    monkeypatch.setattr(viz, "class_heatmaps", lambda path, image, maps, classes, *a, **k: drawn.append(maps))
     labels_dir = run_pseudo(recipe, console=_quiet())
+    assert len(drawn) == 1 and drawn[0][0, :, int(0.6 * drawn[0].shape[2]):].min() > 0.99  # right half: background
     labels = _labels(labels_dir)
     assert len(labels) == 8
     for image_id, label in labels.items():  # at weight 1 the saliency alone says object or background

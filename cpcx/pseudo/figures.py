@@ -11,10 +11,11 @@ from cpcx.pseudo.labelling import Labeller, class_maps
 
 
 def draw_figures(first: Labeller, dataset, labels_dir: Path, folder: Path, count: int, heads=None,
-                 second: Labeller | None = None) -> None:
+                 second: Labeller | None = None, saliency=None) -> None:
     """Heat maps of Z and label overlays for an evenly spaced, fixed sample of the split: the maps the labels were
     decoded from, by the ``first`` network (re-decided by its class probe and mixed with the self-training ``heads``
-    when there are), the multi-class images by the ``second`` (context paste) when it is given."""
+    when there are), the multi-class images by the ``second`` (context paste) when it is given, with the
+    ``saliency`` (``pseudo.saliency``'s ``SaliencyMix``) mixed in when it is on."""
     from cpcx import viz
     from cpcx.data.palette import load_label_png
     from cpcx.pseudo.context_paste import multi_class
@@ -32,6 +33,8 @@ def draw_figures(first: Labeller, dataset, labels_dir: Path, folder: Path, count
         if heads is not None:
             probs = heads(probs, [i], dataset.labels[i:i + 1])
         full = upsample(probs[0], classes, image.shape[:2])
+        if saliency is not None:
+            full = saliency(i, full, classes)
         argmax = classes[channel_argmax(full)]
         viz.class_heatmaps(folder / "heatmaps" / f"{image_id}.png", image, full.cpu().numpy(), classes, names,
                            title=image_id)

@@ -192,7 +192,7 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
     else:
         console.print(f"[dim]{dataset.source}: no ground-truth masks, so no mIoU[/]")
     if cfg.figures:
-        draw_figures(passes.first, dataset, labels_dir, stage_dir / "figures", cfg.figures, heads, second)
+        draw_figures(passes.first, dataset, labels_dir, stage_dir / "figures", cfg.figures, heads, second, saliency)
         console.print(f"[green]✔[/] figures of {min(cfg.figures, len(dataset))} images → {stage_dir / 'figures'}")
     return labels_dir
 
