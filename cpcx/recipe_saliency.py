@@ -53,3 +53,5 @@ class SegmentSaliencyConfig(SaliencyNetworkConfig):
 
     weight: float = Field(0.2, ge=0, le=1, description="Weight of the saliency on every image (a new image's classes "
                           "are unknown, so there is no weight by scene).")
+    workers: int = Field(2, ge=1, description="Processes that compute the val images' maps, one thread each "
+                         "(segment.workers is the DataLoader's, 0 in voc-mini).")

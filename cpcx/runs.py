@@ -62,7 +62,8 @@ _ADDED_DEFAULTS: dict[str, Any] = {
     "pseudo.saliency.multi_mode": "mix",
     "pseudo.saliency": {"enabled": False, "weights": None, "size": 1024, "weight": 0.5, "weight_multi": 0.2,
                         "cache_dir": None},
-    "segment.saliency": {"enabled": False, "weights": None, "size": 1024, "weight": 0.2, "cache_dir": None},
+    "segment.saliency": {"enabled": False, "weights": None, "size": 1024, "weight": 0.2, "cache_dir": None,
+                         "workers": 2},
 }
 #: Sub-folders derived from a stage's inputs that must go when the inputs change (resumable outputs that
 #: would otherwise be "skipped as finished" although they came from an older recipe).
@@ -132,7 +133,8 @@ def fingerprint(recipe: Recipe, stage: str) -> str:
         node: Any = dumped
         for name in parents:
             node = node.get(name) if isinstance(node, dict) else None
-        if isinstance(node, dict) and node.get(key, value) == value:
+        # neutral keys compared out: a section left at its added default stays out whatever its cache_dir or workers
+        if isinstance(node, dict) and _strip_neutral(node.get(key, value)) == _strip_neutral(value):
             node.pop(key, None)
     payload = {s: _strip_neutral(dumped[s]) for s in sections}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

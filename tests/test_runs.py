@@ -120,6 +120,31 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     fused = load_recipe(recipe_path, ["model.fuse.backbone=tf_efficientnet_lite0", "model.fuse.feature_strides=[16]"])
     assert fingerprint(base, "clusters") == fingerprint(fused, "clusters")
     assert fingerprint(base, "train") != fingerprint(fused, "train")
+    # segment.saliency (added later, test-time only): off it leaves the segment stage as it was, whatever its neutral
+    # keys say; on, it changes the segment stage alone
+    dumped = base.model_dump(mode="json")
+    for section, key in (("train", "trunk_cache"), ("train", "backbone_lr"), ("pseudo", "scales"),
+                         ("pseudo", "class_probe"), ("pseudo", "self_training"), ("clustering", "vote"),
+                         ("model", "feature_strides"), ("pseudo", "context_paste"), ("model", "fuse"),
+                         ("pseudo", "saliency"), ("segment", "saliency"), ("segment", "head_channels"),
+                         ("segment", "aspp_rates"), ("segment", "labels"), ("segment", "optimizer"),
+                         ("segment", "freeze_encoder")):
+        dumped[section].pop(key, None)
+    sections = [s for stage in STAGES for s in STAGES[stage]]
+    before = hashlib.sha256(json.dumps({s: _strip_neutral(dumped[s]) for s in sections}, sort_keys=True).encode())
+    assert fingerprint(base, "segment") == before.hexdigest()[:16]
+    for neutral in ("segment.saliency.workers=4", "segment.saliency.cache_dir=/tmp/maps", "pseudo.saliency.cache_dir=x"):
+        assert fingerprint(base, "segment") == fingerprint(load_recipe(recipe_path, [neutral]), "segment"), neutral
+    weights = recipe_path.parent / "isnet.onnx"
+    weights.write_bytes(b"stand-in")
+    lit = load_recipe(recipe_path, ["segment.saliency.enabled=true", f"segment.saliency.weights={weights}"])
+    assert fingerprint(base, "pseudo") == fingerprint(lit, "pseudo")
+    assert fingerprint(base, "segment") != fingerprint(lit, "segment")
+    on = ["pseudo.saliency.enabled=true", f"pseudo.saliency.weights={weights}"]
+    assert fingerprint(load_recipe(recipe_path, on), "pseudo") == \
+        fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.multi_mode=mix"]), "pseudo")
+    assert fingerprint(load_recipe(recipe_path, on), "pseudo") != \
+        fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.multi_mode=add"]), "pseudo")
 
 
 def test_plan_skips_done_stages_resumes_interrupted_and_redoes_changed(recipe_path):

@@ -162,6 +162,6 @@ def val_saliency(recipe, val_set, indices: Sequence[int], console) -> Callable[[
 
     check_network(cfg.weights, cfg.size, "segment.saliency")
     maps = SaliencyMaps(cfg, val_set, saliency_folder(cfg, recipe.run_dir("segment"), val_set), "segment.saliency",
-                        "segment.workers")
-    maps.ensure(indices, recipe.segment.workers, console, label="saliency (val)")
+                        "segment.saliency.workers")
+    maps.ensure(indices, cfg.workers, console, label="saliency (val)")
     return lambda index, probs: mix_prediction(probs, maps.map(index, tuple(probs.shape[1:])), cfg.weight)
