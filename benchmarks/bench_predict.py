@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/bench_predict.py --weights runs/voc-mini/segment/weights/best.pt --limit 172
     .venv/bin/python benchmarks/bench_predict.py --weights runs-bench/seg-grid-pseudo-s0/segment/weights/best.pt \
         --name predict-grid                                                     # the grid segmenter voc-mini ships
+    .venv/bin/python benchmarks/bench_predict.py --weights runs-cp/vm-s0/segment/weights/best.pt \
+        --isnet weights/isnet.onnx --only "1 scale (" "1 scale + segment.saliency" --name predict-grid-saliency
 
 Without ``--weights`` the smoke recipe's segmenter (EfficientNet-Lite0 DeepLabV3+, the network voc-mini ships)
 is trained for its one epoch on 16 train images, their ground-truth masks standing in for pseudo-labels: the
@@ -64,7 +66,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="repeats per setting (the fastest counts)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default="predict", help="results file stem (predict-grid for a grid segmenter)")
+    parser.add_argument("--isnet", type=Path, default=None,
+                        help="add a row with segment.saliency on, this network (make weights-saliency)")
+    parser.add_argument("--only", nargs="+", default=None, help="run only the settings whose name starts so")
     args = parser.parse_args()
+    if args.isnet is not None and not args.isnet.is_file():
+        parser.error(f"--isnet {args.isnet}: no such file; build it with `make weights-saliency`")
 
     import numpy as np
     import torch
@@ -87,7 +94,12 @@ def main() -> None:
         _, meta = load_segnet(weights)
         arch = f"{meta['arch']} · {meta['encoder']}"
         # A grid segmenter reads every image at its model.img_size: test-time scales do not apply to it.
-        settings = [row for row in SETTINGS if meta["encoder"] != "grid" or "segment.scales=[1.0]" in row[1]]
+        rows = SETTINGS + ([("1 scale + segment.saliency (ISNet at 1024²)",
+                             ["segment.scales=[1.0]", "segment.flip=false", "segment.crf=false",
+                              "segment.saliency.enabled=true", f"segment.saliency.weights={args.isnet.resolve()}"],
+                             False)] if args.isnet is not None else [])
+        settings = [row for row in rows if (meta["encoder"] != "grid" or "segment.scales=[1.0]" in row[1])
+                    and (args.only is None or any(row[0].startswith(prefix) for prefix in args.only))]
         times: dict[str, list[float]] = {name: [] for name, _, _ in settings}
         for repeat in range(args.repeat):
             # Settings alternate and each keeps its fastest repeat: a neighbour that steals a core for a while
