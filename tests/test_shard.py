@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from cpcx.metrics import ConfusionMatrix
 from cpcx.pseudo.no_crf import NoCRFScores, fold_parts, part_path
