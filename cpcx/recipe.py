@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator, mod
 from cpcx.recipe_types import (  # the path types, number guards and base section of the schema
     Device, ExistingDir, Precision, RecipePath, Section, WeightsFile, must_be_file, resolve_path,
 )
-from cpcx.recipe_saliency import SaliencyConfig  # noqa: F401  (re-exported, as SegmentConfig)
+from cpcx.recipe_saliency import SaliencyConfig
 from cpcx.recipe_segment import SegmentConfig  # noqa: F401  (re-exported: cpcx.recipe is the schema's one door)
 
 #: The editable prompt templates that ship with cpcx (top-level ``prompts/`` of the project).
