@@ -77,7 +77,8 @@ def screen_run(run: Path, isnet: Path, weights: list[float], maps: Path, workers
 def render(doc: dict) -> str:
     runs = doc["runs"]
     first = next(iter(runs.values()))
-    lines = ["# segment.saliency's weight on finished segmenters (issue 20)", "", f"`.venv/bin/python {doc['command']}`",
+    lines = ["# segment.saliency's weight on finished segmenters (issue 20)", "",
+             f"`.venv/bin/python {doc['command']}`",
              "", f"Val mIoU of each run's segmenter with ISNet's foreground mixed into its probabilities at each "
              f"weight: all {first['images']} val images, the first {first['choose']} ids (choose) and the other "
              f"{first['images'] - first['choose']} (report); mean ± std over the runs, then each run.", "",
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
     for run in args.runs:
         if not (run / "segment" / "recipe.resolved.yaml").is_file():
             parser.error(f"--runs {run}: no finished segment stage (segment/recipe.resolved.yaml)")
-    doc = {"runs": {str(run): screen_run(run, args.isnet, args.weights, args.maps, args.workers, args.size) for run in args.runs},
+    doc = {"runs": {str(run): screen_run(run, args.isnet, args.weights, args.maps, args.workers, args.size)
+                    for run in args.runs},
            "command": command_line("benchmarks/segment_saliency.py", argv)}
     print(write_report(doc, args.out, render))
     return 0

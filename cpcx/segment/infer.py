@@ -152,7 +152,8 @@ def write_val_predictions(recipe, model: torch.nn.Module, meta: dict, val_set, f
                              on_image=on_image, mix=mix)
 
 
-def val_saliency(recipe, val_set, indices: Sequence[int], console) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+def val_saliency(recipe, val_set, indices: Sequence[int],
+                 console) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
     """``segment.saliency`` for the val predictions: the maps of ``indices`` computed (or found) in
     ``<cache_dir or the segment folder>/saliency/…`` → ``mix(index, probs)``; None when the switch is off."""
     cfg = recipe.segment.saliency
