@@ -45,6 +45,13 @@ class SaliencyConfig(SaliencyNetworkConfig):
     multi_mode: Literal["mix", "add"] = Field(
         "mix", description="On images with several object classes: mix (the saliency moves object and background "
         "both ways) or add (it may make a pixel more object, never less: the less salient objects stay).")
+    passes_multi: int = Field(
+        1, ge=1, le=3, description="Passes of the network on images with several object classes: each pass after the "
+        "first sees the image with what the earlier ones found painted over, and the maps' maximum is mixed in, so a "
+        "second, less salient object counts (docs/results.md 8p). Its maps are kept beside the first pass's.")
+    size_later: int = Field(512, ge=32, le=4096, description="Input size of the passes after the first (ISNet is "
+                            "rebuilt for it, in multiples of 64): 512 found the less salient objects better than 1024, "
+                            "for a quarter of the time (docs/results.md 8p).")
 
 
 class SegmentSaliencyConfig(SaliencyNetworkConfig):

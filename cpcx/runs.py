@@ -60,6 +60,8 @@ _ADDED_DEFAULTS: dict[str, Any] = {
                              "aspp_rates": [2, 4, 6], "lr": 1e-3, "weight_decay": 0.01, "batch_size": 16},
     "pseudo.context_paste": {"enabled": False, "probability": 0.5, "min_patches": 4, "shift": 0.25, "epochs": None},
     "pseudo.saliency.multi_mode": "mix",
+    "pseudo.saliency.passes_multi": 1,
+    "pseudo.saliency.size_later": 512,
     "pseudo.saliency": {"enabled": False, "weights": None, "size": 1024, "weight": 0.5, "weight_multi": 0.2,
                         "cache_dir": None},
     "segment.saliency": {"enabled": False, "weights": None, "size": 1024, "weight": 0.2, "cache_dir": None,

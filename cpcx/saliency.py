@@ -59,8 +59,11 @@ def mix_prediction(probs: torch.Tensor, saliency: np.ndarray, weight: float) -> 
     return fuse(probs, np.arange(probs.shape[0]), saliency, weight)
 
 
-def _session(path: str, threads: int):
-    if (path, threads) not in _SESSIONS:
+def _session(path: str, threads: int, size: int | None = None, field: str = "pseudo.saliency.size"):
+    """The ONNX session of the network at ``path`` (cached per process); with ``size``, rebuilt for size² inputs when
+    its graph declares another fixed size (``_resized_graph``)."""
+    key = (path, threads, size)
+    if key not in _SESSIONS:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -71,22 +74,70 @@ def _session(path: str, threads: int):
         options.intra_op_num_threads = threads  # 1 in the map workers: one process per core
         options.inter_op_num_threads = 1
         try:
-            _SESSIONS[path, threads] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own types for a file that is not a graph
             raise CpcxError(f"{path}: not a saliency network onnxruntime can load ({exc}); build it with "
                             "`cpcx weights import isnet --out <file>`") from None
-    return _SESSIONS[path, threads]
+        declared = session.get_inputs()[0].shape[-2:]
+        if size is not None and any(isinstance(d, int) and d != size for d in declared):
+            session = ort.InferenceSession(_resized_graph(path, size, field), options,
+                                           providers=["CPUExecutionProvider"])
+        _SESSIONS[key] = session
+    return _SESSIONS[key]
 
 
-def check_network(path, size: int, section: str, threads: int = 1):
-    """The network's session, its input size checked (called first, so that a wrong file fails before any output
-    is written)."""
-    session = _session(str(path), threads)
-    declared = session.get_inputs()[0].shape[-2:]
-    if any(isinstance(d, int) and d != size for d in declared):
-        raise CpcxError(f"{path}: the saliency network takes {declared[0]}×{declared[1]} inputs, not {size}×{size}; "
-                        f"set {section}.size: {declared[-1]}")
-    return session
+def _resized_graph(path: str, size: int, field: str) -> bytes:
+    """The graph at ``path`` rebuilt for size² inputs, or a CpcxError naming the sizes it can take (and ``field``, the
+    recipe setting to change).
+
+    ISNet is fully convolutional, but its export traced every upsampling at 1024²: each Resize takes its target size
+    from a Concat of the batch and channel dimensions and a constant (h, w). Scaling those constants (and the declared
+    input and output shapes) by size / 1024 gives the same network at another size, exactly when every constant
+    scales to a whole number, as do its declared side outputs (ISNet: multiples of 64, where every pooling halves
+    exactly). A graph built otherwise is refused rather than guessed at."""
+    import math
+
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    graph = model.graph
+    declared = graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    producers = {out: node for node in graph.node for out in node.output}
+    targets = []
+    for node in graph.node:
+        if node.op_type != "Resize":
+            continue
+        concat = producers.get(node.input[3]) if len(node.input) > 3 else None
+        constant = producers.get(concat.input[-1]) if concat is not None and concat.op_type == "Concat" else None
+        if constant is None or constant.op_type != "Constant":
+            targets = []
+            break
+        targets.append(constant.attribute[0].t)
+    if not targets or not declared:
+        raise CpcxError(f"{path}: the saliency network takes {declared}×{declared} inputs, not {size}×{size}, and is "
+                        f"not built the way cpcx can resize (ISNet's upsampling); set {field}: {declared}")
+    values = [numpy_helper.to_array(t) for t in targets]
+    outputs = [d.dim_value for o in graph.output for d in o.type.tensor_type.shape.dim[2:] if d.HasField("dim_value")]
+    step = declared // math.gcd(declared, *[int(v) for a in values for v in a.ravel()], *outputs)
+    if size % step:
+        raise CpcxError(f"{path}: the saliency network runs at multiples of {step} px (it was built at {declared}), "
+                        f"not {size}; set {field}: {max(step, round(size / step) * step)}")
+    for tensor, value in zip(targets, values):
+        tensor.CopyFrom(numpy_helper.from_array((value * size // declared).astype(value.dtype), tensor.name))
+    for value_info in [*graph.input, *graph.output]:
+        dims = value_info.type.tensor_type.shape.dim
+        for dim in dims[2:]:
+            if dim.HasField("dim_value"):
+                dim.dim_value = dim.dim_value * size // declared
+    del graph.value_info[:]  # the traced intermediate shapes: onnxruntime infers them again
+    return model.SerializeToString()
+
+
+def check_network(path, size: int, section: str, threads: int = 1, field: str | None = None):
+    """The network's session at ``size``² (called first, so that a wrong file or size fails before any output is
+    written); ``field``, the setting that gave the size (default ``<section>.size``), is named in messages."""
+    return _session(str(path), threads, size, field or f"{section}.size")
 
 
 def predict(path: str, image: np.ndarray, size: int, section: str = "pseudo.saliency", threads: int = 1) -> np.ndarray:
@@ -107,13 +158,30 @@ def predict(path: str, image: np.ndarray, size: int, section: str = "pseudo.sali
     return np.asarray(Image.fromarray(out).resize((width, height), Image.BILINEAR), np.float32).clip(0, 1)
 
 
-def _compute(path: str, size: int, image: np.ndarray, out: Path, section: str) -> str:
-    """Worker task: one image's saliency written atomically as an 8-bit PNG."""
+def erase(image: np.ndarray, saliency: np.ndarray) -> np.ndarray:
+    """The (H, W, 3) uint8 image with its salient part painted over by the mean colour of the rest, in proportion to
+    the saliency (H, W): what a further pass of the network sees, so that the next most salient object stands out."""
+    x = image.astype(np.float32)
+    salient = np.asarray(saliency, np.float32)[..., None]
+    rest = 1.0 - salient
+    fill = (x * rest).sum((0, 1)) / max(float(rest.sum()), 1e-6)
+    return np.round(x * rest + fill * salient).clip(0, 255).astype(np.uint8)
+
+
+def _compute(path: str, size: int, image: np.ndarray, out: Path, section: str, passes: int = 1,
+             first: Path | None = None, later_size: int | None = None) -> str:
+    """Worker task: one image's saliency written atomically as an 8-bit PNG. With ``passes`` > 1 the maximum of the
+    passes, each after the first at ``later_size``² (default ``size``) on the image with the union of the earlier
+    ones erased (``erase``); the first pass is read from ``first`` (its 8-bit map, computed by the one-pass maps)
+    when given, not run again."""
     from PIL import Image
 
     from cpcx import atomic
 
-    saliency = np.round(predict(path, image, size, section) * 255).astype(np.uint8)
+    saliency = load_map(first) if first is not None else predict(path, image, size, section)
+    for _ in range(passes - 1):
+        saliency = np.maximum(saliency, predict(path, erase(image, saliency), later_size or size, section))
+    saliency = np.round(saliency * 255).astype(np.uint8)
     atomic.write_with(out, lambda handle: Image.fromarray(saliency).save(handle, format="PNG"))
     return out.name
 
@@ -125,26 +193,36 @@ def load_map(path: Path) -> np.ndarray:
         return np.asarray(image, np.float32) / 255.0
 
 
-def saliency_folder(cfg, stage_dir: Path, dataset) -> Path:
+def saliency_folder(cfg, stage_dir: Path, dataset, passes: int = 1, later_size: int | None = None) -> Path:
     """Where one network at one input size keeps the maps of one data set's images: ``<cache_dir or the stage
-    folder>/saliency/<network hash>-<size>-<data set hash>`` (maps are named by image id, which two data sets can
-    share)."""
+    folder>/saliency/<network hash>-<size>[-p<passes>x<later size>]-<data set hash>`` (maps are named by image id,
+    which two data sets can share)."""
     from cpcx import atomic
 
     root = cfg.cache_dir if cfg.cache_dir is not None else stage_dir
     source = hashlib.sha256(str(dataset.source).encode()).hexdigest()[:8]
-    return Path(root) / "saliency" / f"{atomic.file_sha256(cfg.weights)[:12]}-{cfg.size}-{source}"
+    passes_tag = f"-p{passes}x{later_size or cfg.size}" if passes > 1 else ""
+    return Path(root) / "saliency" / f"{atomic.file_sha256(cfg.weights)[:12]}-{cfg.size}{passes_tag}-{source}"
 
 
 class SaliencyMaps:
     """The saliency maps of a data set's images in ``folder``: computed by ``ensure`` (processes, progress, resumable)
     and read back by ``map``. ``section`` (``pseudo.saliency`` or ``segment.saliency``) names the recipe section whose
-    network (``cfg.weights``, ``cfg.size``) they come from, and ``workers_field`` the setting of their processes."""
+    network (``cfg.weights``, ``cfg.size``) they come from, and ``workers_field`` the setting of their processes.
+    ``passes`` > 1: the maps of ``erase``'s further passes (at ``later_size``²), which start from the one-pass maps of
+    ``first`` (computed there first, and kept for the images that need one pass)."""
 
     def __init__(self, cfg, dataset, folder: Path, section: str = "pseudo.saliency",
-                 workers_field: str = "pseudo.workers"):
+                 workers_field: str = "pseudo.workers", passes: int = 1, first: "SaliencyMaps | None" = None,
+                 later_size: int | None = None):
         self.cfg, self.dataset, self.folder = cfg, dataset, folder
         self.section, self.workers_field = section, workers_field
+        self.passes, self.first, self.later_size = passes, first, later_size
+
+    def _task(self, i: int, image: np.ndarray) -> tuple:
+        first = None if self.first is None else self.first.path(i)
+        return (str(self.cfg.weights), self.cfg.size, image, self.path(i), self.section, self.passes, first,
+                self.later_size)
 
     def path(self, i: int) -> Path:
         return self.folder / f"{self.dataset.ids[i]}.png"
@@ -160,11 +238,18 @@ class SaliencyMaps:
 
         atomic.ensure_dir(self.folder)
         remove_torn_files(self.folder)
+        if self.first is not None:
+            self.first.ensure(indices, workers, console, label)
         todo = [i for i in indices if not output_written(self.path(i))]
         if not todo:
             return
         workers = max(1, workers)
-        console.print(f"saliency: {len(todo)} maps at {self.cfg.size}² by {self.cfg.weights.name} "
+        # the sizes checked here, once: a size the network cannot take fails with one line before any worker starts
+        check_network(self.cfg.weights, self.cfg.size, self.section)
+        if self.passes > 1 and self.later_size:
+            check_network(self.cfg.weights, self.later_size, self.section, field=f"{self.section}.size_later")
+        passes = f", {self.passes} passes (then {self.later_size or self.cfg.size}²)" if self.passes > 1 else ""
+        console.print(f"saliency: {len(todo)} maps at {self.cfg.size}²{passes} by {self.cfg.weights.name} "
                       f"({workers} process(es)) → {self.folder}")
 
         def work(advance) -> None:
@@ -172,8 +257,7 @@ class SaliencyMaps:
             try:
                 futures = []
                 for i in todo:  # images are read here; a bounded queue keeps memory flat
-                    futures.append(pool.submit(_compute, str(self.cfg.weights), self.cfg.size,
-                                               self.dataset.load_image(i), self.path(i), self.section))
+                    futures.append(pool.submit(_compute, *self._task(i, self.dataset.load_image(i))))
                     if len(futures) >= 2 * workers:
                         futures.pop(0).result()
                         advance(1)
@@ -193,7 +277,9 @@ class SaliencyMaps:
         share, or a map removed since); checked against the ``shape`` of the maps it will be mixed into."""
         path = self.path(i)
         if not path.is_file():
-            _compute(str(self.cfg.weights), self.cfg.size, self.dataset.load_image(i), path, self.section)
+            if self.first is not None:
+                self.first.map(i, shape)
+            _compute(*self._task(i, self.dataset.load_image(i)))
         saliency = load_map(path)
         if shape is not None and saliency.shape != tuple(shape):
             raise CpcxError(f"{path}: saliency map of {saliency.shape[1]}×{saliency.shape[0]} for an image of "

