@@ -70,6 +70,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                       f"pseudo.saliency.cache_dir={RUNS_DIR}/saliency-voc", "pseudo.saliency.weight_multi=0.5",
                       "pseudo.saliency.multi_mode=add"],
                      "+ pseudo.saliency, the multi-class images' mix adding object only (weights 0.5 / +0.5)"),
+    "saliency-passes": (["pseudo.saliency.enabled=true", "pseudo.saliency.weights=../weights/isnet.onnx",
+                         f"pseudo.saliency.cache_dir={RUNS_DIR}/saliency-voc", "pseudo.saliency.passes_multi=2",
+                         "pseudo.saliency.weight_multi=0.3"],
+                        "+ pseudo.saliency, two passes on the multi-class images (the second at 512², weights 0.5 / "
+                        "0.3)"),
 }
 
 

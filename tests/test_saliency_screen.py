@@ -14,12 +14,14 @@ import saliency_screen as screen  # noqa: E402
 
 
 def test_a_setting_is_single_slash_multi_and_one_number_means_both():
-    assert screen.parse_setting("0.5/0.2") == ((0.5, False), (0.2, False))
-    assert screen.parse_setting("0.35") == ((0.35, False), (0.35, False))
-    assert screen.parse_setting("0.5/+0.7") == ((0.5, False), (0.7, True))  # + : the mix only adds object
+    assert screen.parse_setting("0.5/0.2") == ((0.5, False), (0.2, False), 1)
+    assert screen.parse_setting("0.35") == ((0.35, False), (0.35, False), 1)
+    assert screen.parse_setting("0.5/+0.7") == ((0.5, False), (0.7, True), 1)  # + : the mix only adds object
+    assert screen.parse_setting("0.5/0.3x2") == ((0.5, False), (0.3, False), 2)  # x2: two passes, multi-class
 
 
-@pytest.mark.parametrize("bad, says", [("half/0.2", "single/multi"), ("0.5/1.5", "0..1"), ("0.5/+1.5", "0..1")])
+@pytest.mark.parametrize("bad, says", [("half/0.2", "single/multi"), ("0.5/1.5", "0..1"), ("0.5/+1.5", "0..1"),
+                                       ("0.5/0.3x4", "1 to 3 passes"), ("0.5/0.3xtwo", "single/multi")])
 def test_bad_settings_and_a_missing_network_are_refused_first(bad, says, tmp_path, capsys):
     with pytest.raises(SystemExit):
         screen.main(["--run", str(tmp_path), "--isnet", str(tmp_path / "x.onnx"), "--settings", bad])
