@@ -20,7 +20,8 @@ class SaliencyNetworkConfig(Section):
                           "import isnet --out weights/isnet.onnx`).")
     weights: Optional[RecipePath] = Field(None, description="The saliency network's ONNX file (input 1×3×size×size, "
                                           "first output the foreground probability).")
-    size: int = Field(1024, ge=32, le=4096, description="The network's input size (ISNet: 1024).")
+    size: int = Field(1024, ge=32, le=4096, description="The network's input size (ISNet: built at 1024; cpcx rebuilds "
+                      "it for any multiple of 64, e.g. 512 at a quarter of the time: docs/results.md 8p).")
     cache_dir: Optional[Path] = Field(None, description="Folder for the maps (default: the stage's; relative to the "
                                       "working directory, as runs_dir): runs over the same images can share one.")
 
