@@ -10,8 +10,8 @@ object class / with several; a ``+`` before a weight makes that scene's mix add 
 multi-class weight takes that scene's maps from two passes, ``pseudo.saliency.passes_multi``, the second at
 ``--size-later``; 0/0 is the run as it is), and scores them through the run's CRF on the first 200 ids (``--ids
 choose``, where the weights may be picked) or the other 111 (``report``), split by scene. The donors of the pasted
-network are the run's own, as the switch makes them. The ISNet maps are computed once into ``--maps`` (``pseudo.saliency``'s folder layout) and shared by
-every run of the same images.
+network are the run's own, as the switch makes them. The ISNet maps are computed once into ``--maps``
+(``pseudo.saliency``'s folder layout) and shared by every run of the same images.
 """
 from __future__ import annotations
 
