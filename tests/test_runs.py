@@ -133,7 +133,8 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
     sections = [s for stage in STAGES for s in STAGES[stage]]
     before = hashlib.sha256(json.dumps({s: _strip_neutral(dumped[s]) for s in sections}, sort_keys=True).encode())
     assert fingerprint(base, "segment") == before.hexdigest()[:16]
-    for neutral in ("segment.saliency.workers=4", "segment.saliency.cache_dir=/tmp/maps", "pseudo.saliency.cache_dir=x"):
+    for neutral in ("segment.saliency.workers=4", "segment.saliency.cache_dir=/tmp/maps",
+                    "pseudo.saliency.cache_dir=x"):
         assert fingerprint(base, "segment") == fingerprint(load_recipe(recipe_path, [neutral]), "segment"), neutral
     weights = recipe_path.parent / "isnet.onnx"
     weights.write_bytes(b"stand-in")

@@ -80,9 +80,9 @@ def test_the_scene_picks_the_weight_and_with_multi_mode_add_the_mix(tmp_path):
     classes = np.array([0, 1, 2])
     cfg = SimpleNamespace(weights=None, size=64, weight=0.5, weight_multi=0.5, multi_mode="add", passes_multi=1)
     mix = SaliencyMix(cfg, dataset, tmp_path)
-    torch.testing.assert_close(mix(0, full, classes), fuse(full, classes, mix.map(0), 0.5))
+    torch.testing.assert_close(mix(0, full, classes), fuse(full, classes, mix.maps.map(0), 0.5))
     assert mix(0, full, classes)[0] > 0.2  # single-class image: object taken away
-    torch.testing.assert_close(mix(1, full, classes), fuse(full, classes, mix.map(1), 0.5, add_only=True))
+    torch.testing.assert_close(mix(1, full, classes), fuse(full, classes, mix.maps.map(1), 0.5, add_only=True))
     assert mix(1, full, classes)[0] <= 0.2 + 1e-6  # multi-class image: never more background than the maps said
     cfg.multi_mode = "mix"
     assert mix(1, full, classes)[0] > 0.2

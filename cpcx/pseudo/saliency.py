@@ -16,31 +16,33 @@ import torch
 from cpcx.saliency import SaliencyMaps, fuse
 
 
-class SaliencyMix(SaliencyMaps):
+class SaliencyMix:
     """``pseudo.saliency`` inside the labelling: ``mix(i, full, classes)`` → the maps with image i's saliency mixed
-    in, the weight chosen by its scene (one object class or several)."""
+    in, the weight chosen by its scene (one object class or several). ``maps`` are the one-pass maps of every image;
+    ``multi_maps`` those the multi-class images use: the same, or with ``passes_multi`` > 1 the passes' maximum,
+    which starts from ``maps``."""
 
     def __init__(self, cfg, dataset, folder, multi_folder=None):
         """``multi_folder``: where the multi-class images' maps of ``cfg.passes_multi`` passes are kept (needed when
         that is above 1; ``cpcx.saliency.saliency_folder`` with the passes)."""
         from cpcx.pseudo.context_paste import multi_class
 
-        super().__init__(cfg, dataset, folder, "pseudo.saliency", "pseudo.workers")
+        self.cfg = cfg
         self.multi = multi_class(dataset.labels)
-        self.multi_maps = self
+        self.maps = SaliencyMaps(cfg, dataset, folder, "pseudo.saliency", "pseudo.workers")
+        self.multi_maps = self.maps
         if cfg.passes_multi > 1:
-            first = SaliencyMaps(cfg, dataset, folder, "pseudo.saliency", "pseudo.workers")  # this one's maps
             self.multi_maps = SaliencyMaps(cfg, dataset, multi_folder, "pseudo.saliency", "pseudo.workers",
-                                           passes=cfg.passes_multi, first=first, later_size=cfg.size_later)
+                                           passes=cfg.passes_multi, first=self.maps, later_size=cfg.size_later)
 
     def ensure(self, indices, workers: int, console, label=None) -> None:
         """One pass on every image of ``indices``, then the further passes on the multi-class ones."""
-        super().ensure(indices, workers, console, label)
-        if self.multi_maps is not self:
+        self.maps.ensure(indices, workers, console, label)
+        if self.multi_maps is not self.maps:
             self.multi_maps.ensure([i for i in indices if self.multi[i]], workers, console, label)
 
     def __call__(self, i: int, full: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
         if self.multi[i]:
             return fuse(full, classes, self.multi_maps.map(i, full.shape[1:]), self.cfg.weight_multi,
                         add_only=self.cfg.multi_mode == "add")
-        return fuse(full, classes, self.map(i, full.shape[1:]), self.cfg.weight)
+        return fuse(full, classes, self.maps.map(i, full.shape[1:]), self.cfg.weight)

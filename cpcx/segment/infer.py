@@ -159,9 +159,9 @@ def val_saliency(recipe, val_set, indices: Sequence[int],
     cfg = recipe.segment.saliency
     if not cfg.enabled:
         return None
-    from cpcx.saliency import SaliencyMaps, check_network, mix_prediction, saliency_folder
+    from cpcx.saliency import SaliencyMaps, mix_prediction, saliency_folder
 
-    check_network(cfg.weights, cfg.size, "segment.saliency")
+    # the network is checked (and loaded) only when a map is missing: SaliencyMaps.ensure, before any worker starts
     maps = SaliencyMaps(cfg, val_set, saliency_folder(cfg, recipe.run_dir("segment"), val_set), "segment.saliency",
                         "segment.saliency.workers")
     maps.ensure(indices, cfg.workers, console, label="saliency (val)")
