@@ -147,15 +147,30 @@ def predict(path: str, image: np.ndarray, size: int, section: str = "pseudo.sali
     from PIL import Image
 
     session = check_network(path, size, section, threads)
-    x = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.float32)
-    x = ((x - 128.0) / 256.0).transpose(2, 0, 1)[None]
-    out = np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0], np.float32)
+    out = np.asarray(session.run(None, {session.get_inputs()[0].name: network_input(image, size)})[0], np.float32)
     if out.size != size * size:
         raise CpcxError(f"{path}: the saliency network returned shape {list(out.shape)}, not one {size}×{size} map; "
                         f"{section}.size must be the network's input size")
     out = out.reshape(size, size).clip(0, 1)
     height, width = image.shape[:2]
     return np.asarray(Image.fromarray(out).resize((width, height), Image.BILINEAR), np.float32).clip(0, 1)
+
+
+def network_input(image: np.ndarray, size: int) -> np.ndarray:
+    """(1, 3, size, size) float32 input of an (H, W, 3) uint8 image, as ISNet's browser and node builds feed it."""
+    from PIL import Image
+
+    x = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.float32)
+    return ((x - 128.0) / 256.0).transpose(2, 0, 1)[None]
+
+
+def network_graph(path, size: int, field: str) -> bytes:
+    """The network's graph at size² inputs: the file's own, or rebuilt (``_resized_graph``)."""
+    check_network(path, size, field.rpartition(".")[0], field=field)  # refuses a size it cannot take
+    declared = _session(str(path), 1).get_inputs()[0].shape[-2:]
+    if any(isinstance(d, int) and d != size for d in declared):
+        return _resized_graph(str(path), size, field)
+    return Path(path).read_bytes()
 
 
 def erase(image: np.ndarray, saliency: np.ndarray) -> np.ndarray:
@@ -169,18 +184,19 @@ def erase(image: np.ndarray, saliency: np.ndarray) -> np.ndarray:
 
 
 def _compute(path: str, size: int, image: np.ndarray, out: Path, section: str, passes: int = 1,
-             first: Path | None = None, later_size: int | None = None) -> str:
+             first: Path | None = None, later_size: int | None = None, later_path: str | None = None) -> str:
     """Worker task: one image's saliency written atomically as an 8-bit PNG. With ``passes`` > 1 the maximum of the
-    passes, each after the first at ``later_size``² (default ``size``) on the image with the union of the earlier
-    ones erased (``erase``); the first pass is read from ``first`` (its 8-bit map, computed by the one-pass maps)
-    when given, not run again."""
+    passes, each after the first at ``later_size``² (default ``size``; by the network at ``later_path``, default
+    ``path``) on the image with the union of the earlier ones erased (``erase``); the first pass is read from
+    ``first`` (its 8-bit map, computed by the one-pass maps) when given, not run again."""
     from PIL import Image
 
     from cpcx import atomic
 
     saliency = load_map(first) if first is not None else predict(path, image, size, section)
     for _ in range(passes - 1):
-        saliency = np.maximum(saliency, predict(path, erase(image, saliency), later_size or size, section))
+        later = predict(later_path or path, erase(image, saliency), later_size or size, section)
+        saliency = np.maximum(saliency, later)
     saliency = np.round(saliency * 255).astype(np.uint8)
     atomic.write_with(out, lambda handle: Image.fromarray(saliency).save(handle, format="PNG"))
     return out.name
@@ -200,9 +216,14 @@ def saliency_folder(cfg, stage_dir: Path, dataset, passes: int = 1, later_size: 
     from cpcx import atomic
 
     root = cfg.cache_dir if cfg.cache_dir is not None else stage_dir
-    source = hashlib.sha256(str(dataset.source).encode()).hexdigest()[:8]
+    source = _source_tag(dataset)
     passes_tag = f"-p{passes}x{later_size or cfg.size}" if passes > 1 else ""
-    return Path(root) / "saliency" / f"{atomic.file_sha256(cfg.weights)[:12]}-{cfg.size}{passes_tag}-{source}"
+    int8 = "-int8" if getattr(cfg, "precision", "float") == "int8" else ""
+    return Path(root) / "saliency" / f"{atomic.file_sha256(cfg.weights)[:12]}-{cfg.size}{int8}{passes_tag}-{source}"
+
+
+def _source_tag(dataset) -> str:
+    return hashlib.sha256(str(dataset.source).encode()).hexdigest()[:8]
 
 
 class SaliencyMaps:
@@ -218,11 +239,33 @@ class SaliencyMaps:
         self.cfg, self.dataset, self.folder = cfg, dataset, folder
         self.section, self.workers_field = section, workers_field
         self.passes, self.first, self.later_size = passes, first, later_size
+        self._networks: dict[int, Path] = {}
+
+    def network(self, size: int, console=None) -> Path:
+        """The file that maps at size²: the recipe's network, or with ``precision: int8`` that network quantized for
+        this data set at this size (``cpcx.saliency_int8``), built here once, on the data set's first images, and
+        kept beside the maps."""
+        if size not in self._networks:
+            path = Path(self.cfg.weights)
+            if getattr(self.cfg, "precision", "float") == "int8":
+                from cpcx import atomic
+                from cpcx.saliency_int8 import CALIBRATION_IMAGES, quantized_network
+
+                field = f"{self.section}.size" if size == self.cfg.size else f"{self.section}.size_later"
+                calibration = range(min(CALIBRATION_IMAGES, len(self.dataset.ids)))
+                path = quantized_network(
+                    lambda: network_graph(self.cfg.weights, size, field),
+                    lambda: [network_input(self.dataset.load_image(i), size) for i in calibration],
+                    self.folder.parent / f"{atomic.file_sha256(self.cfg.weights)[:12]}-{size}-int8-"
+                                         f"{_source_tag(self.dataset)}.onnx", console)
+            self._networks[size] = path
+        return self._networks[size]
 
     def _task(self, i: int, image: np.ndarray) -> tuple:
         first = None if self.first is None else self.first.path(i)
-        return (str(self.cfg.weights), self.cfg.size, image, self.path(i), self.section, self.passes, first,
-                self.later_size)
+        later = str(self.network(self.later_size)) if self.passes > 1 and self.later_size else None
+        return (str(self.network(self.cfg.size)), self.cfg.size, image, self.path(i), self.section, self.passes,
+                first, self.later_size, later)
 
     def path(self, i: int) -> Path:
         return self.folder / f"{self.dataset.ids[i]}.png"
@@ -245,11 +288,14 @@ class SaliencyMaps:
             return
         workers = max(1, workers)
         # the sizes checked here, once: a size the network cannot take fails with one line before any worker starts
-        check_network(self.cfg.weights, self.cfg.size, self.section)
+        if self.passes == 1 or self.first is None:
+            check_network(self.network(self.cfg.size, console), self.cfg.size, self.section)
         if self.passes > 1 and self.later_size:
-            check_network(self.cfg.weights, self.later_size, self.section, field=f"{self.section}.size_later")
+            check_network(self.network(self.later_size, console), self.later_size, self.section,
+                          field=f"{self.section}.size_later")
         passes = f", {self.passes} passes (then {self.later_size or self.cfg.size}²)" if self.passes > 1 else ""
-        console.print(f"saliency: {len(todo)} maps at {self.cfg.size}²{passes} by {self.cfg.weights.name} "
+        int8 = " (int8)" if getattr(self.cfg, "precision", "float") == "int8" else ""
+        console.print(f"saliency: {len(todo)} maps at {self.cfg.size}²{passes} by {self.cfg.weights.name}{int8} "
                       f"({workers} process(es)) → {self.folder}")
 
         def work(advance) -> None:

@@ -150,6 +150,10 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
         fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.passes_multi=1"]), "pseudo")
     assert fingerprint(load_recipe(recipe_path, on), "pseudo") != \
         fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.passes_multi=2"]), "pseudo")
+    assert fingerprint(load_recipe(recipe_path, on), "pseudo") == \
+        fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.precision=float"]), "pseudo")
+    assert fingerprint(load_recipe(recipe_path, on), "pseudo") != \
+        fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.precision=int8"]), "pseudo")
 
 
 def test_plan_skips_done_stages_resumes_interrupted_and_redoes_changed(recipe_path):
