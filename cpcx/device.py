@@ -32,17 +32,30 @@ def resolve_device(spec: str, field: str = "device") -> torch.device:
     raise CpcxError(f"{field}: '{spec}' is not a device; use auto, cpu, cuda or cuda:N")
 
 
-def cpu_bf16_native() -> bool | None:
-    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX on x86, read from /proc/cpuinfo);
-    None where that cannot be told (not Linux). Without it PyTorch emulates bf16 and autocast runs slower
-    than fp32."""
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 ``flags``, ARM ``Features``); None where unreadable."""
     try:
         with open("/proc/cpuinfo") as handle:
             flags = next((line for line in handle if line.startswith(("flags", "Features"))), "")
     except OSError:
         return None
-    words = set(flags.split(":", 1)[-1].split())
-    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})  # "bf16": the ARM feature name (Features line)
+    return set(flags.split(":", 1)[-1].split())
+
+
+def cpu_bf16_native() -> bool | None:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX on x86, read from /proc/cpuinfo);
+    None where that cannot be told (not Linux). Without it PyTorch emulates bf16 and autocast runs slower
+    than fp32."""
+    words = _cpu_flags()
+    return None if words is None else bool(words & {"avx512_bf16", "amx_bf16", "bf16"})  # "bf16": ARM's name
+
+
+def cpu_int8_dot() -> bool | None:
+    """Whether this CPU has 8-bit integer dot products (AVX-512 VNNI, AVX-VNNI or AMX on x86, dot products on ARM),
+    which make an int8 network (``pseudo.saliency.precision: int8``) about 3× faster than float; None where that
+    cannot be told."""
+    words = _cpu_flags()
+    return None if words is None else bool(words & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm"})
 
 
 def slow_bf16_warning(device: torch.device, precision: str, field: str) -> str | None:

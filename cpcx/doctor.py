@@ -91,6 +91,13 @@ def _recipe_checks(recipe) -> list[Check]:
         if cfg.enabled:  # the recipe already checked the file; the runtime is checked here
             runtime = _module("onnxruntime", f"saliency ({section})", "pip install 'cpcx[weights]' (onnxruntime)")
             checks.append(Check(True, runtime.name, f"{cfg.weights} with {runtime.detail}") if runtime.ok else runtime)
+    if recipe.pseudo.saliency.enabled and recipe.pseudo.saliency.precision == "int8":
+        from cpcx.device import cpu_int8_dot
+
+        if cpu_int8_dot() is False:
+            checks.append(Check(False, "CPU int8", "no 8-bit dot products (VNNI): the int8 saliency network may be no "
+                                "faster than the float one here", "set pseudo.saliency.precision: float",
+                                required=False))
     checks.append(_llm_check(recipe))
     return checks
 

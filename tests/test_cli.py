@@ -94,3 +94,23 @@ def test_bf16_on_a_cpu_that_emulates_it_is_named(monkeypatch):
     monkeypatch.setattr(dev, "cpu_bf16_native", lambda: True)
     assert dev.slow_bf16_warning(cpu, "bf16", "train.precision") is None
     assert dev.autocast_dtype(cpu, "bf16") is torch.bfloat16
+
+
+def test_doctor_names_int8_saliency_on_a_cpu_without_int8_dot_products(good_recipe, monkeypatch, tmp_path):
+    """pseudo.saliency.precision int8 where the CPU has no VNNI: an optional check (!) with the fix; with VNNI, or
+    in float, none."""
+    from cpcx import device as dev
+    from cpcx.doctor import _recipe_checks
+    from cpcx.recipe import load_recipe
+
+    network = tmp_path / "isnet.onnx"
+    network.write_bytes(b"stand-in")
+    on = ["pseudo.saliency.enabled=true", f"pseudo.saliency.weights={network}"]
+    int8 = load_recipe(good_recipe, [*on, "pseudo.saliency.precision=int8"])
+    monkeypatch.setattr(dev, "cpu_int8_dot", lambda: False)
+    named = [c for c in _recipe_checks(int8) if c.name == "CPU int8"]
+    assert len(named) == 1 and not named[0].ok and not named[0].required
+    assert named[0].fix == "set pseudo.saliency.precision: float"
+    assert not [c for c in _recipe_checks(load_recipe(good_recipe, on)) if c.name == "CPU int8"]
+    monkeypatch.setattr(dev, "cpu_int8_dot", lambda: True)
+    assert not [c for c in _recipe_checks(int8) if c.name == "CPU int8"]
