@@ -46,7 +46,7 @@ def parse_setting(text: str) -> tuple[tuple[float, bool], tuple[float, bool], in
 
 
 def screen(run: Path, isnet: Path, settings: list[str], ids: str, maps: Path, workers: int, size: int = 1024,
-           size_later: int = 512) -> dict:
+           size_later: int = 512, precision: str = "float") -> dict:
     import numpy as np
     from rich.console import Console
 
@@ -61,7 +61,7 @@ def screen(run: Path, isnet: Path, settings: list[str], ids: str, maps: Path, wo
     recipe = load_recipe(run / "pseudo" / "recipe.resolved.yaml", [])
     dataset, probs, feats = load_run(recipe)
     decoded = decode_as_pseudo(probs, feats, dataset.labels, recipe, load_paste_probs(recipe)).float()
-    cfg = SimpleNamespace(weights=isnet, size=size, cache_dir=maps)
+    cfg = SimpleNamespace(weights=isnet, size=size, cache_dir=maps, precision=precision)
     mix = SaliencyMaps(cfg, dataset, saliency_folder(cfg, maps, dataset))
     chosen = [i for i in range(len(dataset)) if (i < CHOOSE) == (ids == "choose")]
     mix.ensure(chosen, workers, Console())
@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--size", type=int, default=1024, help="the network's input size (pseudo.saliency.size)")
     parser.add_argument("--size-later", type=int, default=512, help="pseudo.saliency.size_later (settings with x2)")
+    parser.add_argument("--precision", choices=("float", "int8"), default="float", help="pseudo.saliency.precision")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "saliency-screen")
     args = parser.parse_args(argv)
     for setting in args.settings:
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
             parser.error(f"--settings {setting}: 1 to 3 passes (pseudo.saliency.passes_multi)")
     if not args.isnet.is_file():
         parser.error(f"--isnet {args.isnet}: no such file; build it with `make weights-saliency`")
-    doc = screen(args.run, args.isnet, args.settings, args.ids, args.maps, args.workers, args.size, args.size_later)
+    doc = screen(args.run, args.isnet, args.settings, args.ids, args.maps, args.workers, args.size, args.size_later,
+                 args.precision)
     doc["command"] = command_line("benchmarks/saliency_screen.py", argv)
     print(write_report(doc, args.out, render))
     return 0

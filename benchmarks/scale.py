@@ -54,7 +54,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_exec import child_env, cpcx_argv, read_json, run_wrapped, save_results, tail  # noqa: E402
-from results_rows import ROOT, VOC_RECIPE  # noqa: E402
+from results_rows import ROOT, SALIENCY_OFF, VOC_RECIPE  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 SIZES = (300, 1000, 3000, 10000)
@@ -69,7 +69,7 @@ CHEAP = ("model.backbone=test_vit", "model.pretrained=false", "model.weights=nul
          "model.img_size=336", "model.lstm_hidden=16", "train.epochs=1", "train.warmup_epochs=0",
          "train.workers=0", "pseudo.img_size=336", "pseudo.workers=1", "pseudo.figures=0",
          "segment.epochs=2", "segment.eval_every=2", "segment.workers=0", "crf.iterations=5",
-         "pseudo.context_paste.enabled=false")
+         "pseudo.context_paste.enabled=false", *SALIENCY_OFF)
 #: Checks: per-image wall seconds may grow by this factor from one N to the next; peak anonymous memory may
 #: exceed the smallest N's by this fraction and this many MiB.
 TIME_GROWTH = 1.30

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_exec import save_results, child_env, cpcx_argv, mean_std, read_json, run_measured, tail  # noqa: E402
-from results_rows import ROOT, VOC_MINI_BEFORE_TRIM, VOC_RECIPE  # noqa: E402
+from results_rows import ROOT, SALIENCY_OFF, VOC_MINI_BEFORE_TRIM, VOC_RECIPE  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
 WORK = "runs-bench"
@@ -39,7 +39,7 @@ WORK = "runs-bench"
 COCO_FUSED = ["model.backbone=vit_small_patch14_dinov2", "model.weights=../weights/dinov2_vits14.safetensors",
               "model.img_size=336", "pseudo.img_size=336", "model.feature_strides=null",
               "model.fuse.backbone=tf_efficientnet_lite0", "model.fuse.weights=../weights/efficientnet_lite0.safetensors",
-              "model.fuse.feature_strides=[16,32]"]
+              "model.fuse.feature_strides=[16,32]", *SALIENCY_OFF]  # coco-mini's saliency: 5 Dec 2026, after these
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@
 grid (docs/backbones.md): its optima need not hold on the grid voc-mini ships now. Each (variant, seed) here is
 
     cpcx clusters|train|pseudo -r recipes/voc-mini.yaml name=sw-<variant>-s<seed> seed=<seed> runs_dir=runs-bench \\
-        train.feature_cache_dir=<--cache> pseudo.workers=1 <the variant's overrides>
+        train.feature_cache_dir=<--cache> pseudo.workers=1 <SALIENCY_OFF> <the variant's overrides>
 
 (a stage already current for that recipe is not run again), then its CRF pseudo-labels are scored on the 311 train
 images: mIoU and object/background IoU on all of them, on the first 200 ids (*choose*: where a setting may be
@@ -37,15 +37,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from backbones import CHOOSE  # noqa: E402
 from results_exec import command_line, mean_std, write_report  # noqa: E402
+from results_rows import SALIENCY_OFF  # noqa: E402
 
 RECIPE = "recipes/voc-mini.yaml"
 RUNS_DIR = "runs-bench"
 STAGES = ("clusters", "train", "pseudo")
 PARTS = ("all", "choose", "report", "single", "multi")
 
-#: name → (overrides, why it is worth a row). Each knob one step either side of what voc-mini ships.
+#: name → (overrides, why it is worth a row). Each knob one step either side of what voc-mini shipped when the sweep
+#: was made, before it took pseudo.saliency (late on 5 Dec 2026; ``SALIENCY_OFF`` pins that off under every
+#: row, so the rows keep meaning, and fingerprinting, what they measured). voc-mini as it ships now: saliency-int8.
 VARIANTS: dict[str, tuple[list[str], str]] = {
-    "shipped": ([], "voc-mini as it ships"),
+    "shipped": ([], "voc-mini as it shipped until late on 5 Dec 2026 (no pseudo.saliency)"),
     "topk3": (["model.topk=3"], "each class pooled over 3 patches, not 6"),
     "topk12": (["model.topk=12"], "each class pooled over 12 patches, not 6"),
     "bgk0.3": (["model.background_topk=0.3"], "background pooled over 30 % of the patches, not 50 %"),
@@ -75,6 +78,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                          "pseudo.saliency.weight_multi=0.3"],
                         "+ pseudo.saliency, two passes on the multi-class images (the second at 512², weights 0.5 / "
                         "0.3)"),
+    "saliency-int8": (["pseudo.saliency.enabled=true", "pseudo.saliency.weights=../weights/isnet.onnx",
+                       f"pseudo.saliency.cache_dir={RUNS_DIR}/saliency-voc", "pseudo.saliency.passes_multi=2",
+                       "pseudo.saliency.weight_multi=0.3", "pseudo.saliency.precision=int8"],
+                      "+ pseudo.saliency with two passes on the multi-class images, the network quantized to int8: "
+                      "voc-mini as it ships since late on 5 Dec 2026"),
 }
 
 
@@ -84,7 +92,7 @@ def run_name(variant: str, seed: int) -> str:
 
 def overrides_of(variant: str, seed: int, cache: str) -> list[str]:
     return [f"name={run_name(variant, seed)}", f"seed={seed}", f"runs_dir={RUNS_DIR}",
-            f"train.feature_cache_dir={cache}", "pseudo.workers=1", *VARIANTS[variant][0]]
+            f"train.feature_cache_dir={cache}", "pseudo.workers=1", *SALIENCY_OFF, *VARIANTS[variant][0]]
 
 
 def reuse_shipped(recipe, shipped, stage: str) -> bool:

@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # results_exec, diagnose_pseudo: siblings of this script
+from results_rows import SALIENCY_OFF  # noqa: E402
 RECIPE = "recipes/voc-mini.yaml"
 #: The sweep ran on voc-mini when it shipped four static groups; pinning them keeps every row's recipe (and its
 #: run folder's fingerprints) what was measured, now that voc-mini ships the two groups of row clusters-2.
@@ -36,10 +37,12 @@ FOUR_GROUPS = ("llm.clusters={vehicle: [aeroplane, bicycle, boat, bus, car, moto
                "animal: [bird, cat, cow, dog, horse, sheep], person: [person], "
                "indoor: [bottle, chair, diningtable, pottedplant, sofa, tvmonitor]}")
 #: The sweep ran before voc-mini enabled its class probe, put EfficientNet-Lite0 beside the ViT (model.fuse) and
-#: labelled the multi-class images with a second network (pseudo.context_paste): all pinned off, like the four
-#: groups, so the rows compare (the context paste also needs the frozen backbone the finetune rows unfreeze).
+#: labelled the multi-class images with a second network (pseudo.context_paste) and mixed in a saliency network
+#: (pseudo.saliency): all pinned off, like the four groups, so the rows compare (the context paste also needs the
+#: frozen backbone the finetune rows unfreeze).
 SHARED = ["runs_dir=runs-bench", "seed=0", "train.feature_cache_dir=runs-bench/features-voc", FOUR_GROUPS,
-          "pseudo.class_probe.enabled=false", "model.fuse=null", "pseudo.context_paste.enabled=false"]
+          "pseudo.class_probe.enabled=false", "model.fuse=null", "pseudo.context_paste.enabled=false",
+          *SALIENCY_OFF]
 FINETUNE = ["train.trunk_cache=true", "train.backbone_lr=0.0001"]
 
 #: name → (overrides, why it is worth a row)
