@@ -113,3 +113,13 @@ def test_the_later_passes_get_their_own_network_quantized_at_their_size(tmp_path
         assert [d.dim_value for d in built.graph.input[0].type.tensor_type.shape.dim] == [1, 3, size, size]
         assert any(n.op_type == "QuantizeLinear" for n in built.graph.node)
     assert two.map(0).shape == (48, 64) and two.map(0).max() >= one.map(0).max()
+
+
+def test_a_network_that_cannot_be_quantized_fails_with_one_line_naming_the_setting(tmp_path):
+    from cpcx.errors import CpcxError
+    from cpcx.saliency_int8 import quantized_network
+
+    out = tmp_path / "net-64-int8-x.onnx"
+    with pytest.raises(CpcxError, match=r"could not be quantized to int8 .*set pseudo\.saliency\.precision: float"):
+        quantized_network(lambda: b"not a graph", lambda: [np.zeros((1, 3, 64, 64), np.float32)], out)
+    assert not out.exists() and not list(tmp_path.iterdir())
