@@ -424,6 +424,9 @@ def main(argv=None) -> int:
     if opened is None:
         return 2
     recipe, (dataset, probs, feats) = opened
+    if recipe.pseudo.saliency.enabled:  # voc-mini's since late on 5 Dec 2026: its labels are not what is decoded here
+        print("! pseudo.saliency is on in this recipe: the decodings below leave it out (the maps alone), so the first "
+              "line is not the run's own no-CRF mIoU; benchmarks/saliency_screen.py scores the mix", file=sys.stderr)
     try:
         paste = load_paste_probs(recipe)
     except CpcxError as exc:
