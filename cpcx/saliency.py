@@ -165,8 +165,8 @@ def network_input(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def network_graph(path, size: int, field: str) -> bytes:
-    """The network's graph at size² inputs: the file's own, or rebuilt (``_resized_graph``)."""
-    check_network(path, size, field.rpartition(".")[0], field=field)  # refuses a size it cannot take
+    """The network's graph at size² inputs: the file's own, or rebuilt (``_resized_graph``, which refuses a size it
+    cannot take with one line naming ``field``)."""
     declared = _session(str(path), 1).get_inputs()[0].shape[-2:]
     if any(isinstance(d, int) and d != size for d in declared):
         return _resized_graph(str(path), size, field)
