@@ -82,7 +82,13 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                        f"pseudo.saliency.cache_dir={RUNS_DIR}/saliency-voc", "pseudo.saliency.passes_multi=2",
                        "pseudo.saliency.weight_multi=0.3", "pseudo.saliency.precision=int8"],
                       "+ pseudo.saliency with two passes on the multi-class images, the network quantized to int8: "
-                      "voc-mini as it ships since late on 5 Dec 2026"),
+                      "voc-mini as it shipped from late on 5 Dec 2026"),
+    "saliency-paste-loss": (["pseudo.saliency.enabled=true", "pseudo.saliency.weights=../weights/isnet.onnx",
+                             f"pseudo.saliency.cache_dir={RUNS_DIR}/saliency-voc", "pseudo.saliency.passes_multi=2",
+                             "pseudo.saliency.weight_multi=0.1", "pseudo.saliency.precision=int8",
+                             "pseudo.saliency.paste_loss=0.5"],
+                            "+ the pasted network learns the saliency maps (pseudo.saliency.paste_loss 0.5), the "
+                            "multi-class images' mix at 0.1"),
 }
 
 

@@ -57,6 +57,12 @@ class SaliencyConfig(SaliencyNetworkConfig):
         "float", description="int8: the network quantized once per data set and size (activations calibrated on its "
         "first 8 images, kept beside the maps): about 3× faster on a CPU with 8-bit dot products (AVX-512 VNNI), maps "
         "within 0.003 of the float network's on average, the pseudo-labels within 0.1 (docs/results.md 8q).")
+    paste_loss: float = Field(
+        0.0, ge=0, description="With pseudo.context_paste: weight of a second loss that teaches its pasted network "
+        "the maps' object/background call (docs/results.md 8r): BCE between each patch's object share 1 - Z^bg and "
+        "the map averaged over the patch, on every patch of the single-class images, on the multi-class ones only "
+        "where the map is above 0.5 (an object the network misses is not pushed to background), the pasted cells "
+        "as object. 0: off; without pseudo.context_paste it has no network to act on.")
 
 
 class SegmentSaliencyConfig(SaliencyNetworkConfig):

@@ -63,6 +63,7 @@ _ADDED_DEFAULTS: dict[str, Any] = {
     "pseudo.saliency.passes_multi": 1,
     "pseudo.saliency.size_later": 512,
     "pseudo.saliency.precision": "float",
+    "pseudo.saliency.paste_loss": 0.0,
     "pseudo.saliency": {"enabled": False, "weights": None, "size": 1024, "weight": 0.5, "weight_multi": 0.2,
                         "cache_dir": None},
     "segment.saliency": {"enabled": False, "weights": None, "size": 1024, "weight": 0.2, "cache_dir": None,

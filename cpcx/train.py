@@ -35,7 +35,7 @@ from cpcx.device import autocast, report_slow_bf16, seed_everything
 from cpcx.errors import CpcxError
 from cpcx.feature_cache import FeatureCache, trunk_depth
 from cpcx.model import CPCNet, build_model, checkpoint_meta, cluster_vectors
-from cpcx.model.losses import total_loss
+from cpcx.model.losses import saliency_loss, total_loss
 from cpcx.recipe import LossConfig, Recipe
 from cpcx.runs import prepare_stage_dir
 
@@ -73,23 +73,31 @@ class TrainingItems(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
         g = sample_generator(self.seed, epoch, i)
-        if self.cache is not None:
-            x = self.cache.get(i, pick_view(self.cache.views, g))
-        else:
-            x = self.transform(self.images[i]["image"], g)
+        if self.cache is not None:  # "view": which of the cache's views (the pasted items' saliency follows it)
+            view = pick_view(self.cache.views, g)
+            return {"x": self.cache.get(i, view), "label": self.labels[i], "u": self.u[i], "index": i, "view": view}
+        x = self.transform(self.images[i]["image"], g)
         return {"x": x, "label": self.labels[i], "u": self.u[i], "index": i}
 
 
 # ------------------------------------------------------------------------------------------ one step
 def forward_loss(model: torch.nn.Module, net: CPCNet, batch: dict, loss_cfg: LossConfig, device: torch.device,
-                 precision: str, cached: bool, trunk: int | None = None) -> dict[str, torch.Tensor]:
+                 precision: str, cached: bool, trunk: int | None = None,
+                 saliency_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Forward (through ``model``, the DDP wrapper or ``net``) and the losses of eq. 8 for one batch;
-    ``cached``: the batch holds tokens, those of a trunk cache of ``trunk`` blocks when it is given."""
+    ``cached``: the batch holds tokens, those of a trunk cache of ``trunk`` blocks when it is given. With
+    ``saliency_weight`` the batch's ``saliency`` targets and ``saliency_mask`` add that much of ``saliency_loss``
+    (``pseudo.saliency.paste_loss``)."""
     x = batch["x"].to(device, non_blocking=True)
     u = batch["u"].to(device, non_blocking=True) if net.num_clusters else None
     with autocast(device, precision):
         out = model(tokens=x.float(), u=u, trunk=trunk) if cached else model(images=x, u=u)
     losses = total_loss(out, batch["label"].to(device), loss_cfg, net.classifier.weight)
+    losses["saliency"] = losses["mce"].new_zeros(())
+    if saliency_weight > 0:
+        target, mask = batch["saliency"].to(device), batch["saliency_mask"].to(device)
+        losses["saliency"] = saliency_loss(out["probs"], target, mask)
+        losses["loss"] = losses["loss"] + saliency_weight * losses["saliency"]
     losses["image_probs"] = out["image_probs"].detach()
     return losses
 
@@ -163,11 +171,14 @@ class Trainer:
     """One training of the CPC network. ``folder``, ``items`` and ``name`` let a stage train a second network with
     the same recipe elsewhere (``pseudo.context_paste``): its own folder instead of ``runs/<name>/train`` (no stage
     record of its own: it belongs to the calling stage), its own item set for the cached tokens, and ``init``: a
-    checkpoint whose network weights it starts from (a fresh start only; a resume continues its own)."""
+    checkpoint whose network weights it starts from (a fresh start only; a resume continues its own);
+    ``saliency_loss``: the weight of the items' saliency targets in the loss (their items must carry them)."""
 
     def __init__(self, recipe: Recipe, info: distributed.DistInfo, console: Console, folder: Path | None = None,
-                 items: Callable[..., Dataset] | None = None, name: str = "train", init: Path | None = None):
+                 items: Callable[..., Dataset] | None = None, name: str = "train", init: Path | None = None,
+                 saliency_loss: float = 0.0):
         self.recipe, self.info, self.console = recipe, info, console
+        self.saliency_loss = saliency_loss
         self.own_folder, self.make_items, self.name, self.init = folder, items or TrainingItems, name, init
         self.device = info.device
         self.cache: FeatureCache | None = None
@@ -281,10 +292,11 @@ class Trainer:
         progress = _Progress(self.console, self.info.is_main, t.log_every)
         progress.start(f"epoch {epoch + 1}/{t.epochs}", len(loader))
         t0 = time.perf_counter()
-        # loss·n, mce·n, pce·n, n, true positives, false positives, false negatives (foreground, at 0.5)
-        sums = torch.zeros(7, dtype=torch.float64)
+        # loss·n, mce·n, pce·n, n, true positives, false positives, false negatives (foreground, at 0.5), saliency·n
+        sums = torch.zeros(8, dtype=torch.float64)
         for step, batch in enumerate(loader, 1):
-            losses = forward_loss(model, self.net, batch, r.loss, self.device, t.precision, cached, trunk)
+            losses = forward_loss(model, self.net, batch, r.loss, self.device, t.precision, cached, trunk,
+                                  self.saliency_loss)
             if not torch.isfinite(losses["loss"]):
                 raise CpcxError(f"{self.name}: the loss is {losses['loss'].item()} at epoch {epoch + 1} step {step}; "
                                 "lower train.lr (or use train.precision: fp32) and train again")
@@ -296,17 +308,18 @@ class Trainer:
             true = batch["label"][:, 1:] > 0.5
             loss, mce, pce = (losses[k].item() for k in ("loss", "mce", "pce"))
             sums += torch.tensor([loss * n, mce * n, pce * n, n, (pred & true).sum(), (pred & ~true).sum(),
-                                  (~pred & true).sum()], dtype=torch.float64)
+                                  (~pred & true).sum(), losses["saliency"].item() * n], dtype=torch.float64)
             progress.step(step, loss)
         sums = distributed.all_reduce_sum(sums.to(self.device)).cpu()
         loss, mce, pce = (sums[:3] / sums[3].clamp_min(1)).tolist()
-        tp, fp, fn = sums[4:].tolist()
+        tp, fp, fn = sums[4:7].tolist()
+        saliency = f" saliency {sums[7].item() / max(sums[3].item(), 1):.4f}" if self.saliency_loss > 0 else ""
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         seconds = time.perf_counter() - t0
         row = [epoch + 1, lr, loss, mce, pce, precision, recall, f1, round(seconds, 2)]
-        progress.stop(f"epoch {epoch + 1}/{t.epochs} ({mode}) loss {loss:.4f} mce {mce:.4f} pce {pce:.4f} "
+        progress.stop(f"epoch {epoch + 1}/{t.epochs} ({mode}) loss {loss:.4f} mce {mce:.4f} pce {pce:.4f}{saliency} "
                       f"P/R/F1 {precision:.2f}/{recall:.2f}/{f1:.2f} lr {lr:g} {seconds:.1f}s")
         self.history.append(row)
         if loss < self.best[0]:

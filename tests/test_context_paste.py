@@ -244,3 +244,65 @@ def test_with_self_training_the_routing_makes_the_first_pass_and_the_pasted_netw
     assert ((weights / "last.pt").stat().st_mtime_ns, (stage / PREDICTIONS).stat().st_mtime_ns) == stamps
     resumed = _labels(labels_dir)
     assert all((resumed[k] == final[k]).all() for k in final)
+
+
+# ------------------------------------------------------------------------------ pseudo.saliency.paste_loss
+def test_the_saliency_loss_reads_only_the_masked_cells_and_pulls_the_object_share_to_the_target():
+    from cpcx.model.losses import saliency_loss
+
+    target = torch.tensor([[[0.9, 0.1], [0.8, 0.0]]])
+    mask = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])  # the bottom row does not count
+    logits = torch.zeros(1, 3, 2, 2, requires_grad=True)  # background and two classes: object share 2/3 everywhere
+    loss = saliency_loss(logits.softmax(1), target, mask)
+    loss.backward()
+    object_share = 1 - logits.softmax(1)[:, 0]
+    expected = -(target * object_share.log() + (1 - target) * (1 - object_share).log())[0, 0].mean()
+    torch.testing.assert_close(loss, expected)
+    assert (logits.grad[:, :, 1] == 0).all()  # no gradient where the mask is 0
+    assert logits.grad[0, 0, 0, 0] > 0 and logits.grad[0, 0, 0, 1] < 0  # background down at 0.9, up at 0.1
+    assert saliency_loss(logits.softmax(1), target, torch.zeros_like(mask)) == 0
+
+
+def test_saliency_targets_average_the_map_per_cell_and_keep_only_the_salient_cells_of_multi_class_images():
+    from cpcx.pseudo.context_paste import saliency_targets
+
+    labels = np.array([[1, 1, 0], [1, 1, 1]])  # one object class, two
+    left = np.zeros((40, 80), np.float32)
+    left[:, :30] = 1.0  # the left 30 of 80 columns; the grid's cells are 20 px wide: 1, 0.5, 0, 0
+    targets = saliency_targets(lambda i: left, labels, (2, 4))
+    for i in (0, 1):
+        torch.testing.assert_close(targets[i][0], torch.tensor([[1.0, 0.5, 0, 0]] * 2))
+    assert targets[0][1].eq(1).all()  # every cell of the single-class image
+    assert targets[1][1].tolist() == [[1.0, 0, 0, 0]] * 2  # on the multi-class one only where the saliency is > 0.5
+
+
+def test_pasted_items_carry_the_saliency_in_their_view_and_the_pasted_cells_as_object():
+    labels = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1.0]])
+    u = torch.zeros(3, 0)
+    square = torch.zeros(4, 4, dtype=torch.bool)
+    square[1:3, 1:3] = True
+    donors = {0: (1, square), 1: (2, square), 2: (3, square)}
+    ramp = torch.tensor([[0.0, 0.2, 0.6, 0.9]]).expand(4, 4)  # brighter to the right: the mirrored view shows it
+    saliency = {i: (ramp * 0.5 * (i + 1) / 1.5, torch.full((4, 4), float(i))) for i in range(3)}
+    plain = PastedItems(labels, u, 5, cache=_Cache(), donors=donors, matrix=None, probability=1e-9, shift=0.25,
+                        saliency=saliency)
+    pasting = PastedItems(labels, u, 5, cache=_Cache(), donors=donors, matrix=None, probability=1.0, shift=0.25,
+                          saliency=saliency)
+    views = set()
+    for epoch in range(4):
+        for i in range(3):
+            item = plain[epoch, i]
+            views.add(item["view"])
+            target, mask = saliency[i]
+            expected = target.flip(-1) if item["view"] == 1 else target
+            assert torch.equal(item["saliency"], expected) and torch.equal(item["saliency_mask"], mask)
+            item = pasting[epoch, i]  # the same host view; the donor's cells are object and count
+            pasted = item["x"].abs() != i + 1
+            pasted = pasted[..., 0]
+            assert pasted.any()
+            assert item["saliency"][pasted].eq(1).all() and item["saliency_mask"][pasted].eq(1).all()
+            assert torch.equal(item["saliency"][~pasted], expected[~pasted])
+            assert torch.equal(item["saliency_mask"][~pasted], mask[~pasted])
+    assert views == {0, 1}
+    assert torch.equal(saliency[0][0], ramp * 0.5 / 1.5)  # the targets themselves are left as they were
+

@@ -8,6 +8,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import tarfile
 
 import numpy as np
@@ -309,3 +311,62 @@ def test_with_the_context_paste_the_donors_are_labelled_without_the_saliency(tmp
         width = final[k].shape[1]  # while the labels written follow the saliency
         assert (final[k][:, int(0.6 * width):] == 0).all() and (final[k][:, : int(0.4 * width)] > 0).all(), k
     assert any(not np.array_equal(donors[k], final[k]) for k in single)
+
+
+def test_the_pasted_network_learns_the_saliency_with_its_loss(tmp_path, voc_root, monkeypatch):
+    """``pseudo.saliency.paste_loss``: the second training reads the stage's maps (here: object on the
+    left half) as targets in each item's view, and learns them: with the maps' mix off in the labelling, its
+    multi-class labels hold more object on the left than those of the same training without the loss."""
+    import cpcx.train
+    from cpcx.data import build_dataset
+    from cpcx.pseudo.context_paste import PASTE_DIR
+    from test_context_paste import _paste_recipe
+
+    path, recipe = _paste_recipe(tmp_path, voc_root)
+    network = _onnx(tmp_path / "half.onnx", 64)
+    seen = []
+    original = cpcx.train.saliency_loss
+
+    def spy(probs, target, mask):
+        seen.append((target.clone(), mask.clone()))
+        return original(probs, target, mask)
+
+    monkeypatch.setattr(cpcx.train, "saliency_loss", spy)
+    common = ["pseudo.saliency.enabled=true", f"pseudo.saliency.weights={network}", "pseudo.saliency.size=64",
+              "pseudo.saliency.weight=0", "pseudo.saliency.weight_multi=0", "train.epochs=40", "train.lr=0.01", "train.lr_after_warmup=0.01"]
+    runs = {}
+    for weight in ("off", 0, 20):  # "off": pseudo.saliency off, so no maps and no loss whatever paste_loss says
+        switch = ["pseudo.saliency.enabled=false", "pseudo.saliency.paste_loss=20"] if weight == "off" else [
+            f"pseudo.saliency.paste_loss={weight}"]
+        other = load_recipe(path, [f"name=loss{weight}", *common, *switch,
+                                   f"train.feature_cache_dir={recipe.run_dir('train') / 'features'}"])
+        (other.run_dir("train") / "weights").mkdir(parents=True)
+        (other.run_dir("train") / "weights" / "best.pt").write_bytes(
+            (recipe.run_dir("train") / "weights" / "best.pt").read_bytes())
+        shutil.copytree(recipe.run_dir("clusters"), other.run_dir("clusters"))
+        run = Console(record=True, width=200, file=open(os.devnull, "w"))
+        runs[weight] = (_labels(run_pseudo(other, console=run)), run.export_text())
+        if weight != 20:
+            assert not seen and not re.search(r"pce [\d.]+ saliency", runs[weight][1])
+    assert seen and re.search(r"pce [\d.]+ saliency [\d.]+", runs[20][1])  # its epochs print the loss
+    for target, mask in seen:  # (batch, grid, grid); the left half salient in the original view, the right mirrored
+        assert target.shape == mask.shape and target.dim() == 3 and 0 <= target.min() and target.max() <= 1
+        halves = target[..., : target.shape[-1] // 2].mean((1, 2)), target[..., target.shape[-1] // 2:].mean((1, 2))
+        assert ((halves[0] - halves[1]).abs() > 0.3).all()
+    # what the second network learnt: its object share 1 - Z^bg, left half against right half, on every image
+    from cpcx.augment import normalize, resize_image
+    from cpcx.model import cluster_vectors, load_checkpoint
+
+    dataset = build_dataset(recipe.dataset, "train")
+
+    def left_minus_right(weight):
+        net, meta = load_checkpoint(recipe.runs_dir / f"loss{weight}" / "pseudo" / PASTE_DIR / "weights" / "best.pt")
+        x = torch.stack([normalize(resize_image(dataset.load_image(i), recipe.model.img_size), net.mean, net.std)
+                         for i in range(len(dataset))])
+        u = torch.from_numpy(cluster_vectors(dataset.labels, meta["cluster_matrix"]))
+        with torch.no_grad():
+            share = 1 - net(images=x, u=u)["probs"][:, 0]
+        half = share.shape[-1] // 2
+        return float((share[..., :half].mean((1, 2)) - share[..., half:].mean((1, 2))).mean())
+
+    assert left_minus_right(20) > left_minus_right(0) + 0.2

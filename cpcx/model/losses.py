@@ -56,6 +56,17 @@ def pce_loss(features: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, 
         return ((pos + neg) * present).sum(-1).mean()
 
 
+def saliency_loss(probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """BCE between each patch's object share 1 - Z^bg and a salient-object network's foreground ``target`` (B, h, w)
+    in [0, 1], weighted per patch by ``weight`` (B, h, w) and averaged over the weighted patches (0 without any)
+    (``pseudo.saliency.paste_loss``)."""
+    with torch.autocast(device_type=probs.device.type, enabled=False):
+        obj = (1.0 - probs[:, 0].float()).clamp(_EPS, 1.0 - _EPS)
+        target, weight = target.float(), weight.float()
+        bce = -(target * obj.log() + (1.0 - target) * (1.0 - obj).log())
+        return (bce * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def total_loss(out: dict[str, torch.Tensor], labels: torch.Tensor, cfg: LossConfig,
                classifier_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Eq. 8 (+ the optional classifier L2 of ViT-PCM). Returns loss, mce, pce, l2 (scalars)."""

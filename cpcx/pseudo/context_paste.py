@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cpcx.augment import sample_generator
+from cpcx.augment import apply_view, sample_generator
 from cpcx.errors import CpcxError
 from cpcx.model.network import cluster_vectors
 from cpcx.train import TrainingItems
@@ -60,18 +60,22 @@ def donor_masks(labels, ids, labels_dir: Path, grid: tuple[int, int], min_patche
     return out
 
 
+def shifted(grid: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(h, w, ...) ``grid`` moved by (dy, dx) cells; cells moved past an edge are dropped, the vacated ones zero."""
+    h, w = grid.shape[:2]
+    out = torch.zeros_like(grid)
+    ys, yd = slice(max(-dy, 0), h - max(dy, 0)), slice(max(dy, 0), h - max(-dy, 0))
+    xs, xd = slice(max(-dx, 0), w - max(dx, 0)), slice(max(dx, 0), w - max(-dx, 0))
+    out[yd, xd] = grid[ys, xs]
+    return out
+
+
 def paste(x: torch.Tensor, label: torch.Tensor, donor_x: torch.Tensor, donor_mask: torch.Tensor, donor_class: int,
           dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Host tokens ``x`` (h, w, e) and ``label`` (C,) with the donor's masked tokens shifted by (dy, dx) patches
     pasted over them (cells shifted past an edge are dropped, not wrapped) → (tokens, label with the donor's
     class), new tensors."""
-    h, w = donor_mask.shape
-    moved = torch.zeros_like(donor_mask)
-    moved_x = torch.zeros_like(donor_x)
-    ys, yd = slice(max(-dy, 0), h - max(dy, 0)), slice(max(dy, 0), h - max(-dy, 0))
-    xs, xd = slice(max(-dx, 0), w - max(dx, 0)), slice(max(dx, 0), w - max(-dx, 0))
-    moved[yd, xd] = donor_mask[ys, xs]
-    moved_x[yd, xd] = donor_x[ys, xs]
+    moved, moved_x = shifted(donor_mask, dy, dx), shifted(donor_x, dy, dx)
     out = x.clone()
     out[moved] = moved_x[moved]
     label = label.clone()
@@ -79,18 +83,35 @@ def paste(x: torch.Tensor, label: torch.Tensor, donor_x: torch.Tensor, donor_mas
     return out, label
 
 
+def saliency_targets(maps, labels, grid: tuple[int, int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{image index: (target, mask)} for ``pseudo.saliency.paste_loss``: ``maps(i)`` (the saliency map of
+    image i, H × W in [0, 1]) averaged over each cell of the square ``grid`` (squashed, as the token cache squashes
+    the image), and which cells count: every cell of an image with at most one object class, where the saliency
+    is above 0.5 on an image with several. On those a salient-object network finds the most salient objects and
+    misses the others (docs/results.md 8n), so its low values are no evidence of background there."""
+    multi = multi_class(labels)
+    out = {}
+    for i in range(len(multi)):
+        target = F.adaptive_avg_pool2d(torch.as_tensor(maps(i), dtype=torch.float32)[None, None], grid)[0, 0]
+        out[i] = (target, (target > 0.5).float() if multi[i] else torch.ones_like(target))
+    return out
+
+
 class PastedItems(TrainingItems):
     """The trainer's cached-token items, a share ``probability`` of them with a donor's object pasted in. Every
-    draw comes from the sample's own generator (seed + SALT, epoch, index): a resumed or sharded run pastes the same."""
+    draw comes from the sample's own generator (seed + SALT, epoch, index): a resumed or sharded run pastes the same.
+    With ``saliency`` (``saliency_targets``) each item also carries its ``saliency`` target and ``saliency_mask`` in
+    the item's view, the pasted cells counting as object."""
 
     def __init__(self, labels, u, seed: int, images=None, transform=None, cache=None, *, donors: dict,
-                 matrix: np.ndarray | None, probability: float, shift: float):
+                 matrix: np.ndarray | None, probability: float, shift: float, saliency: dict | None = None):
         super().__init__(labels, u, seed, images=images, transform=transform, cache=cache)
         self.donors, self.order = donors, sorted(donors)
         self.matrix, self.probability, self.shift = matrix, probability, shift
+        self.saliency = saliency
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        item = super().__getitem__(key)
+        item = self._with_saliency(super().__getitem__(key), key[1])
         epoch, i = key
         g = sample_generator(self.seed + SALT, epoch, i)
         if self.cache is None or float(torch.rand((), generator=g)) >= self.probability:
@@ -107,14 +128,27 @@ class PastedItems(TrainingItems):
         dy, dx = (int(v) for v in torch.randint(-reach, reach + 1, (2,), generator=g))
         x, label = paste(item["x"], item["label"], self.cache.get(j, view), mask, c, dy, dx)
         u = torch.from_numpy(cluster_vectors(label[None].numpy(), self.matrix)[0])
-        return {**item, "x": x, "label": label, "u": u}
+        pasted = {"x": x, "label": label, "u": u}
+        if self.saliency is not None:  # the pasted object is object, whatever the host's saliency said there
+            moved = shifted(mask, dy, dx)
+            pasted["saliency"] = item["saliency"].masked_fill(moved, 1.0)
+            pasted["saliency_mask"] = item["saliency_mask"].masked_fill(moved, 1.0)
+        return {**item, **pasted}
+
+    def _with_saliency(self, item: dict, i: int) -> dict:
+        if self.saliency is None or self.cache is None:
+            return item
+        target, mask = self.saliency[i]
+        view = self.cache.views[item["view"]]
+        return {**item, "saliency": apply_view(target, view).clone(), "saliency_mask": apply_view(mask, view).clone()}
 
 
-def train_pasted(recipe, ranks, dataset, donors: dict, console) -> Path:
+def train_pasted(recipe, ranks, dataset, donors: dict, console, saliency=None) -> Path:
     """The second network, trained with the run's recipe on the pasted items into ``pseudo/paste/`` (every rank
     under torchrun, as ``cpcx train``), from scratch or, with ``pseudo.context_paste.epochs``, from the run's network
-    for that many epochs; a killed training resumes from its ``last.pt``, a finished one is kept. Returns its
-    checkpoint (lowest epoch loss, as ``cpcx pseudo`` reads ``train/``)."""
+    for that many epochs; a killed training resumes from its ``last.pt``, a finished one is kept. With
+    ``pseudo.saliency.paste_loss`` it learns ``saliency``'s maps (the stage's ``SaliencyMix``) too. Returns
+    its checkpoint (lowest epoch loss, as ``cpcx pseudo`` reads ``train/``)."""
     from cpcx.train import Trainer, run_cluster_matrix
 
     cfg = recipe.pseudo.context_paste
@@ -123,8 +157,13 @@ def train_pasted(recipe, ranks, dataset, donors: dict, console) -> Path:
                         f"{cfg.min_patches} patches, so there is nothing to paste; lower "
                         "pseudo.context_paste.min_patches or set pseudo.context_paste.enabled: false")
     matrix = run_cluster_matrix(recipe, dataset.classes) if recipe.model.cluster_token else None
+    targets, weight = None, recipe.pseudo.saliency.paste_loss if saliency is not None else 0.0
+    if weight > 0:
+        grid = next(iter(donors.values()))[1].shape
+        targets = saliency_targets(lambda i: (saliency.multi_maps if saliency.multi[i] else saliency.maps).map(i),
+                                   dataset.labels, tuple(grid))
     items = functools.partial(PastedItems, donors=donors, matrix=matrix, probability=cfg.probability,
-                              shift=cfg.shift)
+                              shift=cfg.shift, saliency=targets)
     folder = recipe.run_dir("pseudo") / PASTE_DIR
     init = None
     if cfg.epochs is not None:  # a short run from the run's network: all epochs after the warm-up, at its rate
@@ -136,7 +175,8 @@ def train_pasted(recipe, ranks, dataset, donors: dict, console) -> Path:
             "epochs": cfg.epochs, "warmup_epochs": 0, "lr": t.lr_after_warmup})})
 
     def trainer():
-        return Trainer(recipe, ranks, console, folder=folder, items=items, name="context paste", init=init)
+        return Trainer(recipe, ranks, console, folder=folder, items=items, name="context paste", init=init,
+                       saliency_loss=weight)
 
     if (folder / "weights" / "last.pt").is_file():
         try:
@@ -146,7 +186,7 @@ def train_pasted(recipe, ranks, dataset, donors: dict, console) -> Path:
     return trainer().fit(resume=False)
 
 
-def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console):
+def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console, saliency=None):
     """Once every rank has labelled the images with at most one object class into ``labels_dir``: the donors, the
     pasted network (trained or read back) with its token cache, its cluster vectors and its class probe when the
     recipe has one → (the :class:`Labeller` of the images with several, what ``metrics.json`` records of it)."""
@@ -163,7 +203,7 @@ def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console):
                          cfg.context_paste.min_patches)
     console.print(f"context paste: {len(donors)} donors among the {len(single_class_images(dataset.labels))} "
                   f"images with one object class; a second network learns with their objects pasted in")
-    checkpoint = train_pasted(recipe, ranks, dataset, donors, console)
+    checkpoint = train_pasted(recipe, ranks, dataset, donors, console, saliency)
     net, meta = load_checkpoint(checkpoint, map_location="cpu")
     # its own cluster vectors: the same clusters.json as the run's network, unless that one was trained on another
     u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None

@@ -44,7 +44,7 @@ class LabellingPasses:
         if self.second is None:
             self.second, self.paste_info = second_network(self.recipe, self.ranks, self.dataset,
                                                           self.donor_folder(folder, crf), self.first.cache,
-                                                          self.console)
+                                                          self.console, self.saliency)
         rest = [i for i in todo if self.multi[i]]
         mine = self.mine(rest)
         if rest:
