@@ -315,8 +315,8 @@ def test_with_the_context_paste_the_donors_are_labelled_without_the_saliency(tmp
 
 def test_the_pasted_network_learns_the_saliency_with_its_loss(tmp_path, voc_root, monkeypatch):
     """``pseudo.saliency.paste_loss``: the second training reads the stage's maps (here: object on the
-    left half) as targets in each item's view, and learns them: with the maps' mix off in the labelling, its
-    multi-class labels hold more object on the left than those of the same training without the loss."""
+    left half) as targets in each item's view, and learns them: its object share 1 - Z^bg is higher on the left
+    than on the right, where the same training without the loss (or with the saliency off) shows no such lean."""
     import cpcx.train
     from cpcx.data import build_dataset
     from cpcx.pseudo.context_paste import PASTE_DIR
@@ -333,7 +333,8 @@ def test_the_pasted_network_learns_the_saliency_with_its_loss(tmp_path, voc_root
 
     monkeypatch.setattr(cpcx.train, "saliency_loss", spy)
     common = ["pseudo.saliency.enabled=true", f"pseudo.saliency.weights={network}", "pseudo.saliency.size=64",
-              "pseudo.saliency.weight=0", "pseudo.saliency.weight_multi=0", "train.epochs=40", "train.lr=0.01", "train.lr_after_warmup=0.01"]
+              "pseudo.saliency.weight=0", "pseudo.saliency.weight_multi=0",
+              "train.epochs=40", "train.lr=0.01", "train.lr_after_warmup=0.01"]  # long enough to learn the halves
     runs = {}
     for weight in ("off", 0, 20):  # "off": pseudo.saliency off, so no maps and no loss whatever paste_loss says
         switch = ["pseudo.saliency.enabled=false", "pseudo.saliency.paste_loss=20"] if weight == "off" else [
@@ -369,4 +370,4 @@ def test_the_pasted_network_learns_the_saliency_with_its_loss(tmp_path, voc_root
         half = share.shape[-1] // 2
         return float((share[..., :half].mean((1, 2)) - share[..., half:].mean((1, 2))).mean())
 
-    assert left_minus_right(20) > left_minus_right(0) + 0.2
+    assert left_minus_right(20) > max(left_minus_right(0), left_minus_right("off")) + 0.2
