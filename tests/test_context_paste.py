@@ -306,3 +306,26 @@ def test_pasted_items_carry_the_saliency_in_their_view_and_the_pasted_cells_as_o
     assert views == {0, 1}
     assert torch.equal(saliency[0][0], ramp * 0.5 / 1.5)  # the targets themselves are left as they were
 
+
+
+def test_the_donor_mask_follows_the_donor_view_whichever_it_is():
+    """A donor's tokens come from one of the cache's views; its patch mask (drawn on the original grid) is put in the
+    same view, a transpose included, so the pasted cells are the object's."""
+
+    class Transposed(_Cache):
+        views = ["transpose"]
+
+        def get(self, i: int, view: int) -> torch.Tensor:  # image i's tokens, transposed: i + 1 in its object's cells
+            x = torch.zeros(4, 4, 2)
+            if i == 0:
+                x[0, 1:4] = 1.0  # the donor's object: the top row's last three cells, transposed into column 0
+            return x.transpose(0, 1)
+
+    row = torch.zeros(4, 4, dtype=torch.bool)
+    row[0, 1:4] = True
+    labels = torch.tensor([[1, 1, 0.0], [1, 0, 1.0]])
+    items = PastedItems(labels, torch.zeros(2, 0), 5, cache=Transposed(), donors={0: (1, row)}, matrix=None,
+                        probability=1.0, shift=1e-9)  # no shift: the pasted cells are the mask's own
+    item = items[0, 1]
+    assert item["label"].tolist() == [1.0, 1.0, 1.0]
+    assert item["x"][..., 0].eq(1).sum() == 3  # every pasted cell holds the donor's object token

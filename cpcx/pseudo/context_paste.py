@@ -122,8 +122,7 @@ class PastedItems(TrainingItems):
         j = pool[int(torch.randint(len(pool), (1,), generator=g))]
         c, mask = self.donors[j]
         view = int(torch.randint(len(self.cache.views), (1,), generator=g))
-        if self.cache.views[view] == "hflip":
-            mask = mask.flip(-1)
+        mask = apply_view(mask, self.cache.views[view])  # the donor's tokens are in that view (a flip or the transpose)
         reach = int(self.shift * mask.shape[0])
         dy, dx = (int(v) for v in torch.randint(-reach, reach + 1, (2,), generator=g))
         x, label = paste(item["x"], item["label"], self.cache.get(j, view), mask, c, dy, dx)
