@@ -40,7 +40,8 @@ CPU_FP32 = ("train.precision=auto", "pseudo.precision=auto", "segment.precision=
 #: (late on 5 Dec 2026, issue 20: every key of the section pinned, since a key set under a switch that is off still
 #: counts in the fingerprint). Pinned first, so a row's own overrides (and --quick's) still win.
 SALIENCY_OFF = ("pseudo.saliency.enabled=false", "pseudo.saliency.weights=null", "pseudo.saliency.weight_multi=0.2",
-                "pseudo.saliency.passes_multi=1", "pseudo.saliency.precision=float", "pseudo.saliency.paste_loss=0")
+                "pseudo.saliency.passes_multi=1", "pseudo.saliency.precision=float", "pseudo.saliency.paste_loss=0",
+                "pseudo.context_paste.networks=1")  # taken by voc-mini on 6 Dec 2026, after the saliency
 VOC_MINI_BEFORE_TRIM = ("train.epochs=6", "crf.iterations=10", "pseudo.context_paste.enabled=false",
                         *SALIENCY_OFF)
 SEGMENT_EPOCHS = {"voc": ("segment.epochs=4", "segment.eval_every=4"), "coco": ("segment.epochs=6", "segment.eval_every=6")}

@@ -89,6 +89,11 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
                              "pseudo.saliency.paste_loss=0.5"],
                             "+ the pasted network learns the saliency maps (pseudo.saliency.paste_loss 0.5), the "
                             "multi-class images' mix at 0.1"),
+    "paste-networks": (["pseudo.saliency.enabled=true", "pseudo.saliency.weights=../weights/isnet.onnx",
+                        f"pseudo.saliency.cache_dir={RUNS_DIR}/saliency-voc", "pseudo.saliency.passes_multi=2",
+                        "pseudo.saliency.weight_multi=0.1", "pseudo.saliency.precision=int8",
+                        "pseudo.saliency.paste_loss=0.5", "pseudo.context_paste.networks=2"],
+                       "+ two pasted networks, their maps averaged on the multi-class images"),
 }
 
 

@@ -58,6 +58,7 @@ _ADDED_DEFAULTS: dict[str, Any] = {
     "pseudo.self_training.first_pass_crf": True,
     "pseudo.self_training": {"enabled": False, "folds": 5, "epochs": 16, "mix": 0.5, "head_channels": 128,
                              "aspp_rates": [2, 4, 6], "lr": 1e-3, "weight_decay": 0.01, "batch_size": 16},
+    "pseudo.context_paste.networks": 1,
     "pseudo.context_paste": {"enabled": False, "probability": 0.5, "min_patches": 4, "shift": 0.25, "epochs": None},
     "pseudo.saliency.multi_mode": "mix",
     "pseudo.saliency.passes_multi": 1,
@@ -74,7 +75,7 @@ _ADDED_DEFAULTS: dict[str, Any] = {
 STALE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "clusters": ("clusters.json",),
     "pseudo": ("labels", "figures", "metrics.json", "confusion.csv", "no_crf.json", "no_crf.part-*.json",
-               "class_probe.pt", "labels_first", "self_training.pt", "paste"),
+               "class_probe.pt", "labels_first", "self_training.pt", "paste", "paste-*"),
     "segment": ("predictions", "metrics.json", "confusion.csv"),
 }
 

@@ -172,13 +172,15 @@ class Trainer:
     the same recipe elsewhere (``pseudo.context_paste``): its own folder instead of ``runs/<name>/train`` (no stage
     record of its own: it belongs to the calling stage), its own item set for the cached tokens, and ``init``: a
     checkpoint whose network weights it starts from (a fresh start only; a resume continues its own);
-    ``saliency_loss``: the weight of the items' saliency targets in the loss (their items must carry them)."""
+    ``backbone_from``: a checkpoint whose backbone weights alone it starts from (the frozen backbone whose tokens are
+    cached, whatever the recipe's seed would initialise); ``saliency_loss``: the weight of the items' saliency
+    targets in the loss (their items must carry them)."""
 
     def __init__(self, recipe: Recipe, info: distributed.DistInfo, console: Console, folder: Path | None = None,
                  items: Callable[..., Dataset] | None = None, name: str = "train", init: Path | None = None,
-                 saliency_loss: float = 0.0):
+                 saliency_loss: float = 0.0, backbone_from: Path | None = None):
         self.recipe, self.info, self.console = recipe, info, console
-        self.saliency_loss = saliency_loss
+        self.saliency_loss, self.backbone_from = saliency_loss, backbone_from
         self.own_folder, self.make_items, self.name, self.init = folder, items or TrainingItems, name, init
         self.device = info.device
         self.cache: FeatureCache | None = None
@@ -227,6 +229,13 @@ class Trainer:
             start_from = load_torch_file(self.init, "training checkpoint", "train the run again (`cpcx train`)")
             net.load_state_dict(start_from["model"])
             self.log(f"{self.name}: starting from the network of {self.init}")
+        elif self.backbone_from is not None and not resume:
+            from cpcx.torchload import load_torch_file
+
+            start_from = load_torch_file(self.backbone_from, "training checkpoint", "train the run again (`cpcx train`)")
+            backbone = {k[len("backbone."):]: v for k, v in start_from["model"].items() if k.startswith("backbone.")}
+            net.backbone.load_state_dict(backbone)
+            self.log(f"{self.name}: the backbone of {self.backbone_from}")
         if self.info.is_main and self.own_folder is None:
             prepare_stage_dir(r, "train", str(self.device))
         elif self.info.is_main:

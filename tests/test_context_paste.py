@@ -329,3 +329,69 @@ def test_the_donor_mask_follows_the_donor_view_whichever_it_is():
     item = items[0, 1]
     assert item["label"].tolist() == [1.0, 1.0, 1.0]
     assert item["x"][..., 0].eq(1).sum() == 3  # every pasted cell holds the donor's object token
+
+
+def test_several_pasted_networks_train_with_their_own_seeds_and_label_the_multi_class_images_with_their_mean(
+        tmp_path, voc_root):
+    """``pseudo.context_paste.networks: 2``: ``paste/`` and ``paste-2/`` each hold a network trained with its own
+    seed and its own class probe; the multi-class images' labels are the argmax of the mean of the two networks'
+    label-conditioned maps, each re-decided by its probe (computed here from each checkpoint on the same token
+    cache); a second run reads both back."""
+    from cpcx.feature_cache import autocast_tag
+    from cpcx.model import load_checkpoint
+    from cpcx.model.network import cluster_vectors
+    from cpcx.pseudo.class_probe import ClassProbe
+    from cpcx.pseudo.context_paste import SEED_STEP, paste_folder
+    from cpcx.pseudo.infer import PatchPredictor, channel_argmax, open_token_cache, upsample
+    from cpcx.pseudo.labelling import class_maps
+
+    path, _ = _paste_recipe(tmp_path, voc_root, networks=2)
+    recipe = load_recipe(path, ["pseudo.class_probe.enabled=true", "pseudo.class_probe.min_images=1"])
+    dataset = build_dataset(recipe.dataset, "train")
+    multi = multi_class(dataset.labels)
+    run = _console()
+    final = _labels(run_pseudo(recipe, console=run))
+    folders = [paste_folder(recipe, 0), paste_folder(recipe, 1)]
+    assert [f.name for f in folders] == [PASTE_DIR, PASTE_DIR + "-2"]
+    saved = [torch.load(f / "weights" / "last.pt", weights_only=True) for f in folders]
+    assert [s["recipe"]["seed"] for s in saved] == [recipe.seed, recipe.seed + SEED_STEP]
+    assert any(not torch.equal(saved[0]["model"][k], v) for k, v in saved[1]["model"].items())
+    run_net = torch.load(recipe.run_dir("train") / "weights" / "best.pt", weights_only=True)["model"]
+    for key, value in saved[1]["model"].items():  # the run's frozen backbone, whose tokens are cached, not a new one
+        if key.startswith("backbone."):
+            assert torch.equal(value, run_net[key]), key
+    assert len(list((recipe.run_dir("train") / "features").glob("*/meta.json"))) == 1  # no second token cache
+    assert "2 networks learn" in run.export_text()
+    metrics = json.loads((recipe.run_dir("pseudo") / "metrics.json").read_text())
+    assert metrics["context_paste_checkpoints"] == [str(f / "weights" / "best.pt") for f in folders]
+
+    maps = []
+    for folder in folders:
+        net, meta = load_checkpoint(folder / "weights" / "best.pt", map_location="cpu")
+        cfg = recipe.pseudo
+        predictor = PatchPredictor(net, torch.device("cpu"), cfg.precision, cfg.img_size, cfg.flip,
+                                   cfg.class_max_norm, cfg.scales)
+        cache = open_token_cache(recipe, net, dataset, predictor.size, cfg.flip,
+                                 autocast=autocast_tag(torch.device("cpu"), cfg.precision))
+        u = cluster_vectors(dataset.labels, meta["cluster_matrix"])
+        probe = ClassProbe.load(folder / "class_probe.pt")
+        maps.append({i: class_maps(predictor, probe, None, dataset.labels[[i]], u[[i]],
+                                   np.asarray(cache.tokens[[i]])[:, cache.views])[0] for i in np.flatnonzero(multi)})
+    differs = 0
+    for i, image_id in enumerate(dataset.ids):
+        if not multi[i]:
+            continue
+        classes = np.flatnonzero(dataset.labels[i] > 0).astype(np.uint8)
+        full = upsample((maps[0][i] + maps[1][i]) / 2, classes, final[image_id].shape)
+        assert (final[image_id] == classes[channel_argmax(full)]).all(), image_id
+        alone = classes[channel_argmax(upsample(maps[0][i], classes, final[image_id].shape))]
+        differs += int((alone != final[image_id]).any())
+    assert differs  # the mean is not the first network's labels: the check above can tell them apart
+
+    stamps = [(f / "weights" / "last.pt").stat().st_mtime_ns for f in folders]
+    for image_id in [k for i, k in enumerate(dataset.ids) if multi[i]][:2]:
+        (recipe.run_dir("pseudo") / "labels" / f"{image_id}.png").unlink()
+    run_pseudo(recipe, console=_console())
+    assert [(f / "weights" / "last.pt").stat().st_mtime_ns for f in folders] == stamps  # read back
+    resumed = _labels(recipe.run_dir("pseudo") / "labels")
+    assert all((resumed[k] == final[k]).all() for k in final)

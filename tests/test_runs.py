@@ -154,6 +154,12 @@ def test_options_added_later_leave_fingerprints_alone_at_their_old_behaviour(rec
         fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.precision=float"]), "pseudo")
     assert fingerprint(load_recipe(recipe_path, on), "pseudo") != \
         fingerprint(load_recipe(recipe_path, [*on, "pseudo.saliency.precision=int8"]), "pseudo")
+    # pseudo.context_paste.networks (added 6 Dec 2026): 1 is the older recipe, 2 another
+    paste = ["pseudo.context_paste.enabled=true", "train.feature_cache=true", "train.unfreeze_blocks=0"]
+    assert fingerprint(load_recipe(recipe_path, paste), "pseudo") == \
+        fingerprint(load_recipe(recipe_path, [*paste, "pseudo.context_paste.networks=1"]), "pseudo")
+    assert fingerprint(load_recipe(recipe_path, paste), "pseudo") != \
+        fingerprint(load_recipe(recipe_path, [*paste, "pseudo.context_paste.networks=2"]), "pseudo")
 
 
 def test_plan_skips_done_stages_resumes_interrupted_and_redoes_changed(recipe_path):

@@ -11,7 +11,8 @@ class is seen away from its usual companions. Here it is done where voc-mini tra
 3. a second network is trained with the run's recipe, where a share ``probability`` of the training samples get a
    donor's object patches (of a class the sample lacks), shifted by up to ``shift`` of the grid without wrapping,
    the donor's class joining the sample's labels and cluster vector (``pseudo/paste/weights``, resumable);
-4. that network (with its own class probe when the recipe has one) labels the images with several object classes.
+4. that network (with its own class probe when the recipe has one) labels the images with several object classes;
+   with ``networks`` N > 1, N such networks (seeds seed, seed + 1000, …) are trained and their maps averaged.
 
 Routing by scene is the point: the pasted network gains on the multi-class images and loses on the single-class
 ones (results.md 8i), and the image labels say which kind an image is.
@@ -31,8 +32,11 @@ from cpcx.errors import CpcxError
 from cpcx.model.network import cluster_vectors
 from cpcx.train import TrainingItems
 
-#: The second network's folder inside the pseudo stage: weights/, metrics.csv, class_probe.pt.
+#: The second network's folder inside the pseudo stage: weights/, metrics.csv, class_probe.pt. With
+#: ``pseudo.context_paste.networks`` N > 1 the others are ``paste-2`` … ``paste-N`` beside it.
 PASTE_DIR = "paste"
+#: The k-th pasted network (k ≥ 1) trains with the run's seed + k · SEED_STEP.
+SEED_STEP = 1000
 #: Offset of the pasting's random stream from the view draw of the same sample (seed + SALT, epoch, index).
 SALT = 7919
 
@@ -142,12 +146,19 @@ class PastedItems(TrainingItems):
         return {**item, "saliency": apply_view(target, view).clone(), "saliency_mask": apply_view(mask, view).clone()}
 
 
-def train_pasted(recipe, ranks, dataset, donors: dict, console, saliency=None) -> Path:
-    """The second network, trained with the run's recipe on the pasted items into ``pseudo/paste/`` (every rank
-    under torchrun, as ``cpcx train``), from scratch or, with ``pseudo.context_paste.epochs``, from the run's network
-    for that many epochs; a killed training resumes from its ``last.pt``, a finished one is kept. With
-    ``pseudo.saliency.paste_loss`` it learns ``saliency``'s maps (the stage's ``SaliencyMix``) too. Returns
-    its checkpoint (lowest epoch loss, as ``cpcx pseudo`` reads ``train/``)."""
+def paste_folder(recipe, k: int = 0) -> Path:
+    """The folder of the k-th pasted network (k from 0): ``pseudo/paste/``, then ``pseudo/paste-2/`` …"""
+    return recipe.run_dir("pseudo") / (PASTE_DIR if k == 0 else f"{PASTE_DIR}-{k + 1}")
+
+
+def train_pasted(recipe, ranks, dataset, donors: dict, console, saliency=None, folder: Path | None = None,
+                 backbone_from: Path | None = None) -> Path:
+    """The second network, trained with the run's recipe on the pasted items into ``folder`` (``pseudo/paste/``;
+    every rank under torchrun, as ``cpcx train``), from scratch or, with ``pseudo.context_paste.epochs``, from the
+    run's network for that many epochs; a killed training resumes from its ``last.pt``, a finished one is kept. With
+    ``pseudo.saliency.paste_loss`` it learns ``saliency``'s maps (the stage's ``SaliencyMix``) too.
+    ``backbone_from``: a checkpoint whose backbone it starts from (``Trainer``'s; for a network of another seed).
+    Returns its checkpoint (lowest epoch loss, as ``cpcx pseudo`` reads ``train/``)."""
     from cpcx.train import Trainer, run_cluster_matrix
 
     cfg = recipe.pseudo.context_paste
@@ -163,7 +174,7 @@ def train_pasted(recipe, ranks, dataset, donors: dict, console, saliency=None) -
                                    dataset.labels, tuple(grid))
     items = functools.partial(PastedItems, donors=donors, matrix=matrix, probability=cfg.probability,
                               shift=cfg.shift, saliency=targets)
-    folder = recipe.run_dir("pseudo") / PASTE_DIR
+    folder = folder or paste_folder(recipe)
     init = None
     if cfg.epochs is not None:  # a short run from the run's network: all epochs after the warm-up, at its rate
         from cpcx.pseudo.stage import find_checkpoint
@@ -175,7 +186,7 @@ def train_pasted(recipe, ranks, dataset, donors: dict, console, saliency=None) -
 
     def trainer():
         return Trainer(recipe, ranks, console, folder=folder, items=items, name="context paste", init=init,
-                       saliency_loss=weight)
+                       saliency_loss=weight, backbone_from=backbone_from)
 
     if (folder / "weights" / "last.pt").is_file():
         try:
@@ -185,24 +196,69 @@ def train_pasted(recipe, ranks, dataset, donors: dict, console, saliency=None) -
     return trainer().fit(resume=False)
 
 
+class AveragedMaps:
+    """The predictor of ``pseudo.context_paste.networks`` > 1: the label-conditioned maps of several pasted networks,
+    each re-decided by its own class probe, averaged (a :class:`Labeller` with this predictor has no probe of its own).
+    They read the same token cache and the same cluster vectors (one clusters.json)."""
+
+    def __init__(self, members: list):
+        self.members = members
+
+    def __call__(self, images, labels, u, tokens=None, trunk=None, with_tokens=False):
+        from cpcx.pseudo.labelling import class_maps
+
+        if with_tokens:  # a class probe fits on one network's tokens, never on an average's
+            raise ValueError("AveragedMaps gives maps only: fit a class probe on one member's predictor")
+        maps = [class_maps(m.predictor, m.probe, images, labels, u, tokens, trunk) for m in self.members]
+        return sum(maps) / len(maps)
+
+
 def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console, saliency=None):
     """Once every rank has labelled the images with at most one object class into ``labels_dir``: the donors, the
-    pasted network (trained or read back) with its token cache, its cluster vectors and its class probe when the
-    recipe has one → (the :class:`Labeller` of the images with several, what ``metrics.json`` records of it)."""
-    from cpcx import distributed, shard
-    from cpcx.feature_cache import autocast_tag
-    from cpcx.model import load_checkpoint
-    from cpcx.pseudo.class_probe import ClassProbe, single_class_images
-    from cpcx.pseudo.infer import PatchPredictor, open_token_cache, require_token_cache
-    from cpcx.pseudo.labelling import Labeller, load_or_fit_class_probe
+    pasted network(s) (trained or read back) with the token cache, cluster vectors and class probe of each when the
+    recipe has one → (the :class:`Labeller` of the images with several, what ``metrics.json`` records of it). With
+    ``pseudo.context_paste.networks`` N > 1 the Labeller averages the N networks' maps (:class:`AveragedMaps`): on the
+    VOC slice two gave 60.0 against 59.8 over seeds 0–2 (docs/results.md 8s)."""
+    from cpcx import distributed
+    from cpcx.pseudo.class_probe import single_class_images
+    from cpcx.pseudo.labelling import Labeller
+    from cpcx.pseudo.stage import find_checkpoint
 
     cfg = recipe.pseudo
     distributed.barrier()  # the donors are read from every rank's labels
     donors = donor_masks(dataset.labels, dataset.ids, labels_dir, tuple(cache.tokens.shape[2:4]),
                          cfg.context_paste.min_patches)
+    count = cfg.context_paste.networks
     console.print(f"context paste: {len(donors)} donors among the {len(single_class_images(dataset.labels))} "
-                  f"images with one object class; a second network learns with their objects pasted in")
-    checkpoint = train_pasted(recipe, ranks, dataset, donors, console, saliency)
+                  f"images with one object class; {'a second network learns' if count == 1 else f'{count} networks learn'}"
+                  " with their objects pasted in")
+    members, checkpoints = [], []
+    for k in range(count):
+        member_recipe = recipe if k == 0 else recipe.model_copy(update={"seed": recipe.seed + k * SEED_STEP})
+        member, checkpoint = _pasted_member(member_recipe, ranks, dataset, donors, console, saliency,
+                                            paste_folder(recipe, k), None if k == 0 else find_checkpoint(recipe))
+        members.append(member)
+        checkpoints.append(str(checkpoint))
+    info = {"donors": len(donors), "checkpoint": checkpoints[0]}
+    if count == 1:
+        return members[0], info
+    return Labeller(AveragedMaps(members), None, members[0].cache, members[0].u), {**info, "checkpoints": checkpoints}
+
+
+def _pasted_member(recipe, ranks, dataset, donors: dict, console, saliency, folder: Path,
+                   backbone_from: Path | None):
+    """One pasted network, trained (or read back) into ``folder`` → (its Labeller, its checkpoint). The networks
+    after the first start from the run's backbone (``backbone_from``): with another seed, a backbone the recipe does
+    not load from weights files would initialise otherwise, and the cached tokens would not be its own."""
+    from cpcx import shard
+    from cpcx.feature_cache import autocast_tag
+    from cpcx.model import load_checkpoint
+    from cpcx.pseudo.class_probe import ClassProbe
+    from cpcx.pseudo.infer import PatchPredictor, open_token_cache, require_token_cache
+    from cpcx.pseudo.labelling import Labeller, load_or_fit_class_probe
+
+    cfg = recipe.pseudo
+    checkpoint = train_pasted(recipe, ranks, dataset, donors, console, saliency, folder, backbone_from)
     net, meta = load_checkpoint(checkpoint, map_location="cpu")
     # its own cluster vectors: the same clusters.json as the run's network, unless that one was trained on another
     u = cluster_vectors(dataset.labels, meta.get("cluster_matrix")) if meta.get("num_clusters") else None
@@ -215,9 +271,9 @@ def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console, sal
     require_token_cache(cache, "pseudo.context_paste")
     probe = None
     if cfg.class_probe.enabled:
-        path = recipe.run_dir("pseudo") / PASTE_DIR / "class_probe.pt"
+        path = folder / "class_probe.pt"
         probe = shard.main_first(ranks, lambda: load_or_fit_class_probe(predictor, dataset, u, cache, cfg, recipe.seed,
                                                                         path, console))
         if not ranks.is_main:
             probe = ClassProbe.load(path)
-    return Labeller(predictor, probe, cache, u), {"donors": len(donors), "checkpoint": str(checkpoint)}
+    return Labeller(predictor, probe, cache, u), checkpoint
