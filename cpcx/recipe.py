@@ -290,9 +290,9 @@ class ContextPasteConfig(Section):
                                   "schedule (train.*); N: it starts from the run's network and trains N epochs with "
                                   "the pastes at train.lr_after_warmup.")
     networks: int = Field(1, ge=1, le=8, description="Pasted networks trained (seeds seed, seed + 1000, …; folders "
-                          "pseudo/paste/, paste-2/, …), their maps averaged on the multi-class images, each re-decided "
-                          "by its own class probe: 2 gave 60.0 against 59.8 over seeds 0-2 on the VOC slice "
-                          "(docs/results.md 8s); each one more costs a training of the network.")
+                          "pseudo/paste/, paste-2/, …), their maps averaged on the multi-class images, each "
+                          "re-decided by its own class probe: 2 gave 60.0 against 59.8 over seeds 0-2 on the VOC "
+                          "slice (docs/results.md 8s); each one more costs a training of the network.")
 
 
 class PseudoConfig(Section):

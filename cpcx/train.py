@@ -232,7 +232,8 @@ class Trainer:
         elif self.backbone_from is not None and not resume:
             from cpcx.torchload import load_torch_file
 
-            start_from = load_torch_file(self.backbone_from, "training checkpoint", "train the run again (`cpcx train`)")
+            start_from = load_torch_file(self.backbone_from, "training checkpoint",
+                                         "train the run again (`cpcx train`)")
             backbone = {k[len("backbone."):]: v for k, v in start_from["model"].items() if k.startswith("backbone.")}
             net.backbone.load_state_dict(backbone)
             self.log(f"{self.name}: the backbone of {self.backbone_from}")

@@ -229,9 +229,9 @@ def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console, sal
     donors = donor_masks(dataset.labels, dataset.ids, labels_dir, tuple(cache.tokens.shape[2:4]),
                          cfg.context_paste.min_patches)
     count = cfg.context_paste.networks
+    learners = "a second network learns" if count == 1 else f"{count} networks learn"
     console.print(f"context paste: {len(donors)} donors among the {len(single_class_images(dataset.labels))} "
-                  f"images with one object class; {'a second network learns' if count == 1 else f'{count} networks learn'}"
-                  " with their objects pasted in")
+                  f"images with one object class; {learners} with their objects pasted in")
     members, checkpoints = [], []
     for k in range(count):
         member_recipe = recipe if k == 0 else recipe.model_copy(update={"seed": recipe.seed + k * SEED_STEP})
