@@ -90,20 +90,32 @@ def load_run(recipe, checkpoint=None):
 
 
 def load_paste_probs(recipe):
-    """With ``pseudo.context_paste`` the images with several object classes are labelled by the pasted network of
-    ``pseudo/paste/``: its raw patch probs of every image (N, C, h, w), or None when the recipe leaves the switch off.
-    A message naming the folder when the run's pseudo stage has not trained it yet."""
+    """With ``pseudo.context_paste`` the images with several object classes are labelled by the pasted network(s) of
+    ``pseudo/paste/`` (``paste-2/`` … with ``pseudo.context_paste.networks``): a list of their raw patch probs of
+    every image (N, C, h, w), one per network, or None when the recipe leaves the switch off. A message naming the
+    folder when the run's pseudo stage has not trained one yet."""
     from cpcx.errors import CpcxError
-    from cpcx.pseudo.context_paste import PASTE_DIR
+    from cpcx.pseudo.context_paste import paste_folder
 
     if not recipe.pseudo.context_paste.enabled:
         return None
-    checkpoint = recipe.run_dir("pseudo") / PASTE_DIR / "weights" / "best.pt"
-    if not checkpoint.is_file():
-        raise CpcxError(f"{checkpoint}: the recipe enables pseudo.context_paste and the run has no pasted network; "
-                        "run `cpcx pseudo` with the same recipe first, or pass pseudo.context_paste.enabled=false "
-                        "to diagnose the run's network alone")
-    return load_run(recipe, checkpoint)[1]
+    members = []
+    for k in range(recipe.pseudo.context_paste.networks):
+        checkpoint = paste_folder(recipe, k) / "weights" / "best.pt"
+        if not checkpoint.is_file():
+            raise CpcxError(f"{checkpoint}: the recipe enables pseudo.context_paste and the run has no pasted network "
+                            "there; run `cpcx pseudo` with the same recipe first, or pass "
+                            "pseudo.context_paste.enabled=false to diagnose the run's network alone")
+        members.append(load_run(recipe, checkpoint)[1])
+    return members
+
+
+def raw_paste_probs(paste):
+    """One raw-probs tensor for the variants that start from the raw probs: the pasted network's, or with several the
+    mean of theirs (``cpcx pseudo`` averages their decoded maps instead: ``decode_as_pseudo``)."""
+    if paste is None or not isinstance(paste, (list, tuple)):
+        return paste
+    return sum(paste) / len(paste)
 
 
 def run_token_cache(recipe, net, dataset, size: int):
@@ -123,14 +135,15 @@ def run_token_cache(recipe, net, dataset, size: int):
     return cache
 
 
-def with_class_probe(maps, feats, labels, recipe):
+def with_class_probe(maps, feats, labels, recipe, seed: int | None = None):
     """The maps with the object class re-decided by ``pseudo.class_probe`` as ``cpcx pseudo`` does: the probe
-    trained (with the recipe's settings and seed) on the single-class images' maps and tokens, then applied."""
+    trained (with the recipe's settings and seed, or ``seed``) on the single-class images' maps and tokens, then
+    applied."""
     from cpcx.pseudo.class_probe import fit_from_batches, probe_images
 
     chosen = probe_images(labels, recipe.pseudo.class_probe)
     probe, _ = fit_from_batches([(maps[chosen], feats[chosen], labels[chosen])], labels[chosen],
-                                recipe.pseudo.class_probe, recipe.seed)
+                                recipe.pseudo.class_probe, recipe.seed if seed is None else seed)
     return probe.redecide(maps, feats, labels)
 
 
@@ -305,11 +318,13 @@ class Scorer:
         return {"truth_background": perfect_bg.result().miou, "truth_class": perfect_class.result().miou}
 
 
-def decode_as_pseudo(probs, feats, labels, recipe, paste=None):
+def decode_as_pseudo(probs, feats, labels, recipe, paste=None, seed: int | None = None):
     """The label-conditioned maps ``cpcx pseudo`` decodes for this recipe: ``probs`` conditioned on the image
-    labels, and with ``pseudo.class_probe`` enabled the object class re-decided by the probe. ``paste``: the pasted
-    network's raw probs (``load_paste_probs``), which decode the images with several object classes, with a class
-    probe of their own, as ``pseudo.context_paste`` does."""
+    labels, and with ``pseudo.class_probe`` enabled the object class re-decided by the probe (fitted with the recipe's
+    seed, or ``seed``). ``paste``: the pasted network's raw probs, or a list of several networks' (as
+    ``load_paste_probs`` gives them), which decode the images with several object classes as
+    ``pseudo.context_paste`` does: each network with a class probe of its own, fitted with the seed that network
+    trained with (the run's + k · ``SEED_STEP``), their maps averaged."""
     import torch
 
     from cpcx.pseudo.infer import condition_on_labels
@@ -317,12 +332,15 @@ def decode_as_pseudo(probs, feats, labels, recipe, paste=None):
     # torch.tensor copies: the data set's label array may be read-only
     maps = condition_on_labels(probs, torch.tensor(labels).float(), recipe.pseudo.class_max_norm)
     if recipe.pseudo.class_probe.enabled:
-        maps = with_class_probe(maps, feats, labels, recipe)
+        maps = with_class_probe(maps, feats, labels, recipe, seed)
     if paste is not None:
-        from cpcx.pseudo.context_paste import multi_class
+        from cpcx.pseudo.context_paste import SEED_STEP, multi_class
 
+        members = paste if isinstance(paste, (list, tuple)) else [paste]
         multi = torch.from_numpy(multi_class(labels))
-        maps[multi] = decode_as_pseudo(paste, feats, labels, recipe)[multi]
+        decoded = [decode_as_pseudo(member, feats, labels, recipe, seed=recipe.seed + k * SEED_STEP)[multi]
+                   for k, member in enumerate(members)]
+        maps[multi] = sum(decoded) / len(decoded)
     return maps
 
 
@@ -437,7 +455,7 @@ def main(argv=None) -> int:
     base, first, base_confusion = score_as_pseudo(scorer, probs, feats, recipe, paste)
     multi = scene_of(dataset.labels) == "multi"
     if paste is not None:  # the variants below that start from the raw probs take each image's labelling network's
-        probs = torch.where(torch.from_numpy(multi)[:, None, None, None], paste, probs)
+        probs = torch.where(torch.from_numpy(multi)[:, None, None, None], raw_paste_probs(paste), probs)
     rows = [{"variant": "as cpcx pseudo (no CRF)", **first}]
     truth = truth_on_grid(scorer.masks, dataset.num_classes, tuple(probs.shape[2:]))
     rows.append({"variant": f"ground truth averaged on the {probs.shape[2]}×{probs.shape[3]} patch grid "

@@ -239,16 +239,54 @@ def test_decode_as_pseudo_takes_the_multi_class_images_from_the_pasted_network()
     assert not torch.allclose(merged[3:], diag.decode_as_pseudo(probs, feats, labels, recipe)[3:])
 
 
-def test_load_paste_probs_names_the_missing_pasted_network_and_the_fix(tmp_path):
+def test_decode_as_pseudo_averages_several_pasted_networks_each_with_its_own_seeds_probe():
+    from cpcx.recipe import ClassProbeConfig
+
+    torch.manual_seed(0)
+    n, h, w = 6, 3, 3
+    probs = torch.rand(n, 4, h, w).softmax(1)
+    first, second = torch.rand(n, 4, h, w).softmax(1), torch.rand(n, 4, h, w).softmax(1)
+    feats = torch.randn(n, h, w, 5)
+    labels = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [1, 1, 1, 0], [1, 0, 1, 1], [1, 1, 0, 1]])
+    probe = ClassProbeConfig(enabled=True, min_images=1, object_threshold=0.0, epochs=5)
+    recipe = SimpleNamespace(seed=3, pseudo=SimpleNamespace(class_max_norm=True, class_probe=probe))
+    merged = diag.decode_as_pseudo(probs, feats, labels, recipe, [first, second])
+    # as the stage: network k's probe fitted with the run's seed + k * 1000, the decoded maps averaged
+    expected = (diag.decode_as_pseudo(first, feats, labels, recipe, seed=3)
+                + diag.decode_as_pseudo(second, feats, labels, recipe, seed=1003)) / 2
+    assert torch.allclose(merged[3:], expected[3:])
+    assert torch.equal(merged[:3], diag.decode_as_pseudo(probs, feats, labels, recipe)[:3])  # one object class
+    assert not torch.allclose(merged[3:], diag.decode_as_pseudo(first, feats, labels, recipe)[3:])
+    # the seed reaches the probe: another seed fits another probe
+    assert not torch.allclose(diag.decode_as_pseudo(second, feats, labels, recipe, seed=1003)[3:],
+                              diag.decode_as_pseudo(second, feats, labels, recipe, seed=3)[3:])
+    assert torch.equal(diag.decode_as_pseudo(probs, feats, labels, recipe, first),
+                       diag.decode_as_pseudo(probs, feats, labels, recipe, [first]))  # one tensor = a list of one
+
+
+def test_load_paste_probs_names_the_missing_pasted_network_and_the_fix(tmp_path, monkeypatch):
     from cpcx.errors import CpcxError
 
-    def recipe(enabled: bool):
-        return SimpleNamespace(pseudo=SimpleNamespace(context_paste=SimpleNamespace(enabled=enabled)),
+    def recipe(enabled: bool, networks: int = 1):
+        return SimpleNamespace(pseudo=SimpleNamespace(context_paste=SimpleNamespace(enabled=enabled,
+                                                                                    networks=networks)),
                                run_dir=lambda stage: tmp_path / stage)
 
     assert diag.load_paste_probs(recipe(False)) is None
     with pytest.raises(CpcxError, match=r"paste/weights/best\.pt.*cpcx pseudo.*context_paste\.enabled=false"):
         diag.load_paste_probs(recipe(True))
+    read = []
+    monkeypatch.setattr(diag, "load_run", lambda recipe, checkpoint: read.append(checkpoint) or (None, len(read)))
+    (tmp_path / "pseudo" / "paste" / "weights").mkdir(parents=True)
+    (tmp_path / "pseudo" / "paste" / "weights" / "best.pt").write_bytes(b"")
+    assert diag.load_paste_probs(recipe(True)) == [1]
+    with pytest.raises(CpcxError, match=r"paste-2/weights/best\.pt"):  # networks: 2, the second not trained
+        diag.load_paste_probs(recipe(True, 2))
+    (tmp_path / "pseudo" / "paste-2" / "weights").mkdir(parents=True)
+    (tmp_path / "pseudo" / "paste-2" / "weights" / "best.pt").write_bytes(b"")
+    read.clear()
+    assert diag.load_paste_probs(recipe(True, 2)) == [1, 2]
+    assert read == [tmp_path / "pseudo" / d / "weights" / "best.pt" for d in ("paste", "paste-2")]
 
 
 def test_with_crf_scores_each_part_of_the_slice_through_the_crf(monkeypatch):
