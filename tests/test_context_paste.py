@@ -331,6 +331,34 @@ def test_the_donor_mask_follows_the_donor_view_whichever_it_is():
     assert item["x"][..., 0].eq(1).sum() == 3  # every pasted cell holds the donor's object token
 
 
+def test_averaged_maps_re_decide_each_networks_maps_by_its_own_probe_then_average():
+    from cpcx.pseudo.context_paste import AveragedMaps
+    from cpcx.pseudo.labelling import Labeller
+
+    class Predictor:  # label-conditioned maps, and the tokens a probe reads
+        def __init__(self, value):
+            self.value = value
+
+        def __call__(self, images, labels, u, tokens=None, trunk=None, with_tokens=False):
+            maps = torch.full((len(labels), 3, 2, 2), self.value)
+            return (maps, torch.zeros(len(labels), 2, 2, 4)) if with_tokens else maps
+
+    class Probe:
+        def __init__(self, shift):
+            self.shift = shift
+
+        def redecide(self, maps, tokens, labels):
+            return maps + self.shift
+
+    labels = np.array([[1, 1, 1], [1, 1, 1]])
+    members = [Labeller(Predictor(1.0), Probe(10.0)), Labeller(Predictor(3.0), Probe(100.0)),
+               Labeller(Predictor(5.0), None)]
+    out = AveragedMaps(members)(None, labels, None, torch.zeros(2, 1, 2, 2, 4))
+    assert torch.allclose(out, torch.full((2, 3, 2, 2), ((1 + 10) + (3 + 100) + 5) / 3))
+    with pytest.raises(ValueError, match="one member's predictor"):
+        AveragedMaps(members)(None, labels, None, with_tokens=True)
+
+
 def test_several_pasted_networks_train_with_their_own_seeds_and_label_the_multi_class_images_with_their_mean(
         tmp_path, voc_root):
     """``pseudo.context_paste.networks: 2``: ``paste/`` and ``paste-2/`` each hold a network trained with its own
@@ -343,7 +371,7 @@ def test_several_pasted_networks_train_with_their_own_seeds_and_label_the_multi_
     from cpcx.pseudo.class_probe import ClassProbe
     from cpcx.pseudo.context_paste import SEED_STEP, paste_folder
     from cpcx.pseudo.infer import PatchPredictor, channel_argmax, open_token_cache, upsample
-    from cpcx.pseudo.labelling import class_maps
+    from cpcx.pseudo.labelling import class_maps, load_or_fit_class_probe
 
     path, _ = _paste_recipe(tmp_path, voc_root, networks=2)
     recipe = load_recipe(path, ["pseudo.class_probe.enabled=true", "pseudo.class_probe.min_images=1"])
@@ -377,6 +405,12 @@ def test_several_pasted_networks_train_with_their_own_seeds_and_label_the_multi_
         probe = ClassProbe.load(folder / "class_probe.pt")
         maps.append({i: class_maps(predictor, probe, None, dataset.labels[[i]], u[[i]],
                                    np.asarray(cache.tokens[[i]])[:, cache.views])[0] for i in np.flatnonzero(multi)})
+        if folder == folders[1]:  # its own probe, fitted with its own seed: refitted here, it is the same
+            probes = {seed: load_or_fit_class_probe(predictor, dataset, u, cache, cfg, seed,
+                                                    tmp_path / f"probe-{seed}.pt", _console())
+                      for seed in (recipe.seed + SEED_STEP, recipe.seed)}
+            assert torch.equal(probe.weight, probes[recipe.seed + SEED_STEP].weight)
+            assert not torch.equal(probe.weight, probes[recipe.seed].weight)
     differs = 0
     for i, image_id in enumerate(dataset.ids):
         if not multi[i]:
