@@ -110,12 +110,19 @@ def load_paste_probs(recipe):
     return members
 
 
+def paste_members(paste) -> list:
+    """``paste`` as ``load_paste_probs`` gives it (a list, one raw-probs tensor per pasted network) or as one tensor
+    (a single network) → the list."""
+    return list(paste) if isinstance(paste, (list, tuple)) else [paste]
+
+
 def raw_paste_probs(paste):
     """One raw-probs tensor for the variants that start from the raw probs: the pasted network's, or with several the
     mean of theirs (``cpcx pseudo`` averages their decoded maps instead: ``decode_as_pseudo``)."""
-    if paste is None or not isinstance(paste, (list, tuple)):
-        return paste
-    return sum(paste) / len(paste)
+    if paste is None:
+        return None
+    members = paste_members(paste)
+    return sum(members) / len(members)
 
 
 def run_token_cache(recipe, net, dataset, size: int):
@@ -336,7 +343,7 @@ def decode_as_pseudo(probs, feats, labels, recipe, paste=None, seed: int | None 
     if paste is not None:
         from cpcx.pseudo.context_paste import SEED_STEP, multi_class
 
-        members = paste if isinstance(paste, (list, tuple)) else [paste]
+        members = paste_members(paste)
         multi = torch.from_numpy(multi_class(labels))
         decoded = [decode_as_pseudo(member, feats, labels, recipe, seed=recipe.seed + k * SEED_STEP)[multi]
                    for k, member in enumerate(members)]

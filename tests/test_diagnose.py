@@ -262,6 +262,9 @@ def test_decode_as_pseudo_averages_several_pasted_networks_each_with_its_own_see
                               diag.decode_as_pseudo(second, feats, labels, recipe, seed=3)[3:])
     assert torch.equal(diag.decode_as_pseudo(probs, feats, labels, recipe, first),
                        diag.decode_as_pseudo(probs, feats, labels, recipe, [first]))  # one tensor = a list of one
+    # the raw-probs variants: the networks' mean, one network's own, nothing without the switch
+    assert torch.allclose(diag.raw_paste_probs([first, second]), (first + second) / 2)
+    assert torch.equal(diag.raw_paste_probs(first), first) and diag.raw_paste_probs(None) is None
 
 
 def test_load_paste_probs_names_the_missing_pasted_network_and_the_fix(tmp_path, monkeypatch):

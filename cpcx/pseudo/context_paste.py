@@ -218,7 +218,7 @@ def second_network(recipe, ranks, dataset, labels_dir: Path, cache, console, sal
     pasted network(s) (trained or read back) with the token cache, cluster vectors and class probe of each when the
     recipe has one → (the :class:`Labeller` of the images with several, what ``metrics.json`` records of it). With
     ``pseudo.context_paste.networks`` N > 1 the Labeller averages the N networks' maps (:class:`AveragedMaps`): on the
-    VOC slice two gave 60.0 against 59.8 over seeds 0–2 (docs/results.md 8s)."""
+    VOC slice two gave 60.0 and three 60.4 against 59.8 over seeds 0–2 (docs/results.md 8s)."""
     from cpcx import distributed
     from cpcx.pseudo.class_probe import single_class_images
     from cpcx.pseudo.labelling import Labeller
